@@ -1,0 +1,5 @@
+"""Audit trail: events, hash chain, patient pseudonyms, ATNA/syslog export."""
+
+from triagenode.audit.events import AuditEventId, AuditLog, Outcome
+
+__all__ = ["AuditEventId", "AuditLog", "Outcome"]

@@ -1,0 +1,402 @@
+"""Typed settings: ``triagenode.toml`` plus ``TRIAGENODE_<SECTION>__<KEY>`` overrides.
+
+Every section is a pydantic model that forbids unknown keys, so a typo stops the start with
+the key's dotted name instead of being silently ignored. :func:`load_settings` turns any
+validation failure into one :class:`~triagenode.errors.ConfigError` line per problem.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from triagenode.config.base import Section
+from triagenode.config.labels import LabelSettings
+from triagenode.config.triage import TriageSettings
+from triagenode.domain import Priority
+from triagenode.errors import ConfigError
+from triagenode.uids import is_valid_uid
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+__all__ = [
+    "ApiSettings",
+    "AuditSettings",
+    "DatabaseSettings",
+    "Destination",
+    "ExportSettings",
+    "ModelSettings",
+    "NodeSettings",
+    "ScpSettings",
+    "Settings",
+    "StudySettings",
+    "SyslogSettings",
+    "load_settings",
+]
+
+ENV_PREFIX = "TRIAGENODE_"
+DEFAULT_MODEL_SOURCE = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
+# PS3.5 6.2: an AE title is 1-16 characters of the default repertoire, no backslash or
+# control characters; leading and trailing spaces are not significant.
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
+
+
+def _check_ae_title(value: str) -> str:
+    stripped = value.strip()
+    if not stripped or not _AE_TITLE.match(stripped):
+        raise ValueError(
+            "must be 1 to 16 printable ASCII characters without backslash "
+            f"(got {value!r}, {len(stripped)} characters)"
+        )
+    return stripped
+
+
+Port = Field(ge=1, le=65535, description="TCP port, 1-65535")
+
+
+class NodeSettings(Section):
+    data_dir: Path = Field(
+        default=Path("triagenode-data"),
+        description="Folder for the spool, the SQLite database, results, engines and caches",
+    )
+    uid_root: str = Field(
+        default="2.25",
+        description="Root for every UID the node makes (SRs, series, device). '2.25' makes "
+        "UUID-derived UIDs; an organisation's registered root is better in production",
+    )
+    station_name: str = Field(default="TRIAGENODE", max_length=16)
+    institution_name: str = Field(default="", max_length=64)
+    environment: Literal["development", "production"] = Field(
+        default="development",
+        description="'production' refuses placeholder secrets and the demo model",
+    )
+
+    @field_validator("uid_root")
+    @classmethod
+    def _uid_root_valid(cls, value: str) -> str:
+        if not is_valid_uid(value) or len(value) > 43:
+            raise ValueError(
+                "must be a DICOM UID root of digits and dots, no leading zeros, at most 43 "
+                f"characters (got {value!r})"
+            )
+        return value
+
+
+class ScpSettings(Section):
+    ae_title: str = "TRIAGENODE"
+    host: str = "0.0.0.0"
+    port: int = Field(default=11112, ge=1, le=65535)
+    allowed_calling_aets: list[str] = Field(
+        default_factory=list, description="Calling AE titles accepted; empty accepts any"
+    )
+    max_associations: int = Field(default=16, ge=1, le=1024)
+    max_pdu: int = Field(
+        default=0, ge=0, description="Maximum PDU length received, bytes; 0 means unlimited"
+    )
+    acse_timeout_s: float = Field(default=30.0, gt=0)
+    dimse_timeout_s: float = Field(default=60.0, gt=0)
+    network_timeout_s: float = Field(default=120.0, gt=0)
+    tls_enabled: bool = False
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = Field(
+        default=None, description="CA bundle; when set, peers must present a certificate"
+    )
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae_title_valid(cls, value: str) -> str:
+        return _check_ae_title(value)
+
+    @field_validator("allowed_calling_aets")
+    @classmethod
+    def _aets_valid(cls, value: list[str]) -> list[str]:
+        return [_check_ae_title(v) for v in value]
+
+    @model_validator(mode="after")
+    def _tls_complete(self) -> ScpSettings:
+        if self.tls_enabled and (self.tls_cert is None or self.tls_key is None):
+            raise ValueError("tls_enabled needs tls_cert and tls_key")
+        return self
+
+
+class StudySettings(Section):
+    stable_after_s: float = Field(
+        default=30.0, gt=0, le=86400, description="Quiet seconds before a study is complete"
+    )
+    stable_after_by_priority: dict[Priority, float] = Field(
+        default_factory=dict,
+        description="Quiet period per priority, e.g. {stat = 5, urgent = 10}; others use "
+        "stable_after_s",
+    )
+    max_attempts: int = Field(default=3, ge=1, le=100)
+
+    @field_validator("stable_after_by_priority", mode="before")
+    @classmethod
+    def _priority_keys(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {Priority.parse(k): v for k, v in value.items()}
+        return value
+
+    @field_validator("stable_after_by_priority")
+    @classmethod
+    def _positive(cls, value: dict[Priority, float]) -> dict[Priority, float]:
+        for priority, seconds in value.items():
+            if not 0 < seconds <= 86400:
+                raise ValueError(f"{priority.name}: must be in (0, 86400] seconds")
+        return value
+
+    def quiet_period(self, priority: Priority) -> float:
+        return self.stable_after_by_priority.get(priority, self.stable_after_s)
+
+
+class DatabaseSettings(Section):
+    url: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL; empty means SQLite at <data_dir>/triagenode.sqlite3",
+    )
+    echo: bool = False
+
+    @field_validator("url")
+    @classmethod
+    def _known_dialect(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        if not value.startswith(("sqlite", "postgresql")):
+            raise ValueError(
+                f"must be a sqlite:// or postgresql:// URL (got {value.split(':')[0]!r})"
+            )
+        return value
+
+
+class ModelSettings(Section):
+    source: str = DEFAULT_MODEL_SOURCE
+    backend: Literal["auto", "torch", "onnxruntime", "tensorrt"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "fp16", "bf16", "int8"] = "auto"
+    max_batch: int = Field(default=32, ge=1, le=4096)
+    max_wait_ms: float = Field(default=10.0, ge=0, le=10000)
+    slices_per_series: int = Field(
+        default=8, ge=1, le=1000, description="At most this many evenly spaced CT/MR slices"
+    )
+    artifacts_dir: Path | None = Field(
+        default=None, description="ONNX models and engines; default <data_dir>/engines"
+    )
+    threads: int = Field(
+        default=0, ge=0, le=256, description="CPU threads; 0 lets the backend choose"
+    )
+
+    @field_validator("source")
+    @classmethod
+    def _source_known(cls, value: str) -> str:
+        if value == "demo" or value.startswith(("hf-hub:", "local-dir:")):
+            return value
+        raise ValueError(f"must be 'demo', 'hf-hub:<repo>' or 'local-dir:<path>' (got {value!r})")
+
+
+class Destination(Section):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    ae_title: str
+    host: str = Field(min_length=1)
+    port: int = Field(ge=1, le=65535)
+    tls: bool = False
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae_title_valid(cls, value: str) -> str:
+        return _check_ae_title(value)
+
+
+class ExportSettings(Section):
+    max_attempts: int = Field(default=8, ge=1, le=1000)
+    backoff_initial_s: float = Field(default=2.0, gt=0)
+    backoff_max_s: float = Field(default=300.0, gt=0)
+    timeout_s: float = Field(default=30.0, gt=0)
+
+
+class ApiSettings(Section):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=1, le=65535)
+    cors_origins: list[str] = Field(default_factory=list)
+    rate_limit_per_minute: int = Field(default=600, ge=1)
+    max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+
+
+class SyslogSettings(Section):
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(default=514, ge=1, le=65535)
+    protocol: Literal["udp", "tcp", "tls"] = "udp"
+    tls_ca: Path | None = None
+
+
+class AuditSettings(Section):
+    secret: SecretStr | None = Field(
+        default=None,
+        description="Key for the audit hash chain and patient pseudonyms; when empty a random "
+        "one is created in <data_dir>/audit.key on first start",
+    )
+    syslog: SyslogSettings = Field(default_factory=SyslogSettings)
+
+    @field_validator("secret")
+    @classmethod
+    def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError("must be at least 16 characters")
+        return value
+
+
+class Settings(BaseSettings):
+    """All of the node's settings. Build it with :func:`load_settings`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_assignment=True,
+    )
+
+    node: NodeSettings = Field(default_factory=NodeSettings)
+    scp: ScpSettings = Field(default_factory=ScpSettings)
+    study: StudySettings = Field(default_factory=StudySettings)
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    triage: TriageSettings = Field(default_factory=TriageSettings)
+    labels: LabelSettings = Field(default_factory=LabelSettings)
+    destinations: list[Destination] = Field(default_factory=list)
+    export: ExportSettings = Field(default_factory=ExportSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Settings:
+        names = [d.name for d in self.destinations]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"destinations: names must be unique (repeated: {duplicates})")
+        if self.node.environment == "production" and self.model.source == "demo":
+            raise ValueError("model.source: 'demo' is refused when node.environment is production")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The environment overrides the file, which load_settings passes as init values.
+        return (env_settings, init_settings)
+
+    # Derived locations -------------------------------------------------------------------
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.node.data_dir / "spool"
+
+    @property
+    def results_dir(self) -> Path:
+        return self.node.data_dir / "results"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.model.artifacts_dir or self.node.data_dir / "engines"
+
+    @property
+    def database_url(self) -> str:
+        if self.database.url:
+            return self.database.url
+        return f"sqlite:///{(self.node.data_dir / 'triagenode.sqlite3').resolve()}"
+
+
+def _describe(error: dict[str, Any]) -> str:
+    location = ".".join(str(part) for part in error["loc"]) or "settings"
+    if error["type"] == "extra_forbidden":
+        return f"{location}: unknown key"
+    message = error["msg"].removeprefix("Value error, ")
+    if "input" in error and error["type"] not in ("missing",) and not location.endswith("secret"):
+        given = error["input"]
+        if isinstance(given, (str, int, float, bool)) and "(got" not in message:
+            message = f"{message} (got {given!r})"
+    return f"{location}: {message}"
+
+
+def _unknown_env_keys() -> list[str]:
+    known = {f"{ENV_PREFIX}{name}".upper() for name in Settings.model_fields}
+    problems = []
+    for key in os.environ:
+        if not key.upper().startswith(ENV_PREFIX) or key.upper().startswith("TRIAGENODE_TEST"):
+            continue
+        head = key.upper().split("__", 1)[0]
+        if head not in known:
+            problems.append(
+                f"{key}: unknown setting (sections: {', '.join(Settings.model_fields)})"
+            )
+    return problems
+
+
+def load_settings(path: Path | str | None = None, **overrides: Any) -> Settings:
+    """Read settings from ``path`` (TOML, optional), the environment, and ``overrides``.
+
+    ``overrides`` are section dictionaries (``scp={"port": 0}``) merged over the file; the
+    environment still wins over both.
+
+    Raises
+    ------
+    ConfigError
+        Naming every bad key with what is allowed, one per line.
+    """
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            values = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path}: not found") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path}: not valid TOML ({exc})") from None
+    for section, data in overrides.items():
+        if isinstance(data, dict) and isinstance(values.get(section), dict):
+            values[section] = {**values[section], **data}
+        else:
+            values[section] = data
+    problems = _unknown_env_keys()
+    if problems:
+        raise ConfigError("\n".join(problems))
+    try:
+        settings = Settings(**values)
+    except ValidationError as exc:
+        raise ConfigError("\n".join(_describe(e) for e in exc.errors())) from None
+    _check_data_dir(settings.node.data_dir)
+    return settings
+
+
+def _check_data_dir(data_dir: Path) -> None:
+    """The data folder must exist or be creatable, and be writable."""
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"node.data_dir: cannot create {data_dir} ({exc.strerror})") from None
+    if not os.access(data_dir, os.W_OK | os.X_OK):
+        raise ConfigError(f"node.data_dir: {data_dir} is not writable by this user")

@@ -1,0 +1,27 @@
+"""Alembic environment: runs against the connection handed over in ``config.attributes``."""
+
+from __future__ import annotations
+
+from alembic import context
+
+from triagenode.store.models import Base
+
+config = context.config
+target_metadata = Base.metadata
+
+
+def run_migrations_online() -> None:
+    connection = config.attributes.get("connection")
+    if connection is None:
+        raise RuntimeError("triagenode migrations run through triagenode.store.migrate only")
+    context.configure(
+        connection=connection,
+        target_metadata=target_metadata,
+        render_as_batch=connection.dialect.name == "sqlite",
+        compare_type=True,
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+run_migrations_online()

@@ -1,0 +1,96 @@
+"""Shared fixtures: settings in a temp folder, SQLite and PostgreSQL databases."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from tests.peers import free_port
+from triagenode.config.settings import Settings, load_settings
+from triagenode.store import migrate
+from triagenode.store.db import Database
+
+POSTGRES_ENV = "TRIAGENODE_TEST_POSTGRES_URL"
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests never see a developer's TRIAGENODE_* settings, nor reach a model hub."""
+    for key in list(os.environ):
+        if key.startswith("TRIAGENODE_") and not key.startswith("TRIAGENODE_TEST"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path):
+    """Build settings rooted in a temp folder, with free ports; sections as keyword dicts."""
+
+    def build(**sections: Any) -> Settings:
+        base: dict[str, Any] = {
+            "node": {"data_dir": str(tmp_path / "data")},
+            "scp": {"port": free_port(), "host": "127.0.0.1"},
+            "api": {"port": free_port()},
+            "study": {"stable_after_s": 1.0},
+            "model": {"source": "demo"},
+            "audit": {"secret": "test-secret-0123456789abcdef"},
+        }
+        for name, values in sections.items():
+            if isinstance(values, dict) and isinstance(base.get(name), dict):
+                base[name] = {**base[name], **values}
+            else:
+                base[name] = values
+        return load_settings(None, **base)
+
+    return build
+
+
+def postgres_server_url() -> str:
+    url = os.environ.get(POSTGRES_ENV)
+    if not url:
+        pytest.fail(
+            f"{POSTGRES_ENV} is not set: run the tests through scripts/test, which starts "
+            "PostgreSQL, or export a URL of a server you started"
+        )
+    return url
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for one test, dropped afterwards."""
+    server = make_url(postgres_server_url())
+    name = f"tn_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(server, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield server.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each test using this runs twice: on SQLite and on PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'test.sqlite3'}"
+    return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture
+def db(database_url: str) -> Iterator[Database]:
+    """A migrated database on each backend."""
+    database = Database(database_url)
+    migrate.upgrade(database)
+    yield database
+    database.dispose()

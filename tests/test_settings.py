@@ -1,0 +1,93 @@
+"""Settings: file, environment overrides, and one clear line per bad key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from triagenode.config.settings import load_settings
+from triagenode.domain import Priority
+from triagenode.errors import ConfigError
+
+
+def write_config(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "triagenode.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_file_values_and_environment_override(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write_config(
+        tmp_path,
+        f"""
+        [node]
+        data_dir = "{tmp_path / "data"}"
+        [scp]
+        ae_title = "EDNODE"
+        port = 4242
+        [study]
+        stable_after_s = 12
+        stable_after_by_priority = {{ stat = 2 }}
+        [[destinations]]
+        name = "pacs"
+        ae_title = "PACS"
+        host = "127.0.0.1"
+        port = 104
+        """,
+    )
+    monkeypatch.setenv("TRIAGENODE_SCP__PORT", "11113")
+    settings = load_settings(path)
+    assert settings.scp.ae_title == "EDNODE"
+    assert settings.scp.port == 11113  # the environment wins over the file
+    assert settings.study.quiet_period(Priority.stat) == 2
+    assert settings.study.quiet_period(Priority.routine) == 12
+    assert settings.destinations[0].ae_title == "PACS"
+    assert settings.database_url.endswith("data/triagenode.sqlite3")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[scp]\nport = 0", "scp.port: "),
+        ("[scp]\nae_title = ''", "scp.ae_title: must be 1 to 16"),
+        ("[scp]\nae_title = 'THIS_TITLE_IS_TOO_LONG'", "scp.ae_title: must be 1 to 16"),
+        ("[scp]\nprot = 104", "scp.prot: unknown key"),
+        ("[scp]\nport = 'many'", "scp.port: "),
+        ("[nodes]\ndata_dir = '.'", "nodes: unknown key"),
+        ("[model]\nsource = 'ftp://x'", "model.source: must be 'demo'"),
+        ("[node]\nuid_root = '1.02.3'", "node.uid_root: must be a DICOM UID root"),
+        ("[study]\nstable_after_by_priority = { asap = 3 }", "unknown priority 'asap'"),
+    ],
+)
+def test_bad_values_name_the_key(tmp_path: Path, text: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        load_settings(
+            write_config(
+                tmp_path,
+                f"[node]\ndata_dir = '{tmp_path}'\n" + text
+                if not text.startswith("[node]")
+                else text,
+            )
+        )
+    assert expected in str(error.value)
+
+
+def test_unknown_environment_key(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("TRIAGENODE_SCPP__PORT", "1")
+    with pytest.raises(ConfigError, match="TRIAGENODE_SCPP__PORT: unknown setting"):
+        load_settings(None, node={"data_dir": str(tmp_path)})
+
+
+def test_unwritable_data_dir(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ConfigError, match="node.data_dir: cannot create"):
+        load_settings(None, node={"data_dir": str(blocker / "data")})
+
+
+def test_invalid_toml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(write_config(tmp_path, "[scp\nport=1"))
