@@ -84,7 +84,7 @@ def test_unknown_environment_key(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 def test_unwritable_data_dir(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    with pytest.raises(ConfigError, match="node.data_dir: cannot create"):
+    with pytest.raises(ConfigError, match=r"node\.data_dir: cannot create"):
         load_settings(None, node={"data_dir": str(blocker / "data")})
 
 
