@@ -1,0 +1,98 @@
+"""The few non-identifying DICOM attributes the node keeps about a study for triage.
+
+The receiver extracts them from each instance (without touching pixel data) and stores them
+on the study row; triage rules and the domain choice of the classifier match on them. None
+of them identifies a patient.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydicom.dataset import Dataset
+
+__all__ = ["C_STORE_PRIORITY", "TRIAGE_KEYWORDS", "merge_triage_inputs", "triage_inputs"]
+
+# C-STORE request Priority (PS3.7 9.1.1.1): 0x0002 HIGH, 0x0000 MEDIUM, 0x0001 LOW.
+C_STORE_PRIORITY = {2: "HIGH", 0: "MEDIUM", 1: "LOW"}
+
+# Top-level keywords copied as text (first value for multi-valued attributes).
+TRIAGE_KEYWORDS = (
+    "Modality",
+    "BodyPartExamined",
+    "StudyDescription",
+    "SeriesDescription",
+    "ReasonForStudy",
+    "RequestedProcedureDescription",
+    "RequestedProcedurePriority",
+    "InstitutionalDepartmentName",
+    "ProtocolName",
+)
+# Found in sequences: Request Attributes (0040,0275) and Scheduled Procedure Steps.
+_SEQUENCE_KEYWORDS = {
+    "RequestAttributesSequence": (
+        "RequestedProcedureDescription",
+        "ReasonForTheRequestedProcedure",
+    ),
+    "ScheduledProcedureStepSequence": ("ScheduledProcedureStepPriority",),
+}
+
+
+def _text(value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        value = value[0] if len(value) else None
+        if value is None:
+            return None
+    return str(value).strip() or None
+
+
+def triage_inputs(
+    ds: Dataset, request_priority: int | None, calling_ae: str | None
+) -> dict[str, str]:
+    """Triage attributes of one instance, as ``{keyword: text}`` without empty values.
+
+    Parameters
+    ----------
+    ds
+        The received dataset (pixel data is not read).
+    request_priority
+        The C-STORE request's Priority field, or None when not known.
+    calling_ae
+        The sender's AE title.
+    """
+    found: dict[str, str] = {}
+    for keyword in TRIAGE_KEYWORDS:
+        text = _text(ds.get(keyword))
+        if text:
+            found[keyword] = text
+    for sequence, keywords in _SEQUENCE_KEYWORDS.items():
+        for item in ds.get(sequence) or []:
+            for keyword in keywords:
+                text = _text(item.get(keyword))
+                if text and keyword not in found:
+                    found[keyword] = text
+    if request_priority in C_STORE_PRIORITY:
+        found["RequestPriority"] = C_STORE_PRIORITY[request_priority]
+    if calling_ae:
+        found["CallingAETitle"] = calling_ae.strip()
+    return found
+
+
+_PRIORITY_RANK = {"LOW": 0, "MEDIUM": 1, "HIGH": 2}
+
+
+def merge_triage_inputs(old: dict[str, str] | None, new: dict[str, str]) -> dict[str, str]:
+    """Combine a study's stored inputs with a new instance's.
+
+    Values already known are kept (the first instance describes the study) except the
+    request priority, which keeps the most urgent one seen.
+    """
+    merged = dict(new)
+    merged.update(old or {})
+    if "RequestPriority" in new and "RequestPriority" in (old or {}):
+        merged["RequestPriority"] = max(
+            new["RequestPriority"], old["RequestPriority"], key=_PRIORITY_RANK.__getitem__
+        )
+    return merged
