@@ -20,6 +20,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
@@ -157,7 +158,20 @@ class Job(Base):
     """A unit of work in the persistent priority queue."""
 
     __tablename__ = "jobs"
-    __table_args__ = (Index("ix_jobs_claim", "state", "priority", "enqueued_at"),)
+    __table_args__ = (
+        Index("ix_jobs_claim", "state", "priority", "enqueued_at"),
+        Index("ix_jobs_lease", "state", "lease_expires_at"),
+        # One active job per (study, run, kind): makes enqueue idempotent (migration 0002).
+        Index(
+            "uq_jobs_active",
+            "study_id",
+            "run",
+            "kind",
+            unique=True,
+            sqlite_where=text("state IN ('pending', 'leased')"),
+            postgresql_where=text("state IN ('pending', 'leased')"),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
