@@ -2,6 +2,7 @@
 
 Event identifiers follow DICOM PS3.15 Annex A.5 (IHE ATNA) so the trail can be exported as
 DICOM audit messages. Patients are identified only by :func:`patient_ref`, a keyed hash.
+Every row is appended to the keyed hash chain of :mod:`triagenode.audit.chain`.
 """
 
 from __future__ import annotations
@@ -12,10 +13,13 @@ import hmac
 import logging
 from typing import Any
 
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
+from triagenode.audit.chain import append, chain_key
+from triagenode.errors import StorageError
 from triagenode.store.db import Database
-from triagenode.store.models import AuditEvent, utcnow
+from triagenode.store.models import AuditEvent
 
 __all__ = ["AuditEventId", "AuditLog", "Outcome"]
 
@@ -26,7 +30,9 @@ class AuditEventId(str, enum.Enum):
     """DCM event codes of PS3.15 A.5.3 used by the node."""
 
     application_activity = "110100"  # node start / stop
+    audit_log_used = "110101"  # the trail itself is read, verified or exported
     begin_transferring = "110102"  # an association starts sending instances
+    instances_accessed = "110103"  # a study is changed by an operator (reprocess, complete)
     instances_transferred = "110104"  # instances received or sent
     export = "110106"  # results leave the node
     query = "110112"  # API reads of patient data
@@ -40,7 +46,9 @@ class AuditEventId(str, enum.Enum):
 
 _MEANINGS = {
     AuditEventId.application_activity: "Application Activity",
+    AuditEventId.audit_log_used: "Audit Log Used",
     AuditEventId.begin_transferring: "Begin Transferring DICOM Instances",
+    AuditEventId.instances_accessed: "DICOM Instances Accessed",
     AuditEventId.instances_transferred: "DICOM Instances Transferred",
     AuditEventId.export: "Export",
     AuditEventId.query: "Query",
@@ -72,6 +80,11 @@ class AuditLog:
     def __init__(self, db: Database, secret: bytes) -> None:
         self._db = db
         self._secret = secret
+        self._chain_key = chain_key(secret)
+
+    @property
+    def db(self) -> Database:
+        return self._db
 
     def patient_ref(self, patient_id: str | None) -> str | None:
         """HMAC-SHA256 of a patient ID under the audit secret, or None for no ID."""
@@ -100,7 +113,6 @@ class AuditLog:
         hash is already known. ``details`` must not contain PHI.
         """
         row = AuditEvent(
-            at=utcnow(),
             event_id=AuditEventId(event_id).value,
             event_type=event_type,
             action=action,
@@ -112,7 +124,35 @@ class AuditLog:
             details=details,
         )
         if session is not None:
-            session.add(row)
+            append(session, self._chain_key, row)
             return
-        with self._db.write_session() as own:
-            own.add(row)
+        # The chain lock makes conflicts rare; a lost race on the unique seq (or a busy
+        # SQLite) is retried with a fresh row rather than surfacing to the caller.
+        for attempt in range(1, _ATTEMPTS + 1):
+            try:
+                with self._db.write_session() as own:
+                    append(own, self._chain_key, _copy(row))
+                return
+            except (IntegrityError, OperationalError) as exc:
+                if attempt == _ATTEMPTS:
+                    raise StorageError(
+                        f"audit event {row.event_id} could not be appended: {exc.orig!r}"
+                    ) from exc
+                log.warning("audit append conflict, retrying (attempt %d)", attempt)
+
+
+_ATTEMPTS = 5
+
+
+def _copy(row: AuditEvent) -> AuditEvent:
+    return AuditEvent(
+        event_id=row.event_id,
+        event_type=row.event_type,
+        action=row.action,
+        outcome=row.outcome,
+        actor=row.actor,
+        actor_address=row.actor_address,
+        study_uid=row.study_uid,
+        patient_ref=row.patient_ref,
+        details=row.details,
+    )
