@@ -1,0 +1,210 @@
+"""TID 1500 SRs: valid for dciodvfy, dsrdump and dsr2html, and read back the same."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+import highdicom as hd
+import pydicom
+import pytest
+
+from tests import factory, peers
+from tests.sr_cases import ct_result, demo_cr_result
+from triagenode.domain import DEMO_WARNING, Priority, StudyResult
+from triagenode.errors import DicomInputError
+from triagenode.reports import (
+    SR_SERIES_NUMBER,
+    build_sr,
+    device_uid,
+    summarize_sr,
+    write_sr,
+)
+from triagenode.reports.content import unique_images
+
+CASES = {"demo-cr": demo_cr_result, "ct-critical": ct_result}
+
+
+@pytest.fixture(params=sorted(CASES))
+def written(request: pytest.FixtureRequest, make_settings) -> tuple[StudyResult, Path, object]:
+    settings = make_settings()
+    result, source = CASES[request.param]()
+    path = write_sr(build_sr(result, source, settings, run=1), settings, result=result)
+    return result, path, source
+
+
+def test_dciodvfy_reports_no_errors(written) -> None:
+    _result, path, _source = written
+    run = peers.run_tool("dciodvfy", str(path))
+    lines = (run.stdout + run.stderr).splitlines()
+    errors = [line for line in lines if line.startswith("Error")]
+    assert errors == [], "\n".join(lines)
+    assert "Comprehensive3DSR" in run.stdout + run.stderr
+    # The only warning expected is dciodvfy not knowing our declared private scheme.
+    warnings = [line for line in lines if line.startswith("Warning")]
+    assert all("99TRIAGENODE" in line for line in warnings), warnings
+
+
+def test_dsrdump_reads_without_errors(written) -> None:
+    result, path, _source = written
+    run = peers.run_tool("dsrdump", "+Pl", str(path))
+    assert run.returncode == 0, run.stderr
+    assert "E:" not in run.stderr, run.stderr
+    assert "Imaging Measurement Report" in run.stdout
+    for finding in result.findings:
+        assert finding.code_meaning in run.stdout
+    assert "Completion Flag     : COMPLETE" in run.stdout
+    assert "Verification Flag   : UNVERIFIED" in run.stdout
+
+
+def test_dsr2html_renders(written, tmp_path: Path) -> None:
+    result, path, _source = written
+    html = tmp_path / "sr.html"
+    run = peers.run_tool("dsr2html", str(path), str(html))
+    assert run.returncode == 0, run.stderr
+    text = html.read_text(encoding="utf-8", errors="replace")
+    assert "not for diagnostic use" in text
+    for finding in result.findings:
+        assert finding.code_meaning in text
+    assert (DEMO_WARNING in text) == result.model.is_demo
+
+
+def test_srread_reads_back_findings_probabilities_and_references(written) -> None:
+    result, path, _source = written
+    sr = hd.sr.srread(path)
+    assert isinstance(sr, hd.sr.Comprehensive3DSR)
+    summary = summarize_sr(sr)
+    assert [f.name for f in summary.findings] == [f.name for f in result.findings]
+    for expected in result.findings:
+        got = summary.finding(expected.name)
+        assert (got.code_scheme, got.code_value, got.code_meaning) == (
+            expected.code_scheme,
+            expected.code_value,
+            expected.code_meaning,
+        )
+        assert got.present is expected.present
+        assert got.probability == pytest.approx(expected.probability, abs=1e-6)
+        refs = expected.images or result.images_used
+        assert got.images == tuple(
+            (uid, frames) for uid, (_ref, frames) in unique_images(refs).items()
+        )
+    assert summary.priority is result.priority
+    assert summary.critical is result.critical
+    assert summary.library_images == tuple(unique_images(result.images_used))
+    assert f"weights_sha256={result.model.weights_sha256}" in summary.algorithm_parameters
+    assert f"label_set={result.label_set}" in summary.algorithm_parameters
+    assert any(p.startswith("thresholds=") for p in summary.algorithm_parameters)
+    assert summary.algorithm_version == result.model.version
+
+
+def test_header_places_sr_in_source_study_and_new_series(written) -> None:
+    result, path, source = written
+    ds = pydicom.dcmread(path)
+    assert ds.StudyInstanceUID == source.StudyInstanceUID == result.study_uid
+    assert ds.PatientID == source.PatientID
+    assert ds.PatientName == source.PatientName
+    assert ds.AccessionNumber == source.AccessionNumber
+    assert ds.SeriesInstanceUID != source.SeriesInstanceUID
+    assert ds.SeriesNumber == SR_SERIES_NUMBER
+    assert ds.Modality == "SR"
+    assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"
+    assert ds.CompletionFlag == "COMPLETE"
+    assert ds.VerificationFlag == "UNVERIFIED"
+    expected = "DEMO, NOT FOR CLINICAL USE" if result.model.is_demo else "not for diagnostic use"
+    assert ds.SeriesDescription.endswith(expected)
+    assert "99TRIAGENODE" in {
+        i.CodingSchemeDesignator for i in ds.CodingSchemeIdentificationSequence
+    }
+    manufacturers = {i.Manufacturer for i in ds.ContributingEquipmentSequence}
+    assert "triagenode" in manufacturers
+    referenced = {
+        item.ReferencedSOPInstanceUID
+        for series in ds.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+        for item in series.ReferencedSOPSequence
+    }
+    assert set(unique_images(result.images_used)) <= referenced
+
+
+def test_json_twin_beside_sr(written) -> None:
+    result, path, _source = written
+    data = json.loads(path.with_suffix(".json").read_text())
+    ds = pydicom.dcmread(path)
+    assert data["sr"]["sop_instance_uid"] == ds.SOPInstanceUID == path.stem
+    assert path.parent.name == result.study_uid
+    assert [f["probability"] for f in data["findings"]] == [f.probability for f in result.findings]
+    assert data["model"]["weights_sha256"] == result.model.weights_sha256
+    assert data["priority"] == result.priority.name
+    assert len(data["images_failed"]) == len(result.images_failed)
+    assert ("warning" in data) == result.model.is_demo
+    text = path.with_suffix(".json").read_text()
+    assert factory.PATIENT_ID not in text and "Quokkafeather" not in text
+    assert not list(path.parent.glob(".*tmp"))
+
+
+def test_uids_are_deterministic_per_study_model_and_run(make_settings) -> None:
+    settings = make_settings()
+    result, source = ct_result()
+    first = build_sr(result, source, settings, run=1)
+    again = build_sr(result, source, settings, run=1)
+    assert (first.SOPInstanceUID, first.SeriesInstanceUID) == (
+        again.SOPInstanceUID,
+        again.SeriesInstanceUID,
+    )
+    assert summarize_sr(first).findings == summarize_sr(again).findings  # same tracking UIDs
+    rerun = build_sr(result, source, settings, run=2)
+    other_model = build_sr(
+        replace(result, model=replace(result.model, weights_sha256="c" * 64)),
+        source,
+        settings,
+        run=1,
+    )
+    uids = {first.SOPInstanceUID, rerun.SOPInstanceUID, other_model.SOPInstanceUID}
+    assert len(uids) == 3
+    assert first.SOPInstanceUID.startswith(settings.node.uid_root + ".")
+
+
+def test_device_uid_is_stable_per_installation(make_settings, tmp_path: Path) -> None:
+    settings = make_settings()
+    assert device_uid(settings) == device_uid(settings)
+    other = make_settings(node={"data_dir": str(tmp_path / "other")})
+    assert device_uid(other) != device_uid(settings)
+    result, source = demo_cr_result()
+    assert summarize_sr(build_sr(result, source, settings, run=1)).device_uid == device_uid(
+        settings
+    )
+
+
+def test_critical_and_priority_are_coded(make_settings) -> None:
+    settings = make_settings()
+    result, source = ct_result()
+    summary = summarize_sr(build_sr(result, source, settings, run=1))
+    assert summary.critical is True and summary.priority is Priority.stat
+    assert "Critical finding suspected: Hemorrhage" in (summary.summary or "")
+    calm = replace(
+        result,
+        findings=tuple(replace(f, critical=False) for f in result.findings),
+        priority=Priority.low,
+    )
+    calm_summary = summarize_sr(build_sr(calm, source, settings, run=1))
+    assert calm_summary.critical is False and calm_summary.priority is Priority.low
+
+
+def test_refuses_result_without_findings_or_source_of_other_study(make_settings) -> None:
+    settings = make_settings()
+    result, source = demo_cr_result()
+    with pytest.raises(DicomInputError, match="no findings"):
+        build_sr(replace(result, findings=()), source, settings, run=1)
+    with pytest.raises(DicomInputError, match="belongs to study"):
+        build_sr(result, factory.cr_image(), settings, run=1)
+
+
+def test_no_phi_in_logs(make_settings, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="triagenode")
+    settings = make_settings()
+    result, source = ct_result()
+    write_sr(build_sr(result, source, settings, run=1), settings, result=result)
+    assert "built SR" in caplog.text
+    for phi in (factory.PATIENT_ID, "Quokkafeather", factory.BIRTH_DATE, "ACC-5521-QX"):
+        assert phi not in caplog.text
