@@ -58,7 +58,8 @@ def drain(queue: JobQueue, now: datetime) -> list[int]:
 def test_highest_priority_first_and_fifo_within(db: Database, queue: JobQueue) -> None:
     ids = add_studies(db, 6)
     plan = [Priority.routine, Priority.low, Priority.stat, Priority.routine, Priority.urgent]
-    jobs = [queue.enqueue(s, p, 1, now=at(i)) for i, (s, p) in enumerate(zip(ids, plan))]
+    pairs = enumerate(zip(ids[:5], plan, strict=True))
+    jobs = [queue.enqueue(s, p, 1, now=at(i)) for i, (s, p) in pairs]
     jobs.append(queue.enqueue(ids[5], "stat", 1, now=at(5)))
     assert drain(queue, at(10)) == [jobs[2], jobs[5], jobs[4], jobs[0], jobs[3], jobs[1]]
 
