@@ -1,0 +1,293 @@
+"""Workers: claim a study's job, classify it, write its SR, queue the exports.
+
+Each step is a function call or a database row, so a worker killed at any point leaves a
+lease that expires and a job that another worker (or the restarted node) completes. SR UIDs
+derive from (study, model, run): redoing the same work rewrites the same SR, never a second.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+from sqlalchemy import select
+
+from triagenode.audit.events import AuditEventId, AuditLog, Outcome
+from triagenode.config.settings import Settings
+from triagenode.domain import Priority, StudyResult, StudyState
+from triagenode.errors import TriageNodeError
+from triagenode.inference.classifier import ZeroShotClassifier
+from triagenode.inference.select import InstanceRecord, select_images
+from triagenode.metrics import STUDIES_PROCESSED
+from triagenode.pipeline.notify import CriticalFindingNotifier
+from triagenode.pipeline.queue import ClaimedJob, JobQueue
+from triagenode.store.study_state import set_study_state
+from triagenode.reports.result_json import result_to_json
+from triagenode.reports.sr import build_sr, write_sr
+from triagenode.scp.exporter import ExportOutbox
+from triagenode.store.db import Database
+from triagenode.store.models import Instance, Result, Series, Study
+
+__all__ = ["NothingToClassify", "StudyProcessor", "WorkerPool"]
+
+log = logging.getLogger(__name__)
+
+
+class NothingToClassify(TriageNodeError):
+    """The study holds no image the classifier can use (only SR/PR/KO objects, ...)."""
+
+
+@dataclass(frozen=True)
+class _StudySnapshot:
+    study_id: int
+    study_uid: str
+    run: int
+    priority: Priority
+    priority_rule: str | None
+    label_set: str | None
+    triage_inputs: dict[str, str]
+    records: list[InstanceRecord]
+
+
+class StudyProcessor:
+    """Turns one claimed job into a result, an SR on disk and export rows."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        audit: AuditLog,
+        classifier: ZeroShotClassifier,
+        outbox: ExportOutbox,
+        notifier: CriticalFindingNotifier | None = None,
+    ) -> None:
+        self.settings = settings
+        self.db = db
+        self.audit = audit
+        self.classifier = classifier
+        self.outbox = outbox
+        self.notifier = notifier
+
+    def _snapshot(self, study_id: int) -> _StudySnapshot:
+        data_dir = self.settings.node.data_dir
+        with self.db.session() as session:
+            study = session.get(Study, study_id)
+            if study is None:
+                raise TriageNodeError(f"study id {study_id} no longer exists")
+            rows = session.execute(
+                select(Instance, Series)
+                .join(Series, Instance.series_id == Series.id)
+                .where(Series.study_id == study_id)
+            ).all()
+            records = [
+                InstanceRecord(
+                    sop_class_uid=instance.sop_class_uid,
+                    sop_instance_uid=instance.sop_instance_uid,
+                    series_uid=series.series_uid,
+                    modality=series.modality,
+                    instance_number=instance.instance_number,
+                    number_of_frames=instance.number_of_frames,
+                    path=data_dir / instance.file_path,
+                )
+                for instance, series in rows
+            ]
+            return _StudySnapshot(
+                study_id=study.id,
+                study_uid=study.study_uid,
+                run=study.run,
+                priority=Priority(study.priority),
+                priority_rule=study.priority_rule,
+                label_set=study.label_set,
+                triage_inputs=dict(study.triage_inputs or {}),
+                records=records,
+            )
+
+    def process(self, job: ClaimedJob) -> StudyResult | None:
+        """Classify the job's study and queue its SR; returns None when there was nothing
+        to classify (the study is then marked ignored, not failed)."""
+        snapshot = self._snapshot(job.study_id)
+        with self.db.session() as session:
+            set_study_state(session, snapshot.study_id, StudyState.processing, "worker claimed job")
+        selected = select_images(snapshot.records, self.settings.model.slices_per_series)
+        if not selected:
+            with self.db.session() as session:
+                set_study_state(
+                    session, snapshot.study_id, StudyState.ignored, "no classifiable images"
+                )
+            STUDIES_PROCESSED.labels("ignored", snapshot.priority.name).inc()
+            log.info("study %s: nothing to classify", snapshot.study_uid)
+            return None
+
+        label_set = snapshot.label_set or self.classifier.choose_label_set(snapshot.triage_inputs)
+        started = time.perf_counter()
+        result = self.classifier.classify_study(
+            snapshot.study_uid,
+            [(image.ref, image.path) for image in selected],
+            label_set=label_set,
+            priority=snapshot.priority,
+            priority_rule=snapshot.priority_rule,
+        )
+        classify_ms = (time.perf_counter() - started) * 1000
+        self._report(snapshot, result, selected[0].path)
+        log.info(
+            "study %s classified: label_set=%s top=%s critical=%s images=%d failed=%d %.0f ms%s",
+            snapshot.study_uid,
+            result.label_set,
+            result.top_finding.name if result.top_finding else None,
+            result.critical,
+            len(result.images_used),
+            len(result.images_failed),
+            classify_ms,
+            " [DEMO, NOT FOR CLINICAL USE]" if result.model.is_demo else "",
+        )
+        return result
+
+    def _report(self, snapshot: _StudySnapshot, result: StudyResult, source_path: Path) -> None:
+        source = pydicom.dcmread(source_path, stop_before_pixels=True)
+        sr = build_sr(result, source, self.settings, run=snapshot.run)
+        sr_path = write_sr(sr, self.settings, result=result)
+        relative = sr_path.relative_to(self.settings.node.data_dir)
+        priority = int(max(snapshot.priority, Priority.stat if result.critical else Priority.low))
+        with self.db.write_session() as session:
+            row = session.execute(
+                select(Result).where(
+                    Result.study_id == snapshot.study_id,
+                    Result.run == snapshot.run,
+                    Result.weights_sha256 == result.model.weights_sha256,
+                )
+            ).scalar_one_or_none()
+            if row is None:
+                row = Result(study_id=snapshot.study_id, run=snapshot.run)
+                session.add(row)
+            row.model_name = result.model.name
+            row.model_version = result.model.version
+            row.weights_sha256 = result.model.weights_sha256
+            row.is_demo = result.model.is_demo
+            row.backend = result.backend
+            row.label_set = result.label_set
+            row.top_finding = result.top_finding.name if result.top_finding else None
+            row.critical = result.critical
+            row.findings = result_to_json(
+                result, sr_sop_instance_uid=sr.SOPInstanceUID, sr_series_uid=sr.SeriesInstanceUID
+            )
+            row.sr_sop_instance_uid = sr.SOPInstanceUID
+            row.sr_series_uid = sr.SeriesInstanceUID
+            row.sr_path = str(relative)
+            session.flush()
+            study = session.get(Study, snapshot.study_id)
+            assert study is not None
+            study.critical = result.critical
+            if result.critical and study.priority < Priority.stat:
+                study.priority = int(Priority.stat)
+            self.outbox.enqueue(
+                row.id,
+                snapshot.study_uid,
+                sr.SOPInstanceUID,
+                relative,
+                priority=priority,
+                session=session,
+            )
+            set_study_state(session, snapshot.study_id, StudyState.reported, None)
+            if result.critical:
+                self.audit.record(
+                    AuditEventId.export,
+                    event_type="critical-finding",
+                    study_uid=snapshot.study_uid,
+                    patient_ref=study.patient_ref,
+                    actor=self.settings.scp.ae_title,
+                    details={
+                        "findings": [f.name for f in result.findings if f.critical],
+                        "sr_uid": sr.SOPInstanceUID,
+                    },
+                    session=session,
+                )
+        STUDIES_PROCESSED.labels("reported", snapshot.priority.name).inc()
+        if result.critical and self.notifier is not None:
+            self.notifier.notify(result, sr_uid=sr.SOPInstanceUID)
+
+
+class WorkerPool:
+    """Threads that claim jobs from the queue and run :class:`StudyProcessor` on them."""
+
+    def __init__(
+        self,
+        processor: StudyProcessor,
+        queue: JobQueue,
+        *,
+        workers: int = 1,
+        poll_interval_s: float = 0.1,
+        name: str = "worker",
+    ) -> None:
+        self.processor = processor
+        self.queue = queue
+        self.workers = workers
+        self.poll_interval_s = poll_interval_s
+        self.name = name
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        for index in range(self.workers):
+            thread = threading.Thread(
+                target=self._run, args=(f"{self.name}-{index}",), name=f"{self.name}-{index}"
+            )
+            thread.daemon = True
+            thread.start()
+            self._threads.append(thread)
+
+    def wake(self) -> None:
+        """Tell idle workers that a job was queued, so they claim it without waiting."""
+        self._wake.set()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        for thread in self._threads:
+            thread.join(timeout)
+        self._threads.clear()
+
+    def run_once(self, worker_id: str) -> bool:
+        """Claim and process one job; False when the queue was empty."""
+        job = self.queue.claim(worker_id)
+        if job is None:
+            return False
+        try:
+            self.processor.process(job)
+        except Exception as exc:  # one study failing must never stop the worker
+            reason = f"{type(exc).__name__}: {exc}"
+            log.error(
+                "study job %d failed: %s",
+                job.id,
+                reason,
+                exc_info=not isinstance(exc, TriageNodeError),
+            )
+            state = self.queue.fail(job.id, worker_id, reason, retry=True)
+            with self.processor.db.session() as session:
+                final = state == "failed"
+                set_study_state(
+                    session,
+                    job.study_id,
+                    StudyState.failed if final else StudyState.queued,
+                    reason if final else f"retrying after: {reason}",
+                )
+            if state == "failed":
+                STUDIES_PROCESSED.labels("failed", Priority(job.priority).name).inc()
+            return True
+        self.queue.complete(job.id, worker_id)
+        return True
+
+    def _run(self, worker_id: str) -> None:
+        while not self._stop.is_set():
+            try:
+                busy = self.run_once(worker_id)
+            except Exception:  # database briefly unavailable: keep the thread alive
+                log.exception("worker %s: queue error", worker_id)
+                busy = False
+            if not busy:
+                self._wake.wait(self.poll_interval_s)
+                self._wake.clear()
