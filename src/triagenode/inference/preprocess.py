@@ -1,0 +1,360 @@
+"""From DICOM pixels to a model input tensor.
+
+The chain, in the order of the DICOM grayscale pipeline (PS3.4 N.2):
+
+1. decode (pydicom with the pylibjpeg, openjpeg and RLE plugins), one frame at a time;
+2. Modality LUT: the Modality LUT Sequence, else Rescale Slope/Intercept;
+3. VOI: the VOI LUT Sequence, else the first Window Center/Width (with VOI LUT Function
+   LINEAR, LINEAR_EXACT or SIGMOID), else a modality default (CT soft tissue 40/400, CT of
+   the head brain 40/80), else the image's full range; the result is in [0, 1];
+4. MONOCHROME1 inverted so that bright always means dense;
+5. colour: RGB as is, YBR_* converted to RGB by pydicom, PALETTE COLOR through its LUT, all
+   scaled to [0, 1] by their bit depth (VOI does not apply to colour);
+6. resized (shortest side to ``image_size`` and centre crop, or squash) with PIL's
+   antialiased bicubic filter on float32, as open_clip's own transform does, then grey
+   replicated to three channels and normalised by the model's mean and std.
+
+Every failure raises :class:`~triagenode.errors.PreprocessError` naming the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from triagenode.errors import PreprocessError
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "OPENAI_MEAN",
+    "OPENAI_STD",
+    "PreprocessConfig",
+    "apply_window",
+    "modality_default_window",
+    "number_of_frames",
+    "preprocess_dataset",
+    "preprocess_file",
+    "preprocess_pixels",
+    "to_display",
+]
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_FILTERS = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+}
+_HEAD = {"HEAD", "BRAIN", "SKULL"}
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How pixels become model input; read from the model's ``preprocess_cfg``."""
+
+    image_size: int
+    mean: tuple[float, float, float] = OPENAI_MEAN
+    std: tuple[float, float, float] = OPENAI_STD
+    interpolation: str = "bicubic"  # bicubic, bilinear or nearest
+    resize_mode: str = "shortest"  # shortest side to image_size then centre crop; or squash
+
+    @classmethod
+    def from_open_clip(cls, image_size: int, cfg: dict[str, Any]) -> PreprocessConfig:
+        size = cfg.get("size", image_size)
+        return cls(
+            image_size=int(size[0] if isinstance(size, (list, tuple)) else size),
+            mean=tuple(cfg.get("mean", OPENAI_MEAN)),  # type: ignore[arg-type]
+            std=tuple(cfg.get("std", OPENAI_STD)),  # type: ignore[arg-type]
+            interpolation=str(cfg.get("interpolation", "bicubic")),
+            resize_mode=str(cfg.get("resize_mode", "shortest")),
+        )
+
+
+def number_of_frames(ds: Dataset) -> int:
+    """NumberOfFrames as an int (1 when absent or empty)."""
+    try:
+        return max(int(ds.get("NumberOfFrames") or 1), 1)
+    except (TypeError, ValueError):
+        return 1
+
+
+def _first(value: object) -> float:
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        value = value[0]  # type: ignore[index]
+    return float(value)  # type: ignore[arg-type]
+
+
+def apply_window(
+    values: np.ndarray, center: float, width: float, function: str = "LINEAR"
+) -> np.ndarray:
+    """Map modality values to [0, 1] by a window (PS3.3 C.11.2.1.2).
+
+    Parameters
+    ----------
+    values
+        Modality values (after rescale), any shape, float32.
+    center, width
+        Window Center and Window Width.
+    function
+        VOI LUT Function: ``LINEAR`` (default), ``LINEAR_EXACT`` or ``SIGMOID``.
+    """
+    function = (function or "LINEAR").strip().upper()
+    if function == "SIGMOID":
+        if width <= 0:
+            raise PreprocessError(f"window width {width} must be > 0 for SIGMOID")
+        return 1.0 / (1.0 + np.exp(-4.0 * (values - center) / width, dtype=np.float32))
+    if function == "LINEAR_EXACT":
+        if width <= 0:
+            raise PreprocessError(f"window width {width} must be > 0 for LINEAR_EXACT")
+        low, span = center - width / 2.0, width
+    else:
+        if width < 1:
+            raise PreprocessError(f"window width {width} must be >= 1 for LINEAR")
+        # LINEAR: y = ((x - (c - 0.5)) / (w - 1) + 0.5), clipped; w = 1 is a threshold at c-0.5.
+        if width == 1:
+            return (values > center - 0.5).astype(np.float32)
+        low, span = center - 0.5 - (width - 1) / 2.0, width - 1.0
+    out = (values - np.float32(low)) * np.float32(1.0 / span)
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+def modality_default_window(ds: Dataset) -> tuple[float, float] | None:
+    """A sensible window when the dataset has none: CT brain or soft tissue, else None."""
+    if str(ds.get("Modality", "")).upper() != "CT":
+        return None
+    body_part = str(ds.get("BodyPartExamined", "")).upper()
+    return (40.0, 80.0) if body_part in _HEAD else (40.0, 400.0)
+
+
+def _modality_lut(pixels: np.ndarray, ds: Dataset) -> np.ndarray:
+    if "ModalityLUTSequence" in ds:
+        from pydicom.pixels import apply_modality_lut
+
+        return np.asarray(apply_modality_lut(pixels, ds), dtype=np.float32)
+    values = pixels.astype(np.float32, copy=False)
+    slope = float(ds.get("RescaleSlope", 1) or 1)
+    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    if slope != 1.0 or intercept != 0.0:
+        values = values * np.float32(slope) + np.float32(intercept)
+    return values
+
+
+def _voi(values: np.ndarray, ds: Dataset) -> np.ndarray:
+    if "VOILUTSequence" in ds:
+        from pydicom.pixels import apply_voi_lut
+
+        item = ds.VOILUTSequence[0]
+        bits = int(item.LUTDescriptor[2])
+        out = np.asarray(apply_voi_lut(values, ds, prefer_lut=True), dtype=np.float32)
+        return np.clip(out / np.float32(2**bits - 1), 0.0, 1.0)
+    center = ds.get("WindowCenter")
+    width = ds.get("WindowWidth")
+    if center not in (None, "") and width not in (None, ""):
+        return apply_window(
+            values, _first(center), _first(width), str(ds.get("VOILUTFunction", "LINEAR"))
+        )
+    default = modality_default_window(ds)
+    if default is not None:
+        return apply_window(values, *default)
+    low, high = float(values.min()), float(values.max())
+    if high <= low:
+        return np.zeros_like(values, dtype=np.float32)
+    out = (values - np.float32(low)) * np.float32(1.0 / (high - low))
+    return out.astype(np.float32, copy=False)
+
+
+def _palette(pixels: np.ndarray, ds: Dataset) -> np.ndarray:
+    from pydicom.pixels import apply_color_lut
+
+    rgb = apply_color_lut(pixels, ds)
+    bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
+    return rgb.astype(np.float32) / np.float32(2 ** (16 if bits > 8 else 8) - 1)
+
+
+def to_display(pixels: np.ndarray, ds: Dataset) -> np.ndarray:
+    """Decoded pixels of one frame to display values in [0, 1], ``(H, W)`` or ``(H, W, 3)``.
+
+    Raises
+    ------
+    PreprocessError
+        When the photometric interpretation or VOI attributes are unusable.
+    """
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if photometric == "PALETTE COLOR":
+        return _palette(pixels, ds)
+    if pixels.ndim == 3:  # RGB, or YBR already converted to RGB by pydicom
+        if pixels.dtype.kind == "f":
+            return np.clip(pixels.astype(np.float32), 0.0, 1.0)
+        bits = int(ds.get("BitsStored", 8) or 8)
+        return pixels.astype(np.float32) * np.float32(1.0 / (2**bits - 1))
+    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise PreprocessError(f"photometric interpretation {photometric} is not supported")
+    display = _voi(_modality_lut(pixels, ds), ds)
+    if photometric == "MONOCHROME1":
+        display = 1.0 - display
+    return display
+
+
+def _resize(planes: np.ndarray, config: PreprocessConfig) -> np.ndarray:
+    """Resize float32 planes ``(C, H, W)`` to the model's square input ``(C, S, S)``.
+
+    PIL's antialiased filters on float32 ("F") planes are what open_clip's own transform
+    applies; PIL releases the GIL and keeps no thread pool, so preprocessing scales with
+    worker threads instead of fighting the inference backend for cores.
+    """
+    size = config.image_size
+    _, height, width = planes.shape
+    resample = _FILTERS.get(config.interpolation, Image.Resampling.BICUBIC)
+    if config.resize_mode == "squash":
+        target, box = (size, size), None
+    else:
+        # shortest side to `size`, then a centre crop, as open_clip's transform does
+        scale = size / min(height, width)
+        new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+        left, top = (new_w - size) // 2, (new_h - size) // 2
+        target, box = (new_w, new_h), (left, top, left + size, top + size)
+    out = np.empty((planes.shape[0], size, size), dtype=np.float32)
+    for index, plane in enumerate(planes):
+        image = Image.fromarray(np.ascontiguousarray(plane, dtype=np.float32))
+        if image.size != target:
+            image = image.resize(target, resample)
+        if box is not None and box != (0, 0, *target):
+            image = image.crop(box)
+        out[index] = np.asarray(image, dtype=np.float32)
+    return out
+
+
+def preprocess_pixels(display: np.ndarray, config: PreprocessConfig) -> np.ndarray:
+    """Display values in [0, 1] (``(H, W)`` or ``(H, W, 3)``) to a normalised ``(3, S, S)``."""
+    mean = np.asarray(config.mean, dtype=np.float32)[:, None, None]
+    inv_std = (1.0 / np.asarray(config.std, dtype=np.float32))[:, None, None]
+    if display.ndim == 2:
+        planes = _resize(display[None], config)  # resize one grey plane, not three copies
+    else:
+        planes = _resize(np.moveaxis(display, -1, 0), config)
+    # bicubic overshoots slightly past [0, 1]; clip as PIL's 8-bit pipeline would
+    np.clip(planes, 0.0, 1.0, out=planes)
+    return ((planes - mean) * inv_std).astype(np.float32, copy=False)
+
+
+def _decode(ds: Dataset, frame: int) -> np.ndarray:
+    from pydicom.pixels import pixel_array
+
+    meta = getattr(ds, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    try:
+        # index= decodes one frame only: a 1,000-frame object costs one frame's memory
+        pixels = pixel_array(ds, index=frame - 1 if number_of_frames(ds) > 1 else None)
+    except (NotImplementedError, RuntimeError, ValueError, AttributeError, KeyError) as exc:
+        name = getattr(syntax, "name", syntax) or "unknown transfer syntax"
+        # pydicom lists one line per plugin that tried; keep them all, on one line
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        reason = " ".join(lines) if lines else type(exc).__name__
+        raise PreprocessError(f"cannot decode pixel data ({name}): {reason}") from None
+    if pixels.ndim == 4 or (pixels.ndim == 3 and pixels.shape[-1] not in (3, 4)):
+        pixels = pixels[0]
+    return pixels
+
+
+def preprocess_dataset(
+    ds: Dataset, config: PreprocessConfig, frame: int | None = None
+) -> np.ndarray:
+    """One image (or one frame) of a dataset as model input, float32 ``(3, S, S)``.
+
+    Parameters
+    ----------
+    ds
+        A dataset read with its pixel data.
+    config
+        The model's preprocess config (size, mean, std, interpolation, resize mode).
+    frame
+        1-based frame number of a multi-frame object; None means the first.
+
+    Raises
+    ------
+    PreprocessError
+        No pixel data, an undecodable transfer syntax, an unsupported photometric
+        interpretation, a frame out of range, or a bad window.
+    """
+    if not any(keyword in ds for keyword in _PIXEL_KEYWORDS):
+        meta = getattr(ds, "file_meta", None)
+        sop = ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta else None)
+        what = getattr(sop, "name", sop) or "unknown SOP class"
+        raise PreprocessError(f"no pixel data ({what})")
+    frames = number_of_frames(ds)
+    frame = 1 if frame is None else int(frame)
+    if not 1 <= frame <= frames:
+        raise PreprocessError(f"frame {frame} out of range (the object has {frames})")
+    if int(ds.get("SamplesPerPixel", 1) or 1) not in (1, 3):
+        raise PreprocessError(f"SamplesPerPixel {ds.SamplesPerPixel} is not supported")
+    pixels = _decode(ds, frame)
+    if pixels.ndim == 3 and pixels.shape[-1] == 4:
+        pixels = pixels[..., :3]
+    if min(pixels.shape[:2]) < 2:
+        raise PreprocessError(f"image of {pixels.shape[0]}x{pixels.shape[1]} is too small")
+    display = to_display(pixels, ds)
+    if not np.isfinite(display).all():
+        display = np.nan_to_num(display, nan=0.0, posinf=1.0, neginf=0.0)
+    return preprocess_pixels(display, config)
+
+
+def _image_file(path: Path, config: PreprocessConfig) -> np.ndarray:
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+                array = np.asarray(image, dtype=np.float32)
+                top = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
+                display = array / np.float32(top)
+            elif image.mode in ("L", "1", "F"):
+                display = np.asarray(image.convert("L"), dtype=np.float32) / np.float32(255)
+            else:
+                display = np.asarray(image.convert("RGB"), dtype=np.float32) / np.float32(255)
+    except OSError as exc:
+        raise PreprocessError(f"{path.name}: not a readable image ({exc})") from None
+    return preprocess_pixels(display, config)[None]
+
+
+def preprocess_file(
+    path: Path | str, config: PreprocessConfig, frames: Sequence[int] | None = None
+) -> np.ndarray:
+    """A DICOM file's frames (or a PNG/JPEG/TIFF image) as model input ``(N, 3, S, S)``.
+
+    Parameters
+    ----------
+    path
+        A DICOM file (Part 10, or raw with ``force``) or an ordinary image file.
+    config
+        The model's preprocess config.
+    frames
+        1-based frame numbers; None means every frame (one for single-frame objects).
+
+    Raises
+    ------
+    PreprocessError
+        The file is unreadable, not DICOM nor an image, or any requested frame fails.
+    """
+    path = Path(path)
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return _image_file(path, config)
+    try:
+        ds = dcmread(path)
+    except InvalidDicomError:
+        raise PreprocessError(f"{path.name}: not a DICOM file (no DICM preamble)") from None
+    except (OSError, ValueError, EOFError) as exc:
+        raise PreprocessError(f"{path.name}: unreadable DICOM ({exc})") from None
+    wanted = list(frames) if frames is not None else list(range(1, number_of_frames(ds) + 1))
+    return np.stack([preprocess_dataset(ds, config, frame) for frame in wanted])
