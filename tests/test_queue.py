@@ -312,3 +312,23 @@ def test_concurrent_enqueue_of_one_job_makes_one_row(db: Database, settings: Set
     assert len(ids) == 4 and len(set(ids)) == 1
     with db.session() as session:
         assert len(session.scalars(select(Job.id)).all()) == 1
+
+
+def test_enqueue_race_lost_to_another_node_returns_its_job(
+    db: Database, queue: JobQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    [study] = add_studies(db, 1)
+    first = queue.enqueue(study, Priority.routine, 1)
+    real_active = JobQueue._active
+    calls = []
+
+    def blind_once(session, study_id, run, kind):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        # The first look misses the job, as if the other node had not committed yet.
+        return None if len(calls) == 1 else real_active(session, study_id, run, kind)
+
+    monkeypatch.setattr(JobQueue, "_active", staticmethod(blind_once))
+    assert queue.enqueue(study, Priority.routine, 1) == first
+    assert len(calls) == 2
+    with db.session() as session:
+        assert len(session.scalars(select(Job.id)).all()) == 1
