@@ -91,3 +91,16 @@ def test_unwritable_data_dir(tmp_path: Path) -> None:
 def test_invalid_toml(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_settings(write_config(tmp_path, "[scp\nport=1"))
+
+
+def test_example_config_is_valid_and_documents_every_section(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    example = Path(__file__).parents[1] / "triagenode.example.toml"
+    monkeypatch.chdir(tmp_path)  # its data_dir is relative
+    settings = load_settings(example)
+    assert settings.scp.port == 11112
+    assert settings.study.quiet_period(Priority.stat) == 5.0
+    text = example.read_text(encoding="utf-8")
+    for section in type(settings).model_fields:
+        assert f"[{section}" in text or f"[[{section}" in text or f"# [{section}" in text, section

@@ -27,10 +27,10 @@ log = logging.getLogger(__name__)
 
 def build_classifier(settings: Settings) -> Any:
     """Load the model, pick its backend and build the zero-shot classifier with a batcher."""
+    from triagenode.inference.backends.select import select_backend
     from triagenode.inference.batcher import DynamicBatcher
     from triagenode.inference.classifier import ZeroShotClassifier
     from triagenode.inference.model import load_model
-    from triagenode.inference.backends.select import select_backend
 
     cache_dir = settings.node.data_dir / "cache"
     model = load_model(settings.model, cache_dir=cache_dir)
@@ -51,6 +51,9 @@ class Node:
     _stopped: threading.Event = field(default_factory=threading.Event, init=False)
 
     def __post_init__(self) -> None:
+        # pynetdicom and pydicom log dataset contents (patient names) at DEBUG/INFO.
+        for noisy in ("pynetdicom", "pydicom"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
         self.db = Database(self.settings.database_url, echo=self.settings.database.echo)
         self.audit = AuditLog(self.db, load_or_create_secret(self.settings))
         self.classifier: Any = None
