@@ -1,0 +1,353 @@
+"""Send SRs from the outbox to the configured destinations (pynetdicom C-STORE SCU).
+
+One pass (:meth:`Exporter.send_due`) claims the due rows, opens one association per
+destination, sends each file as stored (no decode and re-encode), and records every
+attempt: success marks the row sent; a refused or aborted association, a timeout or a
+failure status puts it back with exponential backoff, until ``export.max_attempts`` makes it
+dead. Rows with a higher priority (stat, critical) are claimed and sent first.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import pydicom
+from pynetdicom import AE, build_context
+from pynetdicom.association import Association
+
+from triagenode.audit.events import AuditEventId, AuditLog, Outcome
+from triagenode.config.settings import Destination, Settings
+from triagenode.errors import ConfigError
+from triagenode.metrics import EXPORT_ATTEMPTS, EXPORT_FAILURES
+from triagenode.scp.outbox import ExportOutbox, ExportRow, ExportState, backoff_delay
+from triagenode.store.models import utcnow
+
+__all__ = [
+    "ExportOutbox",
+    "ExportRow",
+    "ExportState",
+    "Exporter",
+    "backoff_delay",
+    "client_context",
+]
+
+log = logging.getLogger(__name__)
+
+# C-STORE statuses that mean "stored": success and the PS3.4 B.2.3 warnings (coercion,
+# elements discarded, data set does not match the SOP class).
+_STORED = {0x0000, 0xB000, 0xB006, 0xB007}
+
+
+def client_context(destination: Destination) -> ssl.SSLContext:
+    """TLS context for associations to ``destination`` (server verified, optional client cert).
+
+    Raises
+    ------
+    ConfigError
+        When the CA, certificate or key file cannot be loaded.
+    """
+    try:
+        context = ssl.create_default_context(
+            cafile=str(destination.tls_ca) if destination.tls_ca else None
+        )
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        if destination.tls_cert is not None:
+            context.load_cert_chain(
+                str(destination.tls_cert),
+                str(destination.tls_key) if destination.tls_key else None,
+            )
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"destinations.{destination.name}: cannot load TLS files ({exc})"
+        ) from None
+    return context
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    row: ExportRow
+    path: Path
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    patient_id: str | None
+
+
+class Exporter:
+    """Sends due outbox rows; use :meth:`send_due` for one pass or :meth:`start` a thread.
+
+    Parameters
+    ----------
+    outbox
+        Where the rows are.
+    settings
+        ``scp.ae_title`` (our calling AE title), ``destinations`` and ``export``.
+    audit
+        Every attempt is an audit event (DICOM Instances Transferred, "sent").
+    """
+
+    def __init__(self, outbox: ExportOutbox, settings: Settings, audit: AuditLog) -> None:
+        self.outbox = outbox
+        self.settings = settings
+        self.audit = audit
+        self.batch_size = 32
+        self.poll_interval_s = 0.5
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # One pass -------------------------------------------------------------------------------
+
+    def send_due(self, now: datetime | None = None) -> int:
+        """Claim the due rows and try each once.
+
+        Returns
+        -------
+        int
+            How many rows were attempted (sent or failed); 0 when nothing was due.
+        """
+        rows = self.outbox.claim(now, limit=self.batch_size)
+        by_destination: OrderedDict[str, list[ExportRow]] = OrderedDict()
+        for row in rows:  # claim order is priority order; keep it per destination
+            by_destination.setdefault(row.destination, []).append(row)
+        destinations = {d.name: d for d in self.settings.destinations}
+        for name, group in by_destination.items():
+            destination = destinations.get(name)
+            if destination is None:
+                for row in group:
+                    self._failed(row, None, f"destination {name!r} is no longer configured")
+                continue
+            self._send_group(destination, group)
+        return len(rows)
+
+    def _prepare(self, row: ExportRow) -> _Prepared | str:
+        path = self.outbox.absolute_path(row)
+        try:
+            header = pydicom.dcmread(
+                path, stop_before_pixels=True, specific_tags=["PatientID", "SOPClassUID"]
+            )
+        except FileNotFoundError:
+            return f"SR file {path} is missing"
+        except Exception as exc:  # unreadable file: a permanent problem of this row
+            return f"SR file {path} is unreadable: {exc}"
+        meta = header.file_meta
+        return _Prepared(
+            row=row,
+            path=path,
+            sop_class_uid=str(meta.MediaStorageSOPClassUID),
+            transfer_syntax_uid=str(meta.TransferSyntaxUID),
+            patient_id=header.get("PatientID") or None,
+        )
+
+    def _associate(
+        self, destination: Destination, items: Sequence[_Prepared]
+    ) -> tuple[Association | None, str | None]:
+        timeout = self.settings.export.timeout_s
+        ae = AE(ae_title=self.settings.scp.ae_title)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+        ae.connection_timeout = timeout
+        contexts = {(p.sop_class_uid, p.transfer_syntax_uid) for p in items}
+        ae.requested_contexts = [build_context(sop, [ts]) for sop, ts in sorted(contexts)]
+        tls_args = None
+        if destination.tls:
+            tls_args = (client_context(destination), destination.host)
+        assoc = ae.associate(
+            destination.host,
+            destination.port,
+            ae_title=destination.ae_title,
+            tls_args=tls_args,
+        )
+        if assoc.is_established:
+            return assoc, None
+        if assoc.is_rejected:
+            return None, f"association rejected by {_peer(destination)}{_reject_detail(assoc)}"
+        if assoc.is_aborted:
+            return None, f"association aborted by {_peer(destination)}"
+        return None, f"cannot connect to {_peer(destination)} (refused or timed out)"
+
+    def _send_group(self, destination: Destination, rows: Sequence[ExportRow]) -> None:
+        prepared: list[_Prepared] = []
+        for row in rows:
+            item = self._prepare(row)
+            if isinstance(item, str):
+                self._failed(row, destination, item)
+            else:
+                prepared.append(item)
+        if not prepared:
+            return
+        try:
+            assoc, error = self._associate(destination, prepared)
+        except ConfigError as exc:
+            assoc, error = None, str(exc)
+        if assoc is None:
+            for item in prepared:
+                self._failed(item.row, destination, error or "association failed", item)
+            return
+        try:
+            for item in prepared:
+                if not assoc.is_established:
+                    self._failed(item.row, destination, "association ended before sending", item)
+                    continue
+                try:
+                    status = assoc.send_c_store(item.path)
+                except Exception as exc:  # a pynetdicom error must not stop the other rows
+                    self._failed(item.row, destination, f"C-STORE error: {exc}", item)
+                    continue
+                code = int(status.Status) if "Status" in status else None
+                if code in _STORED:
+                    self._sent(item, destination, code)
+                elif code is None:
+                    self._failed(
+                        item.row, destination, "no C-STORE response (timeout or abort)", item
+                    )
+                else:
+                    comment = status.get("ErrorComment", "")
+                    self._failed(
+                        item.row,
+                        destination,
+                        f"C-STORE failed with status 0x{code:04X} {comment}".strip(),
+                        item,
+                    )
+        finally:
+            if assoc.is_established:
+                assoc.release()
+
+    # Outcomes -------------------------------------------------------------------------------
+
+    def _sent(self, item: _Prepared, destination: Destination, code: int) -> None:
+        EXPORT_ATTEMPTS.labels(destination=destination.name).inc()
+        row = self.outbox.mark_sent(item.row.id)
+        log.info(
+            "export %d sent sop=%s to %s (status 0x%04X, attempt %d)",
+            row.id,
+            row.sop_instance_uid,
+            destination.name,
+            code,
+            row.attempts,
+        )
+        self._audit(row, destination, Outcome.success, item, status=code)
+
+    def _failed(
+        self,
+        row: ExportRow,
+        destination: Destination | None,
+        error: str,
+        item: _Prepared | None = None,
+    ) -> None:
+        EXPORT_ATTEMPTS.labels(destination=row.destination).inc()
+        EXPORT_FAILURES.labels(destination=row.destination).inc()
+        updated = self.outbox.mark_failed(row.id, error)
+        dead = updated.state == ExportState.dead.value
+        log.warning(
+            "export %d to %s failed (attempt %d%s): %s",
+            row.id,
+            row.destination,
+            updated.attempts,
+            ", dead" if dead else f", next at {updated.next_attempt_at:%H:%M:%S}",
+            error,
+        )
+        outcome = Outcome.serious_failure if dead else Outcome.minor_failure
+        self._audit(updated, destination, outcome, item, error=error)
+
+    def _audit(
+        self,
+        row: ExportRow,
+        destination: Destination | None,
+        outcome: Outcome,
+        item: _Prepared | None,
+        *,
+        status: int | None = None,
+        error: str | None = None,
+    ) -> None:
+        details: dict[str, object] = {
+            "export_id": row.id,
+            "destination": row.destination,
+            "sop_instance_uid": row.sop_instance_uid,
+            "attempts": row.attempts,
+            "state": row.state,
+        }
+        if status is not None:
+            details["status"] = f"0x{status:04X}"
+        if error is not None:
+            details["error"] = error
+        try:
+            self.audit.record(
+                AuditEventId.instances_transferred,
+                event_type="sent",
+                action="R",  # PS3.15 A.5.3.4: the sending side reads the instances
+                outcome=outcome,
+                actor=_peer(destination) if destination else row.destination,
+                actor_address=destination.host if destination else None,
+                study_uid=row.study_uid,
+                patient_id=item.patient_id if item else None,
+                details=details,
+            )
+        except Exception:  # the row's state is committed; a lost audit row is logged loudly
+            log.exception("export %d: audit event could not be recorded", row.id)
+
+    # Thread -----------------------------------------------------------------------------------
+
+    def wake(self) -> None:
+        """Start the next pass now (e.g. right after an SR was enqueued)."""
+        self._wake.set()
+
+    def run_forever(self, stop_event: threading.Event) -> None:
+        """Pass after pass until ``stop_event`` is set; sleeps only while nothing is due."""
+        self.outbox.requeue_sending()
+        while not stop_event.is_set():
+            try:
+                attempted = self.send_due()
+            except Exception:  # e.g. the database is away: keep the thread, try again later
+                log.exception("export pass failed")
+                attempted = 0
+            if attempted:
+                continue
+            self._wake.wait(self._idle_wait())
+            self._wake.clear()
+
+    def _idle_wait(self) -> float:
+        try:
+            next_due = self.outbox.next_due_at()
+        except Exception:
+            return self.poll_interval_s
+        if next_due is None:
+            return self.poll_interval_s
+        return max(0.0, min(self.poll_interval_s, (next_due - utcnow()).total_seconds()))
+
+    def start(self) -> None:
+        """Run :meth:`run_forever` in a daemon thread."""
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(
+            target=self.run_forever, args=(self._stop,), name="triagenode-exporter", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the thread after its current pass."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+
+def _peer(destination: Destination) -> str:
+    return f"{destination.ae_title}@{destination.host}:{destination.port}"
+
+
+def _reject_detail(assoc: Association) -> str:
+    primitive = getattr(getattr(assoc, "acceptor", None), "primitive", None)
+    parts = [
+        getattr(primitive, attribute, None)
+        for attribute in ("result_str", "source_str", "reason_str")
+    ]
+    parts = [p for p in parts if p]
+    return f" ({', '.join(str(p) for p in parts)})" if parts else ""
