@@ -1,0 +1,206 @@
+"""Ingest benchmark: the node's receiver against DCMTK ``storescp``, same machine, same run.
+
+Generates a CT study (default 200 slices of 512x512, 16-bit, about 100 MB), sends it with
+DCMTK ``storescu`` (``TCP_NODELAY=1``) over one association and over 4 concurrent senders
+(the files split in 4), 3 runs each, to
+
+- the node's :class:`~triagenode.scp.receiver.DicomReceiver` (durable: every instance is
+  fsynced, renamed, its directory fsynced and its rows committed before success), and
+- DCMTK ``storescp`` writing to a temp folder (no fsync),
+
+and prints seconds, MB/s and the ratio of throughputs node / DCMTK.
+
+Usage::
+
+    python benchmarks/ingest.py [--slices 200] [--size 512] [--runs 3] [--database-url URL]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+STORESCU = "/usr/bin/storescu"
+STORESCP = "/usr/bin/storescp"
+ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.02)
+    raise RuntimeError(f"port {port} did not open")
+
+
+def make_study(folder: Path, slices: int, size: int) -> list[Path]:
+    """Write a synthetic CT series; pixels are random so nothing compresses by accident."""
+    folder.mkdir(parents=True, exist_ok=True)
+    study, series = generate_uid(), generate_uid()
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(slices):
+        ds = Dataset()
+        ds.SOPClassUID = CTImageStorage
+        ds.SOPInstanceUID = generate_uid()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.Modality, ds.PatientID, ds.PatientName = "CT", "BENCH-1", "Bench^Mark"
+        ds.InstanceNumber, ds.SeriesNumber = i + 1, 1
+        ds.BodyPartExamined = "CHEST"
+        ds.ImagePositionPatient = [0.0, 0.0, i * 1.25]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.Rows = ds.Columns = size
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.PixelData = rng.integers(0, 4096, size=(size, size), dtype=np.uint16).tobytes()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        path = folder / f"{i:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def send(port: int, groups: list[list[Path]]) -> float:
+    """Run one storescu per group at once; seconds until all have finished."""
+    started = time.perf_counter()
+    procs = [
+        subprocess.Popen(
+            [STORESCU, "-aet", "BENCH", "127.0.0.1", str(port), *map(str, files)],
+            env=ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for files in groups
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=600)
+        if proc.returncode != 0:
+            raise RuntimeError(f"storescu failed: {err.decode(errors='replace')[-500:]}")
+    return time.perf_counter() - started
+
+
+def run_dcmtk(groups: list[list[Path]], work: Path) -> float:
+    out = work / "dcmtk-out"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    port = free_port()
+    server = subprocess.Popen(
+        [STORESCP, "-od", str(out), str(port)],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_port(port)
+        seconds = send(port, groups)
+    finally:
+        server.terminate()
+        server.wait()
+    received = sum(1 for _ in out.iterdir())
+    if received != sum(len(g) for g in groups):
+        raise RuntimeError(f"storescp stored {received} files")
+    return seconds
+
+
+def run_node(groups: list[list[Path]], work: Path, database_url: str | None) -> float:
+    from triagenode.audit.events import AuditLog
+    from triagenode.config.settings import load_settings
+    from triagenode.scp.receiver import DicomReceiver
+    from triagenode.store import migrate
+    from triagenode.store.db import Database
+
+    data = work / "node-data"
+    shutil.rmtree(data, ignore_errors=True)
+    settings = load_settings(
+        None,
+        node={"data_dir": str(data)},
+        scp={"host": "127.0.0.1", "port": free_port(), "max_pdu": 0},
+        database={"url": database_url} if database_url else {},
+        audit={"secret": "benchmark-secret-0123456789"},
+    )
+    db = Database(settings.database_url)
+    if database_url:  # a fresh schema per run, like the fresh SQLite file
+        from triagenode.store.models import Base
+
+        Base.metadata.drop_all(db.engine)
+        with db.engine.begin() as conn:
+            conn.exec_driver_sql("DROP TABLE IF EXISTS alembic_version")
+    migrate.upgrade(db)
+    receiver = DicomReceiver(settings, db, AuditLog(db, b"benchmark-secret-0123456789"))
+    receiver.start()
+    try:
+        seconds = send(receiver.port, groups)
+    finally:
+        receiver.stop()
+        db.dispose()
+    stored = sum(1 for _ in (data / "spool").rglob("*.dcm"))
+    if stored != sum(len(g) for g in groups):
+        raise RuntimeError(f"node stored {stored} files")
+    return seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--slices", type=int, default=200)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--senders", type=int, default=4)
+    parser.add_argument("--database-url", default=None, help="default: SQLite in a temp dir")
+    parser.add_argument("--json", type=Path, default=None, help="also write results here")
+    args = parser.parse_args(argv)
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    with tempfile.TemporaryDirectory(prefix="tn-bench-") as tmp:
+        work = Path(tmp)
+        files = make_study(work / "study", args.slices, args.size)
+        megabytes = sum(p.stat().st_size for p in files) / 1e6
+        print(f"study: {len(files)} files, {megabytes:.1f} MB; runs: {args.runs}")
+        k = args.senders
+        layouts = {"1 association": [files], f"{k} concurrent": [files[i::k] for i in range(k)]}
+        results = {}
+        for layout, groups in layouts.items():
+            dcmtk, node = [], []
+            for _ in range(args.runs):  # interleaved so drifts in machine load hit both
+                dcmtk.append(run_dcmtk(groups, work))
+                node.append(run_node(groups, work, args.database_url))
+            ratio = statistics.median(dcmtk) / statistics.median(node)
+            results[layout] = {"dcmtk_s": dcmtk, "node_s": node, "ratio": ratio, "mb": megabytes}
+            for name, times in (("DCMTK storescp", dcmtk), ("triagenode", node)):
+                speeds = ", ".join(f"{megabytes / t:.0f}" for t in times)
+                print(
+                    f"{layout:>14} {name:<15} s: "
+                    + ", ".join(f"{t:.3f}" for t in times)
+                    + f"   MB/s: {speeds}"
+                )
+            print(f"{layout:>14} throughput node / DCMTK (medians): {ratio:.2f}x")
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""``triagenode studies``: list received studies, or mark one complete.
+
+Shows only the study UID and the node's own bookkeeping, never patient data.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from triagenode.cli.common import open_database, print_json, print_table, settings_from_args
+
+COLUMNS = [
+    "study_uid",
+    "state",
+    "priority",
+    "instances",
+    "bytes",
+    "first_received_at",
+    "last_received_at",
+    "stable_at",
+]
+
+
+def register(subparsers: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
+    parser = subparsers.add_parser(
+        "studies", parents=[parent], help="list received studies; mark one complete"
+    )
+    parser.add_argument("--state", default=None, help="only studies in this state")
+    parser.add_argument("--limit", type=int, default=200, help="newest N studies (default 200)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.set_defaults(handler=_list)
+    actions = parser.add_subparsers(dest="action", metavar="ACTION")
+    complete = actions.add_parser(
+        "complete", parents=[parent], help="mark a receiving study stable now"
+    )
+    complete.add_argument("study_uid")
+    complete.set_defaults(handler=_complete)
+
+
+def _rows(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from sqlalchemy import select
+
+    from triagenode.domain import Priority
+    from triagenode.store.models import Study
+
+    db = open_database(settings_from_args(args))
+    try:
+        query = select(Study).order_by(Study.last_received_at.desc()).limit(args.limit)
+        if args.state:
+            query = query.where(Study.state == args.state)
+        with db.session() as session:
+            studies = session.execute(query).scalars().all()
+            return [
+                {
+                    "study_uid": s.study_uid,
+                    "state": s.state,
+                    "priority": Priority(s.priority).name
+                    if s.priority in Priority._value2member_map_
+                    else s.priority,
+                    "instances": s.instance_count,
+                    "bytes": s.byte_count,
+                    "first_received_at": s.first_received_at.isoformat(timespec="seconds"),
+                    "last_received_at": s.last_received_at.isoformat(timespec="seconds"),
+                    "stable_at": s.stable_at.isoformat(timespec="seconds") if s.stable_at else "",
+                }
+                for s in studies
+            ]
+    finally:
+        db.dispose()
+
+
+def _list(args: argparse.Namespace) -> int:
+    rows = _rows(args)
+    if args.json:
+        print_json(rows)
+    else:
+        print_table(rows, COLUMNS)
+    return 0
+
+
+def _complete(args: argparse.Namespace) -> int:
+    import getpass
+
+    from triagenode.audit import load_or_create_secret
+    from triagenode.audit.events import AuditLog
+    from triagenode.pipeline.tracker import StudyTracker
+
+    settings = settings_from_args(args)
+    db = open_database(settings)
+    try:
+        tracker = StudyTracker(settings, db, AuditLog(db, load_or_create_secret(settings)))
+        if tracker.mark_complete(args.study_uid, actor=f"cli:{getpass.getuser()}"):
+            print(f"study {args.study_uid} marked complete")
+            return 0
+        print(f"study {args.study_uid} is not receiving (unknown, or already complete)")
+        return 1
+    finally:
+        db.dispose()

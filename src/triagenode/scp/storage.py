@@ -1,0 +1,315 @@
+"""Storing one received C-STORE instance: spool file, header check, rows, status.
+
+:meth:`InstanceStorage.begin` opens a temp file when the C-STORE command arrives; the
+association streams the dataset fragments into :meth:`PendingInstance.write`;
+:meth:`PendingInstance.finish` then decides the status. Success is returned only after the
+file is durable at its final path and the rows are committed (rules of the house 1 and 2).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+from dataclasses import dataclass, field
+
+from triagenode.audit.events import AuditEventId, AuditLog, Outcome
+from triagenode.errors import StorageError
+from triagenode.metrics import INSTANCES_RECEIVED, INSTANCES_REJECTED, RECEIVED_BYTES
+from triagenode.scp.header import HEAD_BYTES, InstanceHeader, parse_header
+from triagenode.scp.status import StoreStatus
+from triagenode.store.ingest import InstanceRecord, StudyIngest
+from triagenode.store.models import utcnow
+from triagenode.store.spool import (
+    IncomingInstance,
+    Spool,
+    SpoolError,
+    file_meta_bytes,
+    is_path_safe_uid,
+)
+
+__all__ = ["AssociationInfo", "InstanceStorage", "PendingInstance", "StudyTally"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StudyTally:
+    """What one association delivered for one study: one audit event at the end."""
+
+    instances: int = 0
+    bytes: int = 0
+    replaced: int = 0
+    patient_ref: str | None = None
+
+
+@dataclass
+class AssociationInfo:
+    """Who is sending and what they sent so far; no PHI."""
+
+    address: str
+    calling_ae: str = ""
+    called_ae: str = ""
+    started: float = field(default_factory=time.monotonic)
+    instances: int = 0
+    bytes: int = 0
+    failures: int = 0
+    echoes: int = 0
+    studies: dict[str, StudyTally] = field(default_factory=dict)
+    outcome: str = "open"  # released / aborted / rejected / closed
+
+
+class InstanceStorage:
+    """The receive path shared by all associations.
+
+    Parameters
+    ----------
+    spool
+        Where instance files go.
+    ingest
+        Records the rows.
+    audit
+        Records rejections (successful transfers are summarised per association).
+    """
+
+    def __init__(self, spool: Spool, ingest: StudyIngest, audit: AuditLog) -> None:
+        self.spool = spool
+        self.ingest = ingest
+        self.audit = audit
+
+    def begin(
+        self,
+        info: AssociationInfo,
+        *,
+        message_id: int,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        transfer_syntax_uid: str,
+        priority: int | None,
+    ) -> PendingInstance:
+        """Start receiving the dataset of a C-STORE request."""
+        return PendingInstance(
+            self, info, message_id, sop_class_uid, sop_instance_uid, transfer_syntax_uid, priority
+        )
+
+    def record_failure(
+        self,
+        info: AssociationInfo,
+        status: StoreStatus,
+        reason: str,
+        header: InstanceHeader | None,
+        sop_instance_uid: str,
+    ) -> None:
+        """Log, count and audit a refused instance (best effort if the database is down)."""
+        info.failures += 1
+        INSTANCES_REJECTED.labels(reason=status.name).inc()
+        log.warning(
+            "instance refused status=0x%04X (%s) calling_ae=%s address=%s sop_uid=%s: %s",
+            int(status),
+            status.name,
+            info.calling_ae,
+            info.address,
+            sop_instance_uid or "-",
+            reason,
+        )
+        try:
+            self.audit.record(
+                AuditEventId.instances_transferred,
+                event_type="rejected",
+                action="C",
+                outcome=Outcome.serious_failure,
+                actor=info.calling_ae,
+                actor_address=info.address,
+                study_uid=header.study_uid if header else None,
+                patient_id=header.patient_id if header else None,
+                details={
+                    "status": f"0x{int(status):04X}",
+                    "reason": reason,
+                    "sop_instance_uid": sop_instance_uid,
+                    "called_ae": info.called_ae,
+                },
+            )
+        except Exception as exc:  # the database may be what failed
+            log.error("audit event for a refused instance not recorded: %s", type(exc).__name__)
+
+
+def _spool_status(exc: SpoolError) -> tuple[StoreStatus, str]:
+    name = errno.errorcode.get(exc.errno or 0, "error")
+    return StoreStatus.out_of_resources_spool, f"spool: {name}"
+
+
+class PendingInstance:
+    """An instance whose dataset is arriving; owned by one association's thread."""
+
+    def __init__(
+        self,
+        storage: InstanceStorage,
+        info: AssociationInfo,
+        message_id: int,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        transfer_syntax_uid: str,
+        priority: int | None,
+    ) -> None:
+        self._storage = storage
+        self._info = info
+        self.message_id = message_id
+        self.sop_class_uid = sop_class_uid
+        self.sop_instance_uid = sop_instance_uid
+        self.transfer_syntax_uid = transfer_syntax_uid
+        self._priority = priority
+        self._head = bytearray()
+        self._error: SpoolError | None = None
+        self._incoming: IncomingInstance | None = None
+        self._meta = file_meta_bytes(
+            sop_class_uid, sop_instance_uid, transfer_syntax_uid, info.calling_ae
+        )
+        try:
+            self._incoming = storage.spool.open_instance()
+            self._incoming.write_meta(self._meta)
+        except SpoolError as exc:
+            self._error = exc
+            self._incoming = None
+
+    def write(self, data: bytes) -> None:
+        """Append a dataset fragment (after a spool error, fragments are dropped)."""
+        if len(self._head) < HEAD_BYTES:
+            self._head += data[: HEAD_BYTES - len(self._head)]
+        if self._incoming is None:
+            return
+        try:
+            self._incoming.write(data)
+        except SpoolError as exc:  # the temp file is already removed
+            self._error = exc
+            self._incoming = None
+
+    def abandon(self) -> None:
+        """The association ended before the dataset did: leave nothing behind."""
+        if self._incoming is not None:
+            self._incoming.discard()
+            self._incoming = None
+
+    def finish(self) -> tuple[int, str | None]:
+        """Store the complete instance; return the DIMSE status and an error comment."""
+        try:
+            return self._finish()
+        except Exception:
+            # Anything unexpected becomes a failure status, never a dead association.
+            log.exception("instance handling failed sop_uid=%s", self.sop_instance_uid)
+            self.abandon()
+            self._storage.record_failure(
+                self._info,
+                StoreStatus.processing_failure,
+                "internal error",
+                None,
+                self.sop_instance_uid,
+            )
+            return StoreStatus.processing_failure, "internal error"
+
+    def _refuse(
+        self, status: StoreStatus, reason: str, header: InstanceHeader | None = None
+    ) -> tuple[int, str | None]:
+        self.abandon()
+        self._storage.record_failure(self._info, status, reason, header, self.sop_instance_uid)
+        return status, reason
+
+    def _finish(self) -> tuple[int, str | None]:
+        incoming = self._incoming
+        if self._error is not None or incoming is None:
+            status, reason = _spool_status(self._error or SpoolError("spool"))
+            return self._refuse(status, reason)
+        info = self._info
+        try:
+            header = parse_header(
+                self._meta,
+                bytes(self._head),
+                incoming.dataset_size <= len(self._head),
+                self.transfer_syntax_uid,
+                incoming.temp_path,
+                self._priority,
+                info.calling_ae,
+            )
+        except Exception as exc:
+            return self._refuse(
+                StoreStatus.cannot_understand_unparsable, f"header unreadable: {type(exc).__name__}"
+            )
+        if not (header.study_uid and header.series_uid and header.sop_instance_uid):
+            missing = [
+                name
+                for name, value in (
+                    ("StudyInstanceUID", header.study_uid),
+                    ("SeriesInstanceUID", header.series_uid),
+                    ("SOPInstanceUID", header.sop_instance_uid),
+                )
+                if not value
+            ]
+            return self._refuse(
+                StoreStatus.cannot_understand_missing_uid, f"missing {', '.join(missing)}", header
+            )
+        if header.sop_instance_uid != self.sop_instance_uid:
+            return self._refuse(
+                StoreStatus.cannot_understand_sop_uid_mismatch,
+                "SOPInstanceUID differs from the request's Affected SOP Instance UID",
+                header,
+            )
+        if header.sop_class_uid and header.sop_class_uid != self.sop_class_uid:
+            return self._refuse(
+                StoreStatus.dataset_does_not_match,
+                "SOPClassUID differs from the request's Affected SOP Class UID",
+                header,
+            )
+        for uid in (header.study_uid, header.series_uid, header.sop_instance_uid):
+            if not is_path_safe_uid(uid):
+                return self._refuse(StoreStatus.cannot_understand, "UID is not valid", header)
+        try:
+            stored = incoming.commit(header.study_uid, header.series_uid, header.sop_instance_uid)
+        except SpoolError as exc:
+            self._incoming = None
+            status, reason = _spool_status(exc)
+            return self._refuse(status, reason, header)
+        self._incoming = None
+        patient_ref = self._storage.audit.patient_ref(header.patient_id)
+        record = InstanceRecord(
+            study_uid=header.study_uid,
+            series_uid=header.series_uid,
+            sop_instance_uid=header.sop_instance_uid,
+            sop_class_uid=self.sop_class_uid,
+            transfer_syntax_uid=self.transfer_syntax_uid,
+            size=stored.size,
+            sha256=stored.sha256,
+            file_path=stored.relative_path,
+            calling_ae=info.calling_ae or None,
+            received_at=utcnow(),
+            patient_ref=patient_ref,
+            modality=header.modality,
+            body_part=header.body_part,
+            instance_number=header.instance_number,
+            number_of_frames=header.number_of_frames,
+            triage_inputs=header.triage_inputs,
+        )
+        try:
+            outcome = self._storage.ingest.record(record)
+        except StorageError as exc:
+            incoming.revert()
+            return self._refuse(StoreStatus.out_of_resources_database, str(exc), header)
+        except BaseException:
+            incoming.revert()
+            raise
+        incoming.settle()
+        tally = info.studies.get(header.study_uid)
+        if tally is None:
+            tally = info.studies[header.study_uid] = StudyTally(patient_ref=patient_ref)
+        tally.instances += 1
+        tally.bytes += stored.size
+        info.instances += 1
+        info.bytes += stored.size
+        if outcome.replaced:
+            tally.replaced += 1
+            log.info(
+                "duplicate instance replaced the older copy sop_uid=%s calling_ae=%s",
+                header.sop_instance_uid,
+                info.calling_ae,
+            )
+        INSTANCES_RECEIVED.inc()
+        RECEIVED_BYTES.inc(stored.size)
+        return StoreStatus.success, None

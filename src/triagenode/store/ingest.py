@@ -1,0 +1,316 @@
+"""Recording received instances: the studies, series and instances rows.
+
+One transaction per instance, committed before the C-STORE success is sent. The common case
+(another instance of a study already receiving) is three short statements; the ids of known
+studies and series are cached so no lookups are needed. Duplicates and reopened studies take
+a slower path that also writes a :class:`~triagenode.store.models.StudyEvent`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, select, update
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+
+from triagenode.dicom_attrs import merge_triage_inputs
+from triagenode.domain import Priority, StudyState
+from triagenode.errors import StorageError
+from triagenode.store.db import Database
+from triagenode.store.models import Instance, Series, Study, StudyEvent
+
+__all__ = ["IngestOutcome", "InstanceRecord", "StudyIngest"]
+
+log = logging.getLogger(__name__)
+
+_STUDIES = Study.__table__
+_SERIES = Series.__table__
+_INSTANCES = Instance.__table__
+_EVENTS = StudyEvent.__table__
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    """Everything recorded about one stored instance (no PHI: ``patient_ref`` is a hash)."""
+
+    study_uid: str
+    series_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    size: int
+    sha256: str
+    file_path: str
+    calling_ae: str | None
+    received_at: datetime
+    patient_ref: str | None = None
+    modality: str | None = None
+    body_part: str | None = None
+    instance_number: int | None = None
+    number_of_frames: int | None = None
+    triage_inputs: dict[str, str] | None = None
+
+
+@dataclass(frozen=True)
+class IngestOutcome:
+    study_id: int
+    series_id: int
+    created_study: bool
+    replaced: bool  # an instance row of the same SOP Instance UID was updated
+    reopened_from: str | None  # the state a finished study was reopened from
+
+
+@dataclass
+class _KnownStudy:
+    id: int
+    triage_inputs: dict[str, str]
+
+
+def _insert(db: Database, table: Any) -> Any:
+    if db.dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return insert(table)
+
+
+class StudyIngest:
+    """Writes the rows for received instances.
+
+    Parameters
+    ----------
+    db
+        The node's database.
+    default_priority
+        Priority of a newly created study until triage decides.
+    """
+
+    def __init__(self, db: Database, default_priority: Priority = Priority.routine) -> None:
+        self._db = db
+        self._default_priority = default_priority
+        self._studies: dict[str, _KnownStudy] = {}
+        self._series: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def forget(self) -> None:
+        """Drop cached ids (after a database error the rows may not exist any more)."""
+        with self._lock:
+            self._studies.clear()
+            self._series.clear()
+
+    def record(self, item: InstanceRecord) -> IngestOutcome:
+        """Insert or update the rows for one stored instance and commit.
+
+        Raises
+        ------
+        StorageError
+            When the database did not commit; nothing of this instance is recorded then.
+        """
+        for attempt in (1, 2):
+            try:
+                with self._db.engine.connect() as connection:
+                    if self._db.is_sqlite:
+                        connection.execution_options(begin_immediate=True)
+                    with connection.begin():
+                        return self._record(connection, item)
+            except IntegrityError as exc:
+                # A cached id pointed at a row that is gone, or a concurrent writer won a
+                # race the ON CONFLICT clauses do not cover: retry once without the cache.
+                self.forget()
+                if attempt == 2:
+                    raise StorageError(f"database refused instance rows: {exc.orig}") from exc
+            except SQLAlchemyError as exc:
+                self.forget()
+                raise StorageError(f"database did not commit: {type(exc).__name__}") from exc
+        raise AssertionError("unreachable")
+
+    # The steps, in one transaction ---------------------------------------------------------
+
+    def _record(self, conn: Connection, item: InstanceRecord) -> IngestOutcome:
+        now = item.received_at
+        study, created = self._study(conn, item, now)
+        series_id = self._series_id(conn, item, study.id)
+        replaced, count_delta, byte_delta = self._instance(conn, item, series_id)
+        reopened_from = None
+        # Row-locks the study (PostgreSQL) so the triage-input merge below cannot race.
+        result = conn.execute(
+            update(_STUDIES)
+            .where(_STUDIES.c.id == study.id, _STUDIES.c.state == StudyState.receiving.value)
+            .values(
+                instance_count=_STUDIES.c.instance_count + count_delta,
+                byte_count=_STUDIES.c.byte_count + byte_delta,
+                last_received_at=now,
+            )
+        )
+        if result.rowcount == 0:
+            reopened_from = self._reopen(conn, study.id, now, count_delta, byte_delta)
+        new_inputs = item.triage_inputs or {}
+        if merge_triage_inputs(study.triage_inputs, new_inputs) != study.triage_inputs:
+            stored = conn.execute(
+                select(_STUDIES.c.triage_inputs).where(_STUDIES.c.id == study.id)
+            ).scalar_one()
+            merged = merge_triage_inputs(stored, new_inputs)
+            if merged != stored:
+                conn.execute(
+                    update(_STUDIES).where(_STUDIES.c.id == study.id).values(triage_inputs=merged)
+                )
+            study.triage_inputs = merged
+        return IngestOutcome(study.id, series_id, created, replaced, reopened_from)
+
+    def _study(
+        self, conn: Connection, item: InstanceRecord, now: datetime
+    ) -> tuple[_KnownStudy, bool]:
+        known = self._studies.get(item.study_uid)
+        if known is not None:
+            return known, False
+        inserted = conn.execute(
+            _insert(self._db, _STUDIES)
+            .values(
+                study_uid=item.study_uid,
+                state=StudyState.receiving.value,
+                state_changed_at=now,
+                priority=int(self._default_priority),
+                patient_ref=item.patient_ref,
+                modality=item.modality,
+                calling_ae=item.calling_ae,
+                first_received_at=now,
+                last_received_at=now,
+                instance_count=0,
+                byte_count=0,
+                run=1,
+                attempts=0,
+                critical=False,
+                triage_inputs=item.triage_inputs or {},
+            )
+            .on_conflict_do_nothing(index_elements=["study_uid"])
+        )
+        row = conn.execute(
+            select(_STUDIES.c.id, _STUDIES.c.triage_inputs).where(
+                _STUDIES.c.study_uid == item.study_uid
+            )
+        ).one()
+        created = inserted.rowcount == 1
+        if created:
+            conn.execute(
+                _EVENTS.insert().values(
+                    study_id=row.id,
+                    at=now,
+                    from_state=None,
+                    to_state=StudyState.receiving.value,
+                    reason="first instance received",
+                )
+            )
+        known = _KnownStudy(row.id, dict(row.triage_inputs or {}))
+        with self._lock:
+            self._studies[item.study_uid] = known
+        return known, created
+
+    def _series_id(self, conn: Connection, item: InstanceRecord, study_id: int) -> int:
+        series_id = self._series.get(item.series_uid)
+        if series_id is not None:
+            return series_id
+        conn.execute(
+            _insert(self._db, _SERIES)
+            .values(
+                study_id=study_id,
+                series_uid=item.series_uid,
+                modality=item.modality,
+                body_part=item.body_part,
+            )
+            .on_conflict_do_nothing(index_elements=["series_uid"])
+        )
+        series_id = conn.execute(
+            select(_SERIES.c.id).where(_SERIES.c.series_uid == item.series_uid)
+        ).scalar_one()
+        with self._lock:
+            self._series[item.series_uid] = series_id
+        return series_id
+
+    def _instance(
+        self, conn: Connection, item: InstanceRecord, series_id: int
+    ) -> tuple[bool, int, int]:
+        """Insert the instance row; on a duplicate update it. Returns (replaced, +count, +bytes)."""
+        values = dict(
+            series_id=series_id,
+            sop_class_uid=item.sop_class_uid,
+            transfer_syntax_uid=item.transfer_syntax_uid,
+            size=item.size,
+            sha256=item.sha256,
+            calling_ae=item.calling_ae,
+            received_at=item.received_at,
+            file_path=item.file_path,
+            instance_number=item.instance_number,
+            number_of_frames=item.number_of_frames,
+        )
+        inserted = conn.execute(
+            _insert(self._db, _INSTANCES)
+            .values(sop_instance_uid=item.sop_instance_uid, replaced_count=0, **values)
+            .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
+        )
+        if inserted.rowcount == 1:
+            return False, 1, item.size
+        old = conn.execute(
+            select(_INSTANCES.c.size, _INSTANCES.c.series_id, _SERIES.c.study_id)
+            .join(_SERIES, _SERIES.c.id == _INSTANCES.c.series_id)
+            .where(_INSTANCES.c.sop_instance_uid == item.sop_instance_uid)
+        ).one()
+        conn.execute(
+            update(_INSTANCES)
+            .where(_INSTANCES.c.sop_instance_uid == item.sop_instance_uid)
+            .values(
+                replaced_count=_INSTANCES.c.replaced_count + 1,
+                replaced_at=item.received_at,
+                **values,
+            )
+        )
+        new_study_id = conn.execute(
+            select(_SERIES.c.study_id).where(_SERIES.c.id == series_id)
+        ).scalar_one()
+        if old.study_id != new_study_id:
+            # The same SOP Instance UID was re-sent under another study: move it.
+            conn.execute(
+                update(_STUDIES)
+                .where(_STUDIES.c.id == old.study_id)
+                .values(
+                    instance_count=_STUDIES.c.instance_count - 1,
+                    byte_count=_STUDIES.c.byte_count - old.size,
+                )
+            )
+            return True, 1, item.size
+        return True, 0, item.size - old.size
+
+    def _reopen(
+        self, conn: Connection, study_id: int, now: datetime, count_delta: int, byte_delta: int
+    ) -> str:
+        state, run = conn.execute(
+            select(_STUDIES.c.state, _STUDIES.c.run).where(_STUDIES.c.id == study_id)
+        ).one()
+        conn.execute(
+            update(_STUDIES)
+            .where(_STUDIES.c.id == study_id)
+            .values(
+                state=StudyState.receiving.value,
+                state_reason=f"reopened: instance received while {state}",
+                state_changed_at=now,
+                stable_at=None,
+                run=run + 1,
+                instance_count=_STUDIES.c.instance_count + count_delta,
+                byte_count=_STUDIES.c.byte_count + byte_delta,
+                last_received_at=now,
+            )
+        )
+        conn.execute(
+            _EVENTS.insert().values(
+                study_id=study_id,
+                at=now,
+                from_state=state,
+                to_state=StudyState.receiving.value,
+                reason=f"reopened: new instance after {state}; run {run + 1}",
+            )
+        )
+        log.info("study reopened study_id=%s from=%s run=%s", study_id, state, run + 1)
+        return str(state)

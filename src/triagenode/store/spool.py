@@ -1,0 +1,312 @@
+"""The spool: received instances as DICOM Part 10 files, written durably and atomically.
+
+An instance is streamed into a temp file under ``spool/.incoming`` while it arrives, then
+fsynced, renamed to ``spool/<study>/<series>/<sop>.dcm`` and the directory fsynced. Only
+after :meth:`IncomingInstance.commit` returns is the file safe; until then
+:meth:`IncomingInstance.discard` leaves nothing behind. The dataset bytes are written exactly
+as received; the node only prepends the 128-byte preamble, ``DICM`` and the file meta group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import logging
+import os
+import re
+import struct
+import threading
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from triagenode import __version__
+from triagenode.errors import StorageError
+
+__all__ = [
+    "IMPLEMENTATION_CLASS_UID",
+    "IMPLEMENTATION_VERSION_NAME",
+    "IncomingInstance",
+    "Spool",
+    "SpoolError",
+    "StoredFile",
+    "file_meta_bytes",
+    "is_path_safe_uid",
+]
+
+# Derived once under the 2.25 (UUID) root: stable across releases of the node.
+IMPLEMENTATION_CLASS_UID = "2.25.227380536453410727383297467049118702409"
+IMPLEMENTATION_VERSION_NAME = f"TRIAGENODE_{__version__}"[:16]
+INCOMING = ".incoming"
+log = logging.getLogger(__name__)
+_UID_PATH = re.compile(r"^[0-9][0-9.]{0,63}$")
+_OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+
+
+class SpoolError(StorageError):
+    """The spool could not durably store an instance (disk full, unwritable folder...)."""
+
+    def __init__(self, message: str, errno_: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno_
+
+
+def is_path_safe_uid(uid: str) -> bool:
+    """True when ``uid`` is digits and dots only (so it cannot escape the spool folder)."""
+    return bool(_UID_PATH.match(uid)) and ".." not in uid
+
+
+def _element(tag: tuple[int, int], vr: bytes, value: bytes) -> bytes:
+    # Explicit VR Little Endian, PS3.5 7.1.2: OB has a 4-byte length after two reserved bytes.
+    if vr == b"OB":
+        return struct.pack("<HH2s2xI", tag[0], tag[1], vr, len(value)) + value
+    return struct.pack("<HH2sH", tag[0], tag[1], vr, len(value)) + value
+
+
+def _ui(uid: str) -> bytes:
+    raw = uid.encode("ascii")
+    return raw + b"\0" if len(raw) % 2 else raw
+
+
+def _text(value: str) -> bytes:
+    raw = value.encode("ascii", "replace")
+    return raw + b" " if len(raw) % 2 else raw
+
+
+def file_meta_bytes(
+    sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str, source_ae: str | None
+) -> bytes:
+    """Preamble, ``DICM`` and the File Meta Information group (PS3.10 7.1) for one instance."""
+    body = b"".join(
+        [
+            _element((0x0002, 0x0001), b"OB", b"\x00\x01"),
+            _element((0x0002, 0x0002), b"UI", _ui(sop_class_uid)),
+            _element((0x0002, 0x0003), b"UI", _ui(sop_instance_uid)),
+            _element((0x0002, 0x0010), b"UI", _ui(transfer_syntax_uid)),
+            _element((0x0002, 0x0012), b"UI", _ui(IMPLEMENTATION_CLASS_UID)),
+            _element((0x0002, 0x0013), b"SH", _text(IMPLEMENTATION_VERSION_NAME)),
+        ]
+        + ([_element((0x0002, 0x0016), b"AE", _text(source_ae))] if source_ae else [])
+    )
+    group_length = _element((0x0002, 0x0000), b"UL", struct.pack("<I", len(body)))
+    return b"\0" * 128 + b"DICM" + group_length + body
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """Where and what a committed instance file is."""
+
+    relative_path: str  # relative to node.data_dir, with forward slashes
+    size: int  # bytes of the whole Part 10 file
+    dataset_size: int  # bytes of the received dataset alone
+    sha256: str  # of the whole file
+    replaced: bool  # a file of the same SOP Instance UID was overwritten
+
+
+class IncomingInstance:
+    """One instance being received: a temp file plus a running SHA-256.
+
+    Not thread-safe; one association's thread owns it.
+    """
+
+    def __init__(self, spool: Spool, path: Path, fd: int) -> None:
+        self._spool = spool
+        self._path = path
+        self._fd: int | None = fd
+        self._hash = hashlib.sha256()
+        self.size = 0
+        self.dataset_size = 0
+        self._meta_size = 0
+        self._final: Path | None = None
+        self._backup: Path | None = None
+
+    @property
+    def temp_path(self) -> Path:
+        return self._path
+
+    def _write(self, data: bytes | memoryview) -> None:
+        assert self._fd is not None, "instance already committed or discarded"
+        view = memoryview(data)
+        try:
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+        except OSError as exc:
+            self.discard()
+            raise SpoolError(f"spool write failed: {exc.strerror}", exc.errno) from exc
+        self._hash.update(data)
+        self.size += len(data)
+
+    def write_meta(self, meta: bytes) -> None:
+        """Write the preamble and file meta group; call once, before any dataset bytes."""
+        self._write(meta)
+        self._meta_size = len(meta)
+
+    def write(self, data: bytes | memoryview) -> None:
+        """Append received dataset bytes."""
+        self._write(data)
+        self.dataset_size += len(data)
+
+    def commit(self, study_uid: str, series_uid: str, sop_uid: str) -> StoredFile:
+        """Make the file durable at its final place and return what was stored.
+
+        Raises
+        ------
+        SpoolError
+            When the file could not be made durable; the temp file is then removed.
+        """
+        assert self._fd is not None, "instance already committed or discarded"
+        for uid in (study_uid, series_uid, sop_uid):
+            if not is_path_safe_uid(uid):
+                self.discard()
+                raise SpoolError(f"UID {uid!r} is not usable as a file name")
+        folder = self._spool.root / study_uid / series_uid
+        final = folder / f"{sop_uid}.dcm"
+        try:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = None
+            self._spool.ensure_dir(folder)
+            replaced = final.exists()
+            if replaced:
+                # Keep the older copy reachable until the database agrees (see revert()).
+                self._backup = self._path.with_suffix(".old")
+                os.link(final, self._backup)
+            os.replace(self._path, final)
+            self._spool.fsync_dir(folder)
+        except OSError as exc:
+            self._spool.forget_dirs()
+            self.discard()
+            raise SpoolError(f"spool commit failed: {exc.strerror}", exc.errno) from exc
+        self._final = final
+        return StoredFile(
+            relative_path=final.relative_to(self._spool.data_dir).as_posix(),
+            size=self.size,
+            dataset_size=self.dataset_size,
+            sha256=self._hash.hexdigest(),
+            replaced=replaced,
+        )
+
+    def settle(self) -> None:
+        """The database row agrees with the committed file: drop the older copy's link."""
+        if self._backup is not None:
+            self._backup.unlink(missing_ok=True)
+            self._backup = None
+
+    def revert(self) -> None:
+        """Undo :meth:`commit` when the database did not record it.
+
+        A new instance's file is removed; a replaced one gets its older copy back, so the
+        file and its row still agree.
+        """
+        if self._final is None:
+            return
+        try:
+            if self._backup is not None:
+                os.replace(self._backup, self._final)
+                self._backup = None
+            else:
+                self._final.unlink(missing_ok=True)
+            self._spool.fsync_dir(self._final.parent)
+        except OSError as exc:
+            log.error("spool: could not undo %s: %s", self._final.name, exc.strerror)
+        self._final = None
+
+    def discard(self) -> None:
+        """Close and remove the temp file; safe to call more than once."""
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+        with contextlib.suppress(OSError):
+            os.unlink(self._path)
+
+
+class Spool:
+    """The spool folder ``<data_dir>/spool``.
+
+    Parameters
+    ----------
+    data_dir
+        The node's data folder; file paths in the database are relative to it.
+    """
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = Path(data_dir).resolve()
+        self.root = self.data_dir / "spool"
+        self.incoming = self.root / INCOMING
+        self._durable_dirs: set[Path] = set()
+        self._lock = threading.Lock()
+
+    def prepare(self) -> int:
+        """Create the folders and remove temp files a crash left behind; return how many.
+
+        Temp files were never acknowledged, so removing them loses nothing.
+        """
+        self.incoming.mkdir(parents=True, exist_ok=True)
+        removed = 0
+        for leftover in self.incoming.iterdir():
+            leftover.unlink(missing_ok=True)
+            removed += 1
+        return removed
+
+    def open_instance(self) -> IncomingInstance:
+        """A new temp file for an arriving instance.
+
+        Raises
+        ------
+        SpoolError
+            When the spool cannot be written.
+        """
+        path = self.incoming / f"{uuid.uuid4().hex}.part"
+        try:
+            fd = os.open(path, _OPEN_FLAGS, 0o640)
+        except FileNotFoundError:
+            # The incoming folder was removed underneath us: recreate it once.
+            try:
+                self.incoming.mkdir(parents=True, exist_ok=True)
+                fd = os.open(path, _OPEN_FLAGS, 0o640)
+            except OSError as exc:
+                raise SpoolError(f"spool not writable: {exc.strerror}", exc.errno) from exc
+        except OSError as exc:
+            raise SpoolError(f"spool not writable: {exc.strerror}", exc.errno) from exc
+        return IncomingInstance(self, path, fd)
+
+    def ensure_dir(self, folder: Path) -> None:
+        """Create ``folder`` (and parents) so that their entries survive a crash."""
+        if folder in self._durable_dirs:
+            return
+        missing = []
+        current = folder
+        while not current.is_dir():
+            missing.append(current)
+            if current == self.root:
+                break
+            current = current.parent
+        for path in reversed(missing):
+            try:
+                path.mkdir()
+            except FileExistsError:
+                if not path.is_dir():
+                    raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(path)) from None
+            # A new directory's entry lives in its parent: fsync the parent.
+            self.fsync_dir(path.parent)
+        with self._lock:
+            self._durable_dirs.add(folder)
+
+    @staticmethod
+    def fsync_dir(folder: Path) -> None:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def forget_dirs(self) -> None:
+        """Forget which folders are known to exist (after someone changed the spool)."""
+        with self._lock:
+            self._durable_dirs.clear()
+
+    def path_of(self, relative_path: str) -> Path:
+        return self.data_dir / relative_path
