@@ -167,9 +167,14 @@ class Exporter:
             return assoc, None
         if assoc.is_rejected:
             return None, f"association rejected by {_peer(destination)}{_reject_detail(assoc)}"
-        if assoc.is_aborted:
+        answered = getattr(getattr(assoc, "acceptor", None), "primitive", None) is not None
+        if assoc.is_aborted and answered:
             return None, f"association aborted by {_peer(destination)}"
-        return None, f"cannot connect to {_peer(destination)} (refused or timed out)"
+        # pynetdicom reports a refused or timed-out connection as an abort without answer.
+        return None, (
+            f"cannot connect to {_peer(destination)} "
+            "(connection refused, unreachable, or no answer in time)"
+        )
 
     def _send_group(self, destination: Destination, rows: Sequence[ExportRow]) -> None:
         prepared: list[_Prepared] = []
