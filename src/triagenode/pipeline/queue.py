@@ -39,7 +39,14 @@ from triagenode.store.db import Database
 from triagenode.store.models import Job, Study, utcnow
 from triagenode.store.study_state import set_study_state
 
-__all__ = ["ClaimedJob", "JobQueue", "JobState", "QueuedJob", "effective_priority"]
+__all__ = [
+    "ClaimedJob",
+    "JobQueue",
+    "JobState",
+    "QueuedJob",
+    "cancel_pending_jobs",
+    "effective_priority",
+]
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +111,26 @@ class QueuedJob:
     enqueued_at: datetime
     available_at: datetime
     last_error: str | None
+
+
+def cancel_pending_jobs(
+    session: Session, study_id: int, reason: str, *, below_run: int | None = None
+) -> int:
+    """Cancel the study's pending jobs (only runs below ``below_run`` when given), in the
+    caller's transaction.
+
+    Leased jobs are left to finish: their worker holds them. Returns how many were cancelled.
+    """
+    stmt = (
+        update(Job)
+        .where(Job.study_id == study_id, Job.state == JobState.pending.value)
+        .values(
+            state=JobState.cancelled.value, last_error=reason[:_MAX_ERROR], finished_at=utcnow()
+        )
+    )
+    if below_run is not None:
+        stmt = stmt.where(Job.run < below_run)
+    return int(session.execute(stmt).rowcount)  # type: ignore[attr-defined]
 
 
 class JobQueue:
@@ -211,24 +238,11 @@ class JobQueue:
         *,
         below_run: int | None = None,
     ) -> int:
-        """Cancel the study's pending jobs (only runs below ``below_run`` when given).
-
-        Leased jobs are left to finish: their worker holds them. Returns how many were
-        cancelled.
-        """
-        stmt = (
-            update(Job)
-            .where(Job.study_id == study_id, Job.state == JobState.pending.value)
-            .values(
-                state=JobState.cancelled.value, last_error=reason[:_MAX_ERROR], finished_at=utcnow()
-            )
-        )
-        if below_run is not None:
-            stmt = stmt.where(Job.run < below_run)
+        """Cancel the study's pending jobs; see :func:`cancel_pending_jobs`."""
         if session is None:
             with self._db.write_session() as own:
-                return int(own.execute(stmt).rowcount)
-        return int(session.execute(stmt).rowcount)
+                return cancel_pending_jobs(own, study_id, reason, below_run=below_run)
+        return cancel_pending_jobs(session, study_id, reason, below_run=below_run)
 
     # Consuming ---------------------------------------------------------------------------
 

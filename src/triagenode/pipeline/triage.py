@@ -177,9 +177,11 @@ class TriageRules:
             default, None, None, [f"no rule matched: default priority {default.name}"]
         )
 
-    def prioritize(self, inputs: Mapping[str, str]) -> TriageDecision:
-        """Same as :meth:`evaluate`: the name the study tracker calls it by."""
-        return self.evaluate(inputs)
+    def prioritize(self, inputs: Mapping[str, str]) -> tuple[Priority, str | None, str | None]:
+        """``(priority, rule name, label set)`` of :meth:`evaluate`: the
+        :data:`triagenode.pipeline.tracker.Prioritizer` the study tracker calls."""
+        decision = self.evaluate(inputs)
+        return decision.priority, decision.rule, decision.label_set
 
     def checks(self, inputs: Mapping[str, str]) -> list[RuleCheck]:
         """Every rule tested against ``inputs``, in order (all of them, not just to the first
