@@ -89,13 +89,14 @@ def _group_finding(group: hd.sr.MeasurementsAndQualitativeEvaluations) -> SrFind
         )
         for ref in group.source_images
     )
+    value = evaluations[0].value
     return SrFinding(
         name=str(group.tracking_identifier),
         tracking_uid=str(group.tracking_uid),
         code_scheme=finding_type.scheme_designator,
         code_value=finding_type.value,
         code_meaning=finding_type.meaning,
-        present=_is(evaluations[0].value, tn_codes.PRESENT),
+        present=isinstance(value, CodedConcept) and _is(value, tn_codes.PRESENT),
         probability=float(probability[0].value),
         images=images,
     )

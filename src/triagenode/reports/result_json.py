@@ -46,7 +46,7 @@ def result_to_json(result: StudyResult, sr_uids: Any | None = None) -> dict[str,
         ``findings``, ``images_used``, ``images_failed``, ``timings_ms`` and, for the demo
         model, ``warning``.
     """
-    sr: dict[str, str] | None = None
+    sr: dict[str, Any] | None = None
     if sr_uids is not None:
         get = sr_uids.get if isinstance(sr_uids, dict) else lambda k: getattr(sr_uids, k)
         sr = {
