@@ -300,3 +300,79 @@ def test_notify_webhook_must_be_http(make_settings) -> None:  # type: ignore[no-
         make_settings(triage={"notify": {"webhook_url": "file:///etc/passwd"}})
     settings = make_settings(triage={"notify": {"webhook_url": "http://127.0.0.1:9/hook"}})
     assert settings.triage.notify.webhook_url == "http://127.0.0.1:9/hook"
+
+
+# `triagenode triage ...` ------------------------------------------------------------------
+
+
+@pytest.fixture
+def cli_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    return write_config(tmp_path, "")
+
+
+def test_cli_explain_a_file(
+    tmp_path: Path, cli_config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests import factory
+    from triagenode.cli import main
+
+    ds = factory.ct_slice("1.2.3.4", "1.2.3.4.1", 0, ReasonForStudy="suspected SAH")
+    path = factory.write(ds, tmp_path / "head.dcm")
+    assert main(["triage", "explain", str(path), "--config", str(cli_config)]) == 0
+    out = capsys.readouterr().out
+    assert f"== {path}" in out
+    assert "3. head-ct-emergency -> stat: MATCH" in out
+    assert "yes keywords: ReasonForStudy 'suspected SAH' contains 'SAH'" in out
+    assert out.rstrip().endswith("decision: stat (rule 'head-ct-emergency')")
+    assert factory.PATIENT_NAME not in out and factory.PATIENT_ID not in out
+
+
+def test_cli_explain_assumed_sender_json_and_bad_file(
+    tmp_path: Path, cli_config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from tests import factory
+    from triagenode.cli import main
+
+    good = factory.write(factory.cr_image(), tmp_path / "cr.dcm")
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not DICOM", encoding="utf-8")
+    argv = ["triage", "explain", str(good), str(bad), "--request-priority", "HIGH", "--json"]
+    assert main([*argv, "--calling-aet", "CR_ROOM2", "--config", str(cli_config)]) == 1
+    captured = capsys.readouterr()
+    [report] = json.loads(captured.out)
+    assert report["inputs"]["RequestPriority"] == "HIGH"
+    assert report["inputs"]["CallingAETitle"] == "CR_ROOM2"
+    assert (report["rule"], report["priority"]) == ("sender-high-priority", "urgent")
+    assert report["checks"][0] == {
+        "rule": "research-sender",
+        "priority": "low",
+        "matched": False,
+        "conditions": [
+            {
+                "field": "calling_aet",
+                "matched": False,
+                "reason": "CallingAETitle 'CR_ROOM2': none of RESEARCH*",
+            }
+        ],
+    }
+    assert f"{bad}: not a readable DICOM file" in captured.err
+
+
+def test_cli_rules_table_through_the_console_script(cli_config: Path) -> None:
+    import subprocess
+
+    done = subprocess.run(
+        ["triagenode", "triage", "rules", "--config", str(cli_config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].split() == ["ORDER", "NAME", "PRIORITY", "LABEL_SET", "CONDITIONS"]
+    assert lines[2].split()[:3] == ["2", "code-stroke", "stat"]
+    assert "(default)" in done.stdout and "aging: one level up per 3600 s" in done.stdout

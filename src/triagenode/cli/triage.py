@@ -1,0 +1,139 @@
+"""``triagenode triage``: show the triage rules and explain which one a DICOM file matches."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from triagenode.cli.common import print_json, print_table, settings_from_args
+
+_C_STORE_PRIORITY = {"HIGH": 2, "MEDIUM": 0, "LOW": 1}
+
+
+def register(subparsers: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
+    parser = subparsers.add_parser("triage", parents=[parent], help="triage rules")
+    actions = parser.add_subparsers(dest="action", required=True)
+
+    rules = actions.add_parser("rules", parents=[parent], help="print the rule table in order")
+    rules.add_argument("--json", action="store_true", help="print JSON")
+    rules.set_defaults(handler=_rules)
+
+    explain = actions.add_parser(
+        "explain",
+        parents=[parent],
+        help="which rule a DICOM file matches, and why",
+        description="Reads each file's header (not its pixels), extracts the triage inputs "
+        "the receiver would, and shows every rule tried up to the first match.",
+    )
+    explain.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    explain.add_argument(
+        "--calling-aet", default=None, help="calling AE title to assume (as if sent by it)"
+    )
+    explain.add_argument(
+        "--request-priority",
+        choices=sorted(_C_STORE_PRIORITY),
+        default=None,
+        help="C-STORE request Priority to assume",
+    )
+    explain.add_argument(
+        "--merge",
+        action="store_true",
+        help="treat the files as one study: merge their inputs as the receiver does",
+    )
+    explain.add_argument("--json", action="store_true", help="print JSON")
+    explain.set_defaults(handler=_explain)
+
+
+def _rules(args: argparse.Namespace) -> int:
+    from triagenode.pipeline.triage import TriageRules
+
+    settings = settings_from_args(args)
+    rules = TriageRules(settings.triage)
+    rows = rules.describe()
+    if args.json:
+        print_json(
+            {
+                "rules": rows,
+                "default_priority": settings.triage.default_priority.name,
+                "aging_after_s": settings.triage.aging_after_s,
+                "lease_s": settings.triage.lease_s,
+            }
+        )
+        return 0
+    print_table(rows, ["order", "name", "priority", "label_set", "conditions"])
+    print(
+        f"\nfirst match wins; aging: one level up per {settings.triage.aging_after_s:g} s "
+        f"waited; lease {settings.triage.lease_s:g} s"
+    )
+    return 0
+
+
+def _read_inputs(path: Path, args: argparse.Namespace) -> dict[str, str]:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    from triagenode.dicom_attrs import triage_inputs
+    from triagenode.errors import DicomInputError
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+        raise DicomInputError(f"{path}: not a readable DICOM file ({exc})") from None
+    priority = _C_STORE_PRIORITY.get(args.request_priority) if args.request_priority else None
+    return triage_inputs(ds, priority, args.calling_aet)
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from triagenode.dicom_attrs import merge_triage_inputs
+    from triagenode.errors import DicomInputError
+    from triagenode.pipeline.triage import TriageRules
+
+    rules = TriageRules(settings_from_args(args).triage)
+    subjects: list[tuple[str, dict[str, str]]] = []
+    failures = 0
+    for path in args.files:
+        try:
+            subjects.append((str(path), _read_inputs(path, args)))
+        except DicomInputError as exc:
+            print(f"triagenode: error: {exc}", file=sys.stderr)
+            failures += 1
+    if args.merge and subjects:
+        merged: dict[str, str] = {}
+        for _, inputs in subjects:
+            merged = merge_triage_inputs(merged, inputs)
+        subjects = [(f"{len(subjects)} files as one study", merged)]
+    if args.json:
+        print_json([_as_json(name, inputs, rules) for name, inputs in subjects])
+    else:
+        for index, (name, inputs) in enumerate(subjects):
+            if index:
+                print()
+            print(f"== {name}")
+            print(rules.explain(inputs))
+    return 1 if failures else 0
+
+
+def _as_json(name: str, inputs: dict[str, str], rules: Any) -> dict[str, Any]:
+    decision = rules.evaluate(inputs)
+    return {
+        "file": name,
+        "inputs": inputs,
+        "priority": decision.priority.name,
+        "rule": decision.rule,
+        "label_set": decision.label_set,
+        "reasons": decision.reasons,
+        "checks": [
+            {
+                "rule": check.rule.name,
+                "priority": check.rule.priority.name,
+                "matched": check.matched,
+                "conditions": [
+                    {"field": c.field, "matched": c.matched, "reason": c.reason}
+                    for c in check.conditions
+                ],
+            }
+            for check in rules.checks(inputs)
+        ],
+    }
