@@ -208,3 +208,31 @@ def test_no_phi_in_logs(make_settings, caplog: pytest.LogCaptureFixture) -> None
     assert "built SR" in caplog.text
     for phi in (factory.PATIENT_ID, "Quokkafeather", factory.BIRTH_DATE, "ACC-5521-QX"):
         assert phi not in caplog.text
+
+
+def test_write_sr_keeps_a_relative_data_dir_relative(
+    make_settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    settings = make_settings(node={"data_dir": "relative-data"})
+    result, source = demo_cr_result()
+    sr = build_sr(result, source, settings, run=3)
+    path = write_sr(sr, settings)
+    assert path.relative_to(settings.node.data_dir) == Path(
+        "results", result.study_uid, f"{sr.SOPInstanceUID}.dcm"
+    )
+    assert pydicom.dcmread(path).InstanceNumber == 3
+    assert not path.with_suffix(".json").exists()  # no result given: no twin
+
+
+def test_result_to_json_takes_uids_either_way() -> None:
+    from triagenode.reports import SrUids, result_to_json
+
+    result, _source = ct_result()
+    uids = SrUids(result.study_uid, "2.25.1", "2.25.2")
+    by_object = result_to_json(result, uids)
+    by_keywords = result_to_json(result, sr_sop_instance_uid="2.25.2", sr_series_uid="2.25.1")
+    assert by_object == by_keywords
+    assert by_object["sr"] == {"series_instance_uid": "2.25.1", "sop_instance_uid": "2.25.2"}
+    assert result_to_json(result)["sr"] is None
+    assert json.loads(json.dumps(by_object)) == by_object

@@ -27,7 +27,13 @@ def _image(ref: ImageRef) -> dict[str, Any]:
     return data
 
 
-def result_to_json(result: StudyResult, sr_uids: Any | None = None) -> dict[str, Any]:
+def result_to_json(
+    result: StudyResult,
+    sr_uids: Any | None = None,
+    *,
+    sr_sop_instance_uid: str | None = None,
+    sr_series_uid: str | None = None,
+) -> dict[str, Any]:
     """``result`` as a JSON-ready dict (no PHI: only UIDs, codes and numbers).
 
     Parameters
@@ -37,6 +43,8 @@ def result_to_json(result: StudyResult, sr_uids: Any | None = None) -> dict[str,
     sr_uids
         The SR's UIDs (:class:`~triagenode.reports.content.SrUids` or a mapping with
         ``series_instance_uid`` and ``sop_instance_uid``); ``None`` when no SR was made.
+    sr_sop_instance_uid, sr_series_uid
+        The same UIDs given one by one, instead of ``sr_uids``.
 
     Returns
     -------
@@ -47,6 +55,8 @@ def result_to_json(result: StudyResult, sr_uids: Any | None = None) -> dict[str,
         model, ``warning``.
     """
     sr: dict[str, Any] | None = None
+    if sr_uids is None and sr_sop_instance_uid is not None:
+        sr_uids = {"series_instance_uid": sr_series_uid, "sop_instance_uid": sr_sop_instance_uid}
     if sr_uids is not None:
         get = sr_uids.get if isinstance(sr_uids, dict) else lambda k: getattr(sr_uids, k)
         sr = {

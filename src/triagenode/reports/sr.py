@@ -255,14 +255,15 @@ def write_sr(dataset: Dataset, settings: Settings, *, result: StudyResult | None
     Returns
     -------
     pathlib.Path
-        The absolute path of the ``.dcm`` file.
+        The ``.dcm`` file, under ``node.data_dir`` as configured (absolute when it is), so
+        ``path.relative_to(settings.node.data_dir)`` always works.
 
     Raises
     ------
     StorageError
         When the file cannot be written.
     """
-    path = sr_path(settings, dataset.StudyInstanceUID, dataset.SOPInstanceUID).absolute()
+    path = sr_path(settings, dataset.StudyInstanceUID, dataset.SOPInstanceUID)
     _atomic_write(path, lambda handle: dataset.save_as(handle, enforce_file_format=True))
     if result is not None:
         uids = SrUids(
