@@ -23,18 +23,27 @@ Concurrency
 
 from __future__ import annotations
 
-import enum
 import logging
-from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import Select, func, select, update
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from triagenode.config.settings import Settings
 from triagenode.domain import Priority, StudyState
+from triagenode.pipeline.jobs import (
+    ACTIVE,
+    LEVELS,
+    MAX_ERROR,
+    ClaimedJob,
+    JobState,
+    QueuedJob,
+    cancel_pending_jobs,
+    effective_priority,
+)
 from triagenode.store.db import Database
 from triagenode.store.models import Job, Study, utcnow
 from triagenode.store.study_state import set_study_state
@@ -49,88 +58,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-_LEVELS = sorted(Priority)  # low .. stat
-_MAX_ERROR = 2000  # characters of an error message kept on the job row
-
-
-class JobState(str, enum.Enum):
-    """Where a job is; compares equal to its text (``JobState.failed == "failed"``)."""
-
-    pending = "pending"  # waiting (possibly in retry back-off until available_at)
-    leased = "leased"  # a worker holds it until lease_expires_at
-    done = "done"
-    failed = "failed"  # no attempts left
-    cancelled = "cancelled"  # superseded, e.g. by a reprocess of the study
-
-
-_ACTIVE = (JobState.pending.value, JobState.leased.value)
-
-
-def effective_priority(
-    priority: Priority | int, enqueued_at: datetime, now: datetime, aging_after_s: float
-) -> Priority:
-    """``priority`` raised one level per ``aging_after_s`` waited since ``enqueued_at``,
-    at most ``stat``."""
-    index = _LEVELS.index(Priority(priority))
-    waited = (now - enqueued_at).total_seconds()
-    steps = int(waited // aging_after_s) if waited > 0 else 0
-    return _LEVELS[min(len(_LEVELS) - 1, index + steps)]
-
-
-@dataclass(frozen=True)
-class ClaimedJob:
-    """A job this worker now holds until ``lease_expires_at`` (renew with heartbeat)."""
-
-    id: int
-    study_id: int
-    study_uid: str
-    kind: str
-    run: int
-    priority: Priority  # as queued
-    effective_priority: Priority  # after aging, what it was claimed at
-    attempts: int  # including this one
-    enqueued_at: datetime
-    lease_owner: str
-    lease_expires_at: datetime
-
-
-@dataclass(frozen=True)
-class QueuedJob:
-    """A job as listed by :meth:`JobQueue.pending`."""
-
-    id: int
-    study_id: int
-    study_uid: str
-    kind: str
-    run: int
-    state: JobState
-    priority: Priority
-    effective_priority: Priority
-    attempts: int
-    enqueued_at: datetime
-    available_at: datetime
-    last_error: str | None
-
-
-def cancel_pending_jobs(
-    session: Session, study_id: int, reason: str, *, below_run: int | None = None
-) -> int:
-    """Cancel the study's pending jobs (only runs below ``below_run`` when given), in the
-    caller's transaction.
-
-    Leased jobs are left to finish: their worker holds them. Returns how many were cancelled.
-    """
-    stmt = (
-        update(Job)
-        .where(Job.study_id == study_id, Job.state == JobState.pending.value)
-        .values(
-            state=JobState.cancelled.value, last_error=reason[:_MAX_ERROR], finished_at=utcnow()
-        )
-    )
-    if below_run is not None:
-        stmt = stmt.where(Job.run < below_run)
-    return int(session.execute(stmt).rowcount)  # type: ignore[attr-defined]
 
 
 class JobQueue:
@@ -226,7 +153,7 @@ class JobQueue:
                 Job.study_id == study_id,
                 Job.run == run,
                 Job.kind == kind,
-                Job.state.in_(_ACTIVE),
+                Job.state.in_(ACTIVE),
             )
         ).first()
 
@@ -257,7 +184,7 @@ class JobQueue:
         now = now or utcnow()
         with self._db.write_session() as session:
             self._expire_leases(session, now)
-            heads = [job for level in reversed(_LEVELS) if (job := self._head(session, level, now))]
+            heads = [job for level in reversed(LEVELS) if (job := self._head(session, level, now))]
             if not heads:
                 return None
             aging = self._triage.aging_after_s
@@ -387,7 +314,7 @@ class JobQueue:
             if job.state != JobState.leased.value or job.lease_owner != worker_id:
                 log.warning("job %d: %s failed it but no longer holds its lease", job_id, worker_id)
                 return JobState(job.state)
-            job.last_error = error[:_MAX_ERROR]
+            job.last_error = error[:MAX_ERROR]
             job.lease_owner = None
             job.lease_expires_at = None
             if retry and job.attempts < self._max_attempts:
@@ -415,13 +342,13 @@ class JobQueue:
             .values(**values)
         )
         with self._db.session() as session:
-            return bool(session.execute(stmt).rowcount == 1)
+            return cast(CursorResult[Any], session.execute(stmt)).rowcount == 1
 
     # Looking -----------------------------------------------------------------------------
 
     def depth(self) -> dict[Priority, int]:
         """Pending jobs per queued priority (every level present, zeros included)."""
-        counts = dict.fromkeys(_LEVELS, 0)
+        counts = dict.fromkeys(LEVELS, 0)
         with self._db.session() as session:
             rows = session.execute(
                 select(Job.priority, func.count())
