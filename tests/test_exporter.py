@@ -123,7 +123,8 @@ def test_stale_sending_rows_come_back(outbox: ExportOutbox, db: Database, settin
     claimed = outbox.claim()
     assert {r.id for r in claimed} == set(ids)
     assert outbox.claim() == []  # leased: nobody else takes them
-    after_lease = utcnow() + timedelta(seconds=outbox.lease_s + 1)
+    assert outbox.due(now=utcnow() + timedelta(seconds=outbox.lease_s)) == []
+    after_lease = utcnow() + timedelta(seconds=outbox.lease_s + 2 * 30 + 1)
     assert {r.id for r in outbox.due(now=after_lease)} == set(ids)
     # A restart: a new outbox on the same database releases them at once.
     restarted = ExportOutbox(db, outbox.audit, settings)

@@ -8,7 +8,9 @@ While a row is ``sending``, ``next_attempt_at`` holds the end of its lease: a ro
 ``sending`` by a crash becomes due again when the lease runs out (and
 :meth:`ExportOutbox.requeue_sending` releases them all at once when the node starts). A
 crash between the PACS's success and our commit therefore re-sends the same SR, with the
-same SOP Instance UID, which a PACS stores as the same instance: never a second SR.
+same SOP Instance UID, which a PACS stores as the same instance: never a second SR. (With
+several nodes on one PostgreSQL database, the start-up release can likewise re-send a row
+another node has in flight; again the same UID, never a second SR.)
 """
 
 from __future__ import annotations
@@ -113,8 +115,13 @@ class ExportOutbox:
 
     @property
     def lease_s(self) -> float:
-        """How long a claimed row may stay ``sending`` before it is due again."""
+        """How long a claimed row may stay ``sending`` before it is due again (at least)."""
         return 4 * self.settings.export.timeout_s + 30.0
+
+    def _lease_for(self, rows: int) -> float:
+        # A pass sends its rows one after another, each bounded by the export timeout: the
+        # lease must outlast the whole pass or another exporter could take a row mid-pass.
+        return self.lease_s + rows * self.settings.export.timeout_s
 
     def _relative(self, file_path: Path | str) -> str:
         path = Path(file_path)
@@ -250,9 +257,10 @@ class ExportOutbox:
                     .with_for_update(skip_locked=True)
                 )
             )
+            lease_end = now + timedelta(seconds=self._lease_for(len(rows)))
             for row in rows:
                 row.state = ExportState.sending.value
-                row.next_attempt_at = now + timedelta(seconds=self.lease_s)
+                row.next_attempt_at = lease_end
             return [ExportRow.of(r) for r in rows]
 
     def get(self, export_id: int) -> ExportRow | None:
