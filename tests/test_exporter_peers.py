@@ -220,3 +220,70 @@ def test_rows_survive_a_restart_mid_send(
         exporter.stop()
     assert pacs.instance_uids(stat_result.study_uid) == [stat_path.stem]
     assert pacs.instance_uids(result.study_uid) == [path.stem]
+
+
+def _self_signed(folder: Path, name: str) -> tuple[Path, Path]:
+    key, cert = folder / f"{name}.key", folder / f"{name}.pem"
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            "-keyout", str(key), "-out", str(cert), "-subj", f"/CN={name}",
+            "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
+        ],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return key, cert
+
+
+def test_export_over_mutual_tls_to_storescp(
+    tmp_path: Path, sqlite_db: Database, make_settings
+) -> None:
+    server_key, server_cert = _self_signed(tmp_path, "server")
+    client_key, client_cert = _self_signed(tmp_path, "client")
+    _stranger_key, stranger_cert = _self_signed(tmp_path, "stranger")
+    port = peers.free_port()
+    received = tmp_path / "received"
+    received.mkdir()
+    process = subprocess.Popen(
+        [
+            peers.tool("storescp"), "-aet", "TLSSCP", "-od", str(received), "+uf",
+            "+tls", str(server_key), str(server_cert), "+cf", str(client_cert), "-rc", str(port),
+        ],
+        env=peers.dcmtk_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        peers.wait_for_port(port)
+        secure = {
+            "name": "tls",
+            "ae_title": "TLSSCP",
+            "host": "127.0.0.1",
+            "port": port,
+            "tls": True,
+            "tls_ca": str(server_cert),
+            "tls_cert": str(client_cert),
+            "tls_key": str(client_key),
+        }
+        # A server whose certificate we do not trust is refused by us, and retried later.
+        untrusted = _settings(make_settings, {**secure, "tls_ca": str(stranger_cert)})
+        outbox, exporter = _parts(sqlite_db, untrusted)
+        _result, path, ids = _queue_sr(outbox, untrusted, case=demo_cr_result)
+        assert exporter.send_due() == 1
+        row = outbox.get(ids[0])
+        assert row is not None and row.state == ExportState.pending.value
+        assert "cannot connect" in (row.last_error or "")
+
+        trusted = _settings(make_settings, secure)
+        outbox, exporter = _parts(sqlite_db, trusted)
+        outbox.retry(ids[0])
+        assert exporter.send_due() == 1
+        assert outbox.get(ids[0]).state == ExportState.sent.value  # type: ignore[union-attr]
+        files = peers.wait_for(
+            lambda: [f for f in received.iterdir() if f.is_file()], what="file over TLS"
+        )
+        assert pydicom.dcmread(files[0]).SOPInstanceUID == path.stem
+    finally:
+        process.terminate()
+        process.wait(10)
