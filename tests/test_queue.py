@@ -332,3 +332,31 @@ def test_enqueue_race_lost_to_another_node_returns_its_job(
     assert len(calls) == 2
     with db.session() as session:
         assert len(session.scalars(select(Job.id)).all()) == 1
+
+
+def test_keep_alive_renews_the_lease_while_working(db: Database, make_settings) -> None:  # type: ignore[no-untyped-def]
+    from tests.peers import wait_for
+    from triagenode.store.models import utcnow
+
+    queue = JobQueue(db, make_settings(triage={"lease_s": 0.6}))
+    [study] = add_studies(db, 1)
+    queue.enqueue(study, Priority.routine, 1)
+    job = queue.claim("slow-worker")
+    assert job is not None
+    with queue.keep_alive(job.id, "slow-worker", interval_s=0.1) as lost:
+        wait_for(lambda: utcnow() > job.lease_expires_at + timedelta(seconds=0.3), timeout=5)
+        assert queue.claim("other") is None  # the first lease would have lapsed by now
+        assert not lost.is_set()
+    assert queue.complete(job.id, "slow-worker")
+
+
+def test_keep_alive_reports_a_lost_lease(db: Database, queue: JobQueue) -> None:
+    from tests.peers import wait_for
+
+    [study] = add_studies(db, 1)
+    queue.enqueue(study, Priority.routine, 1, now=at(0))
+    job = queue.claim("w1", now=at(0))
+    assert job is not None
+    assert queue.claim("w2", now=at(1000)) is not None  # w1's lease lapsed long ago
+    with queue.keep_alive(job.id, "w1", interval_s=0.05) as lost:
+        wait_for(lost.is_set, timeout=5, what="lost lease noticed")

@@ -24,6 +24,9 @@ Concurrency
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any, cast
 
@@ -268,6 +271,39 @@ class JobQueue:
         return self._update_own(
             job_id, worker_id, lease_expires_at=now + timedelta(seconds=self._triage.lease_s)
         )
+
+    @contextmanager
+    def keep_alive(
+        self, job_id: int, worker_id: str, interval_s: float | None = None
+    ) -> Iterator[threading.Event]:
+        """Renew the lease in the background while the ``with`` block processes the job.
+
+        Heartbeats every ``interval_s`` (default a third of ``triage.lease_s``), so a slow
+        study keeps its lease while a dead worker's lapses. The yielded event is set when the
+        lease was lost (the job expired and another worker took it): the holder should stop
+        and not report the result.
+        """
+        lost = threading.Event()
+        stop = threading.Event()
+        interval = interval_s if interval_s is not None else self._triage.lease_s / 3
+
+        def beat() -> None:
+            while not stop.wait(interval):
+                try:
+                    if not self.heartbeat(job_id, worker_id):
+                        lost.set()
+                        log.warning("job %d: %s lost its lease", job_id, worker_id)
+                        return
+                except Exception:  # database briefly away: the next beat may still make it
+                    log.warning("job %d: heartbeat failed", job_id, exc_info=True)
+
+        thread = threading.Thread(target=beat, name=f"lease-{job_id}", daemon=True)
+        thread.start()
+        try:
+            yield lost
+        finally:
+            stop.set()
+            thread.join(interval + 30)
 
     def complete(self, job_id: int, worker_id: str, now: datetime | None = None) -> bool:
         """Mark the job done; False (and nothing changed) when ``worker_id`` lost the lease,
