@@ -360,3 +360,50 @@ def test_keep_alive_reports_a_lost_lease(db: Database, queue: JobQueue) -> None:
     assert queue.claim("w2", now=at(1000)) is not None  # w1's lease lapsed long ago
     with queue.keep_alive(job.id, "w1", interval_s=0.05) as lost:
         wait_for(lost.is_set, timeout=5, what="lost lease noticed")
+
+
+_DYING_WORKER = """
+import sys
+from triagenode.config.settings import Settings
+from triagenode.pipeline.queue import JobQueue
+from triagenode.store.db import Database
+
+queue = JobQueue(Database(sys.argv[1]), Settings(triage={"lease_s": 1.0}))
+job = queue.claim("doomed-worker")
+print(job.id, flush=True)
+sys.stdin.read()  # "working" until killed
+"""
+
+
+def test_worker_killed_with_sigkill_leaves_a_lease_that_expires(
+    db: Database, settings: Settings
+) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    from tests.peers import wait_for
+
+    [study] = add_studies(db, 1)
+    queue = JobQueue(db, settings)
+    job_id = queue.enqueue(study, Priority.stat, 1)
+    worker = subprocess.Popen(
+        [sys.executable, "-c", _DYING_WORKER, db.url],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert worker.stdout is not None
+        assert int(worker.stdout.readline()) == job_id
+        assert queue.claim("survivor") is None  # leased by the live worker
+    finally:
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(10)
+    again = wait_for(lambda: queue.claim("survivor"), timeout=10, what="the lease to lapse")
+    assert again.id == job_id and again.attempts == 2
+    assert queue.complete(job_id, "survivor")
+    with db.session() as session:
+        row = session.get(Job, job_id)
+        assert row is not None and row.state == "done"
+        assert row.last_error == "lease of doomed-worker expired (attempt 1)"
