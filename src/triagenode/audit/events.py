@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
-from triagenode.audit.chain import append, chain_key
+from triagenode.audit.chain import VerifyReport, append, chain_key, verify
 from triagenode.errors import StorageError
 from triagenode.store.db import Database
 from triagenode.store.models import AuditEvent
@@ -85,6 +85,10 @@ class AuditLog:
     @property
     def db(self) -> Database:
         return self._db
+
+    def verify(self) -> VerifyReport:
+        """Walk the chain with this log's secret (see :func:`triagenode.audit.chain.verify`)."""
+        return verify(self._db, self._secret)
 
     def patient_ref(self, patient_id: str | None) -> str | None:
         """HMAC-SHA256 of a patient ID under the audit secret, or None for no ID."""

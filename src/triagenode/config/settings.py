@@ -239,6 +239,11 @@ class ApiSettings(Section):
     cors_origins: list[str] = Field(default_factory=list)
     rate_limit_per_minute: int = Field(default=600, ge=1)
     max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+    min_free_spool_bytes: int = Field(
+        default=256 * 1024 * 1024,
+        ge=0,
+        description="/readyz fails when the spool's file system has less free space",
+    )
 
 
 class SyslogSettings(Section):

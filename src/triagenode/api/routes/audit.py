@@ -1,0 +1,150 @@
+"""``/api/v1/audit``: search, verify and export the audit trail (auditor role).
+
+A patient is searched by ID, which the server turns into its HMAC: the ID itself is never
+stored, logged or recorded in the event of the search.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, Query
+from fastapi.responses import StreamingResponse
+from sqlalchemy import func, select
+
+from triagenode.api.deps import AuditDep, CallAuditDep, DbDep, SettingsDep, require
+from triagenode.api.routes._paging import Cursor, Limit, Offset, decode_cursor, encode_cursor
+from triagenode.api.schemas import AuditEventOut, Page, VerifyOut
+from triagenode.api.tokens import Principal, Role
+from triagenode.audit.atna import AuditSource
+from triagenode.audit.events import AuditEventId, Outcome
+from triagenode.audit.export import EXPORT_FORMATS, export_chunks
+from triagenode.store.models import AuditEvent
+
+__all__ = ["router"]
+
+router = APIRouter(prefix="/api/v1/audit", tags=["audit"])
+Auditor = Annotated[Principal, Depends(require(Role.auditor, AuditEventId.audit_log_used, "R"))]
+_NAMES = {e.value: e.meaning for e in AuditEventId}
+
+
+def _out(row: AuditEvent) -> AuditEventOut:
+    return AuditEventOut(
+        seq=row.seq,
+        at=row.at,
+        event_id=row.event_id,
+        event_name=_NAMES.get(row.event_id),
+        event_type=row.event_type,
+        action=row.action,
+        outcome=row.outcome,
+        actor=row.actor,
+        actor_address=row.actor_address,
+        study_uid=row.study_uid,
+        patient_ref=row.patient_ref,
+        details=row.details,
+        prev_hash=row.prev_hash,
+        row_hash=row.row_hash,
+    )
+
+
+@router.get("", response_model=Page[AuditEventOut], summary="Search the trail, newest first")
+def search(
+    db: DbDep,
+    audit: AuditDep,
+    _: Auditor,
+    call: CallAuditDep,
+    start: Annotated[datetime | None, Query(alias="from")] = None,
+    end: Annotated[datetime | None, Query(alias="to")] = None,
+    event_id: Annotated[str | None, Query(max_length=16, description="DCM code")] = None,
+    event_type: Annotated[str | None, Query(max_length=64)] = None,
+    actor: Annotated[str | None, Query(max_length=128)] = None,
+    study_uid: Annotated[str | None, Query(max_length=64)] = None,
+    patient_id: Annotated[
+        str | None, Query(max_length=64, description="Turned into its HMAC; never stored")
+    ] = None,
+    outcome: Annotated[int | None, Query()] = None,
+    limit: Limit = 50,
+    offset: Offset = 0,
+    cursor: Cursor = None,
+) -> Page[AuditEventOut]:
+    filters = []
+    if start is not None:
+        filters.append(AuditEvent.at >= start)
+    if end is not None:
+        filters.append(AuditEvent.at < end)
+    for column, value in (
+        (AuditEvent.event_id, event_id),
+        (AuditEvent.event_type, event_type),
+        (AuditEvent.actor, actor),
+        (AuditEvent.study_uid, study_uid),
+        (AuditEvent.outcome, outcome),
+    ):
+        if value is not None:
+            filters.append(column == value)
+    if patient_id:
+        reference = audit.patient_ref(patient_id)
+        filters.append(AuditEvent.patient_ref == reference)
+        # The search is itself about that patient: record it under the pseudonym.
+        call.patient_ref = reference
+    call.study_uid = study_uid
+    query = select(AuditEvent).where(*filters)
+    if cursor:
+        (before,) = decode_cursor(cursor, 1)
+        query = query.where(AuditEvent.seq < int(before))
+        offset = 0
+    with db.session() as session:
+        total = session.scalar(select(func.count()).select_from(AuditEvent).where(*filters)) or 0
+        rows = session.scalars(
+            query.order_by(AuditEvent.seq.desc()).offset(offset).limit(limit)
+        ).all()
+        items = [_out(r) for r in rows]
+    following = encode_cursor(rows[-1].seq) if len(rows) == limit and rows[-1].seq else None
+    call.details.update(count=len(items))
+    return Page[AuditEventOut](
+        items=items, total=total, limit=limit, offset=offset, next_cursor=following
+    )
+
+
+@router.get("/verify", response_model=VerifyOut, summary="Walk the hash chain")
+def verify_chain(db: DbDep, audit: AuditDep, _: Auditor, call: CallAuditDep) -> VerifyOut:
+    report = audit.verify()
+    call.event_type = "verify"
+    call.details.update(ok=report.ok, count=report.count)
+    if not report.ok and report.problem is not None:
+        audit.record(
+            AuditEventId.security_alert,
+            event_type="integrity_failure",
+            outcome=Outcome.serious_failure,
+            actor=call.actor,
+            details={
+                "kind": report.problem.kind,
+                "seq": report.problem.seq,
+                "reason": report.problem.message,
+            },
+        )
+    return VerifyOut.model_validate(report.to_dict())
+
+
+@router.get(
+    "/export",
+    summary="Export the trail as ATNA XML, RFC 5424 syslog lines or JSON lines",
+    response_class=StreamingResponse,
+)
+def export(
+    db: DbDep,
+    settings: SettingsDep,
+    _: Auditor,
+    call: CallAuditDep,
+    format: Literal["atna-xml", "syslog", "jsonl"] = "atna-xml",
+    start: Annotated[datetime | None, Query(alias="from")] = None,
+    end: Annotated[datetime | None, Query(alias="to")] = None,
+) -> StreamingResponse:
+    call.event_type = "export"
+    call.details.update(format=format)
+    suffix = {"atna-xml": "xml", "syslog": "log", "jsonl": "jsonl"}[format]
+    return StreamingResponse(
+        export_chunks(db, format, AuditSource.from_settings(settings), start, end),
+        media_type=EXPORT_FORMATS[format],
+        headers={"Content-Disposition": f'attachment; filename="audit.{suffix}"'},
+    )

@@ -1,0 +1,89 @@
+"""``/api/v1/exports``: the outbox of SRs to destinations, and retrying a dead one."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query
+from sqlalchemy import func, select
+
+from triagenode.api.deps import AuditDep, CallAuditDep, DbDep, SettingsDep, require
+from triagenode.api.problems import Problem
+from triagenode.api.routes._paging import Limit, Offset
+from triagenode.api.routes.studies import export_out
+from triagenode.api.schemas import ActionResult, ExportOut, Page
+from triagenode.api.tokens import Principal, Role
+from triagenode.audit.events import AuditEventId
+from triagenode.store.models import Export, utcnow
+
+__all__ = ["router"]
+
+router = APIRouter(prefix="/api/v1/exports", tags=["exports"])
+Reader = Annotated[Principal, Depends(require(Role.auditor, AuditEventId.query))]
+Retrier = Annotated[Principal, Depends(require(Role.operator, AuditEventId.export, "U", "retry"))]
+
+
+@router.get("", response_model=Page[ExportOut], summary="Exports, newest first")
+def list_exports(
+    db: DbDep,
+    _: Reader,
+    state: Annotated[str | None, Query(max_length=16)] = None,
+    destination: Annotated[str | None, Query(max_length=64)] = None,
+    study_uid: Annotated[str | None, Query(max_length=64)] = None,
+    limit: Limit = 50,
+    offset: Offset = 0,
+) -> Page[ExportOut]:
+    filters = []
+    if state:
+        filters.append(Export.state == state)
+    if destination:
+        filters.append(Export.destination == destination)
+    if study_uid:
+        filters.append(Export.study_uid == study_uid)
+    with db.session() as session:
+        total = session.scalar(select(func.count()).select_from(Export).where(*filters)) or 0
+        rows = session.scalars(
+            select(Export).where(*filters).order_by(Export.id.desc()).offset(offset).limit(limit)
+        ).all()
+        items = [export_out(r) for r in rows]
+    return Page[ExportOut](items=items, total=total, limit=limit, offset=offset)
+
+
+def _retry(db, audit, settings, export_id: int) -> bool:  # type: ignore[no-untyped-def]
+    """Requeue through the exporter's outbox when it is installed, else by a DB update."""
+    try:
+        from triagenode.scp.outbox import ExportOutbox
+    except ImportError:
+        ExportOutbox = None
+    if ExportOutbox is not None and hasattr(ExportOutbox, "retry"):
+        return bool(ExportOutbox(db, audit, settings).retry(export_id))
+    with db.write_session() as session:
+        row = session.get(Export, export_id)
+        if row is None or row.state not in ("dead", "pending"):
+            return False
+        row.state, row.attempts, row.next_attempt_at = "pending", 0, utcnow()
+        return True
+
+
+@router.post(
+    "/{export_id}/retry", response_model=ActionResult, summary="Send a dead export again now"
+)
+def retry_export(
+    export_id: int,
+    db: DbDep,
+    audit: AuditDep,
+    settings: SettingsDep,
+    _: Retrier,
+    call: CallAuditDep,
+) -> ActionResult:
+    with db.session() as session:
+        row = session.get(Export, export_id)
+        if row is None:
+            raise Problem(404, f"no export {export_id}", "not-found")
+        call.study_uid, state = row.study_uid, row.state
+    call.details["export_id"] = export_id
+    if not _retry(db, audit, settings, export_id):
+        raise Problem(
+            409, f"export {export_id} is {state}; only dead exports are retried", "conflict"
+        )
+    return ActionResult(export_id=export_id, action="retry", changed=True, state="pending")

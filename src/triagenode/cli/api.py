@@ -1,0 +1,54 @@
+"""``triagenode api``: the admin API alone (without the DICOM node), with uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+
+from triagenode.cli.common import open_database, settings_from_args
+
+__all__ = ["build_server", "register"]
+
+
+def register(subparsers: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
+    parser = subparsers.add_parser(
+        "api", parents=[parent], help="serve the admin API alone on api.host:api.port"
+    )
+    parser.add_argument("--host", help="override api.host")
+    parser.add_argument("--port", type=int, help="override api.port")
+    parser.set_defaults(handler=_run)
+
+
+def build_server(app, host: str, port: int):  # type: ignore[no-untyped-def]
+    """A uvicorn server for ``app``: its own access log is off (ours drops query strings,
+    which may hold a patient ID) and it leaves the node's logging configuration alone."""
+    import uvicorn
+
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        access_log=False,
+        log_config=None,
+        log_level="warning",
+        server_header=False,
+        proxy_headers=False,
+    )
+    return uvicorn.Server(config)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from triagenode.api import create_app
+    from triagenode.audit import AuditEventId, AuditLog, load_or_create_secret
+
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    settings = settings_from_args(args, **({"api": overrides} if overrides else {}))
+    db = open_database(settings)
+    audit = AuditLog(db, load_or_create_secret(settings))
+    app = create_app(settings, db, audit)
+    audit.record(AuditEventId.application_activity, event_type="start", actor="triagenode-api")
+    try:
+        build_server(app, settings.api.host, settings.api.port).run()
+    finally:
+        audit.record(AuditEventId.application_activity, event_type="stop", actor="triagenode-api")
+        db.dispose()
+    return 0
