@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import select, update
 
-from triagenode.audit.events import AuditEventId, AuditLog
+from triagenode.audit.events import AuditLog
 from triagenode.config.settings import Settings
 from triagenode.domain import Priority, StudyState
 from triagenode.store.db import Database
@@ -155,35 +155,6 @@ class StudyTracker:
         bool
             True when the study was receiving and is now stable; False otherwise.
         """
-        now = utcnow()
-        with self._db.write_session() as session:
-            study = session.execute(
-                select(Study).where(Study.study_uid == study_uid)
-            ).scalar_one_or_none()
-            if study is None or study.state != StudyState.receiving.value:
-                return False
-            reason = f"marked complete by {actor}"
-            study.state = StudyState.stable.value
-            study.state_reason = reason
-            study.state_changed_at = now
-            study.stable_at = now
-            session.add(
-                StudyEvent(
-                    study_id=study.id,
-                    at=now,
-                    from_state=StudyState.receiving.value,
-                    to_state=StudyState.stable.value,
-                    reason=reason,
-                )
-            )
-            self._audit.record(
-                AuditEventId.application_activity,
-                event_type="study-marked-complete",
-                action="U",
-                actor=actor,
-                study_uid=study_uid,
-                patient_ref=study.patient_ref,
-                session=session,
-            )
-        log.info("study marked complete study_uid=%s actor=%s", study_uid, actor)
-        return True
+        from triagenode.pipeline.actions import mark_study_complete
+
+        return mark_study_complete(self._db, self._audit, study_uid, actor)

@@ -187,13 +187,15 @@ class StudyIngest:
                 triage_inputs=item.triage_inputs or {},
             )
             .on_conflict_do_nothing(index_elements=["study_uid"])
-        )
+            .returning(_STUDIES.c.id)
+        ).first()
         row = conn.execute(
             select(_STUDIES.c.id, _STUDIES.c.triage_inputs).where(
                 _STUDIES.c.study_uid == item.study_uid
             )
         ).one()
-        created = inserted.rowcount == 1
+        # rowcount is not reliable for ON CONFLICT on every driver; RETURNING is.
+        created = inserted is not None
         if created:
             conn.execute(
                 _EVENTS.insert().values(
@@ -250,8 +252,9 @@ class StudyIngest:
             _insert(self._db, _INSTANCES)
             .values(sop_instance_uid=item.sop_instance_uid, replaced_count=0, **values)
             .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
-        )
-        if inserted.rowcount == 1:
+            .returning(_INSTANCES.c.id)
+        ).first()
+        if inserted is not None:
             return False, 1, item.size
         old = conn.execute(
             select(_INSTANCES.c.size, _INSTANCES.c.series_id, _SERIES.c.study_id)
