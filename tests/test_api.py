@@ -396,3 +396,19 @@ def test_predict_without_a_model_is_503(shared: ApiWorld) -> None:
     )
     assert answer.status_code == 503
     assert answer.json()["type"] == "urn:triagenode:problem:no-predictor"
+
+
+def test_an_answer_that_cannot_be_audited_is_withheld(
+    shared: ApiWorld, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("database full")
+
+    client = TestClient(shared.app)
+    headers = shared.auth("auditor")
+    assert client.get("/api/v1/queue", headers=headers).status_code == 200
+    monkeypatch.setattr(shared.audit, "record", broken)
+    answer = client.get(f"/api/v1/studies/{STUDY_UID}", headers=headers)
+    assert answer.status_code == 503
+    assert answer.json()["type"] == "urn:triagenode:problem:audit-unavailable"
+    assert STUDY_UID + ".99.1" not in answer.text

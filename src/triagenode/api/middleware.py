@@ -161,20 +161,35 @@ class CallAuditMiddleware:
         audited = scope["path"].startswith("/api/")
         call = CallAudit()
         scope.setdefault("state", {})["call_audit"] = call
+        client = scope.get("client")
+        address = client[0] if client else None
         status = 500
+        recorded = withheld = False
         started = time.perf_counter()
 
         async def capture(message: Message) -> None:
-            nonlocal status
+            nonlocal status, recorded, withheld
+            if withheld:
+                return
             if message["type"] == "http.response.start":
                 status = message["status"]
+                if audited and not call.skip:
+                    # Recorded before the client sees a byte: an answer whose audit event
+                    # cannot be written is withheld (fail closed), never sent unrecorded.
+                    recorded = True
+                    if not await run_in_threadpool(self._record, call, status, address, scope):
+                        withheld = True
+                        status = 503
+                        response = problem_response(
+                            503, "the audit trail cannot be written", "audit-unavailable"
+                        )
+                        await response(scope, receive, send)
+                        return
             await send(message)
 
         try:
             await self.app(scope, receive, capture)
         finally:
-            client = scope.get("client")
-            address = client[0] if client else None
             log.info(
                 "%s %s %d %.1fms actor=%s",
                 scope["method"],
@@ -183,10 +198,10 @@ class CallAuditMiddleware:
                 (time.perf_counter() - started) * 1000,
                 call.actor,
             )
-            if audited and not call.skip:
+            if audited and not call.skip and not recorded:
                 await run_in_threadpool(self._record, call, status, address, scope)
 
-    def _record(self, call: CallAudit, status: int, address: str | None, scope: Scope) -> None:
+    def _record(self, call: CallAudit, status: int, address: str | None, scope: Scope) -> bool:
         try:
             self.audit.record(
                 call.event_id,
@@ -204,5 +219,7 @@ class CallAuditMiddleware:
                     "status": status,
                 },
             )
-        except Exception:  # the call already happened; losing its record must be loud
+        except Exception:
             log.exception("could not record the audit event of an API call")
+            return False
+        return True

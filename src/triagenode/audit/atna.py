@@ -46,6 +46,7 @@ _EVENT_TYPES = {
     "login": ("110122", "Login"),
     "logout": ("110123", "Logout"),
     "node_authentication": ("110126", "Node Authentication"),
+    "association-rejected": ("110126", "Node Authentication"),
     "rejected_ae": ("110126", "Node Authentication"),
     "security_configuration": ("110129", "Security Configuration"),
     "use_of_restricted_function": ("110132", "Use of a restricted function"),
