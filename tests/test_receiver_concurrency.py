@@ -1,0 +1,65 @@
+"""Several senders at once, and a restart in the middle of a study (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from pathlib import Path
+
+import pydicom
+from sqlalchemy import select
+
+from tests import factory
+from tests.receiver_fixtures import Node, dataset_part, node, node_factory, storescu
+from triagenode.pipeline.tracker import StudyTracker
+from triagenode.store.models import StudyEvent, utcnow
+
+__all__ = ["node", "node_factory"]
+
+
+def test_four_senders_at_once_all_stored(node: Node, tmp_path: Path) -> None:
+    # Two studies, each sent by two senders at once, so associations race on the same rows.
+    groups = []
+    for s in range(2):
+        _, paths = factory.ct_study(tmp_path / f"study{s}", slices=100, size=16)
+        groups += [paths[0::2], paths[1::2]]
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda files: storescu(node.port, files), groups))
+    assert all(r.returncode == 0 for r in results), [r.stderr[-300:] for r in results]
+
+    sent = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: p for p in sum(groups, [])}
+    rows = node.instances()
+    assert len(rows) == 200 == len({r.sop_instance_uid for r in rows})
+    for row in rows[::17]:
+        assert dataset_part(node.data_dir / row.file_path) == dataset_part(
+            sent[row.sop_instance_uid]
+        )
+    studies = node.studies()
+    assert sorted(s.instance_count for s in studies) == [100, 100]
+    assert all(
+        s.byte_count == sum(r.size for r in rows if r.file_path.split("/")[1] == s.study_uid)
+        for s in studies
+    )
+    assert not list((node.data_dir / "spool" / ".incoming").iterdir())
+
+
+def test_restart_mid_study_becomes_stable_once(node: Node, tmp_path: Path) -> None:
+    study_uid, paths = factory.ct_study(tmp_path / "in", slices=8)
+    assert storescu(node.port, paths[:5]).returncode == 0
+    node.restart()  # a new receiver on the same data folder and database
+    assert storescu(node.port, paths[5:]).returncode == 0
+
+    tracker = StudyTracker(node.settings, node.db, node.audit)
+    assert tracker.poll() == []  # quiet period (1 s in tests) not over yet
+    later = utcnow() + timedelta(seconds=5)
+    [study] = node.studies()
+    assert tracker.poll(later) == [study.id]
+    # A second tracker (another restart) finds nothing more to do.
+    assert StudyTracker(node.settings, node.db, node.audit).poll(later) == []
+    [study] = node.studies()
+    assert study.study_uid == study_uid
+    assert study.state == "stable" and study.instance_count == 8 and study.run == 1
+    assert len(node.instances()) == 8
+    with node.db.session() as session:
+        events = session.execute(select(StudyEvent).order_by(StudyEvent.id)).scalars().all()
+    assert [e.to_state for e in events] == ["receiving", "stable"]
