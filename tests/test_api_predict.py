@@ -1,0 +1,169 @@
+"""Research endpoints with a small real predictor on the demo model (no downloads)."""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from tests import factory
+from tests.api_support import build_world
+from triagenode.api import ApiServices, Predictor
+from triagenode.config.settings import load_settings
+from triagenode.store import migrate
+from triagenode.store.db import Database
+
+LABEL_SETS = {"chest": ["pneumothorax", "pleural effusion", "no finding"]}
+
+
+class DemoPredictor:
+    """The protocol implemented the plain way on the demo model: encode, compare, softmax."""
+
+    def __init__(self) -> None:
+        from triagenode.inference.model import load_model
+
+        self.model = load_model("demo")
+
+    def _pixels(self, image: np.ndarray | bytes) -> np.ndarray:
+        from triagenode.inference.preprocess import preprocess_dataset, preprocess_pixels
+
+        if isinstance(image, bytes):
+            import pydicom
+
+            return preprocess_dataset(pydicom.dcmread(io.BytesIO(image)), self.model.preprocess)
+        scale = 65535.0 if image.dtype == np.uint16 else 255.0
+        return preprocess_pixels(image.astype(np.float32) / scale, self.model.preprocess)
+
+    def predict(
+        self, images: list[np.ndarray | bytes], queries: list[str] | None, label_set: str | None
+    ) -> list[dict[str, Any]]:
+        import torch
+
+        if queries is None:
+            if label_set not in LABEL_SETS:
+                raise ValueError(f"label set {label_set!r}: unknown; known: {sorted(LABEL_SETS)}")
+            queries = LABEL_SETS[label_set]
+        text = self.model.encode_text(queries)
+        batch = torch.from_numpy(np.stack([self._pixels(i) for i in images]))
+        with torch.inference_mode():
+            features = self.model.clip.encode_image(batch, normalize=True).numpy()
+        similarities = features @ text.T
+        logits = self.model.logit_scale * similarities
+        probabilities = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probabilities /= probabilities.sum(axis=1, keepdims=True)
+        return [
+            {
+                "labels": queries,
+                "similarities": similarities[i],
+                "probabilities": probabilities[i],
+                "model": self.model.identity.display_name,
+                "warning": self.model.warning,
+            }
+            for i in range(len(images))
+        ]
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory: pytest.TempPathFactory) -> tuple[TestClient, dict[str, str]]:
+    folder = tmp_path_factory.mktemp("predict")
+    settings = load_settings(
+        None, node={"data_dir": str(folder)}, audit={"secret": "predict-secret-0123456789"}
+    )
+    database = Database(f"sqlite:///{folder / 'api.sqlite3'}")
+    migrate.upgrade(database)
+    predictor = DemoPredictor()
+    assert isinstance(predictor, Predictor)
+    world = build_world(settings, database, ApiServices(predictor=predictor))
+    return TestClient(world.app), world.auth("operator")
+
+
+def _png(mode: str = "L", fmt: str = "PNG") -> str:
+    rng = np.random.default_rng(7)
+    shape = (64, 64) if mode == "L" else (64, 64, 3)
+    image = Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8), mode)
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _dicom(tmp_path: Path) -> str:
+    ds = factory.ct_slice("1.2.3.4", "1.2.3.4.1", 1)
+    path = factory.write(ds, tmp_path / "ct.dcm")
+    return base64.b64encode(path.read_bytes()).decode()
+
+
+def test_predict_one_png_with_queries(client: tuple[TestClient, dict[str, str]]) -> None:
+    http, headers = client
+    answer = http.post(
+        "/api/v1/predict",
+        json={"image": _png(), "queries": ["a chest x-ray", "a brain MRI"]},
+        headers=headers,
+    )
+    assert answer.status_code == 200, answer.text
+    (result,) = answer.json()["results"]
+    assert result["labels"] == ["a chest x-ray", "a brain MRI"]
+    assert len(result["similarities"]) == 2
+    assert all(-1.0 <= s <= 1.0 for s in result["similarities"])
+    assert sum(result["probabilities"]) == pytest.approx(1.0, abs=1e-5)
+    assert result["warning"] == "DEMO, NOT FOR CLINICAL USE"
+    again = http.post(
+        "/api/v1/predict",
+        json={"image": _png(), "queries": ["a chest x-ray", "a brain MRI"]},
+        headers=headers,
+    )
+    assert again.json() == answer.json()  # deterministic
+
+
+def test_batch_predict_png_jpeg_and_dicom(
+    client: tuple[TestClient, dict[str, str]], tmp_path: Path
+) -> None:
+    http, headers = client
+    images = [_png(), _png("RGB", "JPEG"), _dicom(tmp_path)]
+    answer = http.post(
+        "/api/v1/batch-predict", json={"images": images, "label_set": "chest"}, headers=headers
+    )
+    assert answer.status_code == 200, answer.text
+    results = answer.json()["results"]
+    assert len(results) == 3
+    for result in results:
+        assert result["labels"] == LABEL_SETS["chest"]
+        assert sum(result["probabilities"]) == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "slug"),
+    [
+        ({"image": "not base64!", "queries": ["x"]}, 422, "bad-image"),
+        ({"image": base64.b64encode(b"GIF89a...").decode(), "queries": ["x"]}, 422, "bad-image"),
+        (
+            {"image": base64.b64encode(b"\x89PNG\r\n\x1a\nbroken").decode(), "queries": ["x"]},
+            422,
+            "bad-image",
+        ),
+        ({"image": "AAAA"}, 422, "invalid-request"),
+        ({"image": "AAAA", "queries": ["x"], "extra": 1}, 422, "invalid-request"),
+    ],
+    ids=["not-base64", "gif", "broken-png", "no-queries", "unknown-field"],
+)
+def test_bad_requests_are_problems(
+    client: tuple[TestClient, dict[str, str]], body: dict[str, Any], status: int, slug: str
+) -> None:
+    http, headers = client
+    answer = http.post("/api/v1/predict", json=body, headers=headers)
+    assert answer.status_code == status
+    assert answer.json()["type"] == f"urn:triagenode:problem:{slug}"
+
+
+def test_unknown_label_set(client: tuple[TestClient, dict[str, str]]) -> None:
+    http, headers = client
+    answer = http.post(
+        "/api/v1/batch-predict", json={"images": [_png()], "label_set": "brain"}, headers=headers
+    )
+    assert answer.status_code == 422
+    assert "brain" in answer.json()["detail"]
