@@ -63,7 +63,7 @@ def iter_events(
         yield from rows
         if len(rows) < batch:
             return
-        after = rows[-1].seq
+        after = rows[-1].seq or after
 
 
 def export_chunks(

@@ -13,7 +13,9 @@ from triagenode.api.routes._paging import Limit, Offset
 from triagenode.api.routes.studies import export_out
 from triagenode.api.schemas import ActionResult, ExportOut, Page
 from triagenode.api.tokens import Principal, Role
-from triagenode.audit.events import AuditEventId
+from triagenode.audit.events import AuditEventId, AuditLog
+from triagenode.config.settings import Settings
+from triagenode.store.db import Database
 from triagenode.store.models import Export, utcnow
 
 __all__ = ["router"]
@@ -49,13 +51,13 @@ def list_exports(
     return Page[ExportOut](items=items, total=total, limit=limit, offset=offset)
 
 
-def _retry(db, audit, settings, export_id: int) -> bool:  # type: ignore[no-untyped-def]
+def _retry(db: Database, audit: AuditLog, settings: Settings, export_id: int) -> bool:
     """Requeue through the exporter's outbox when it is installed, else by a DB update."""
     try:
         from triagenode.scp.outbox import ExportOutbox
     except ImportError:
-        ExportOutbox = None
-    if ExportOutbox is not None and hasattr(ExportOutbox, "retry"):
+        pass
+    else:
         return bool(ExportOutbox(db, audit, settings).retry(export_id))
     with db.write_session() as session:
         row = session.get(Export, export_id)

@@ -49,11 +49,11 @@ def decode_image(encoded: str, index: int = 0) -> np.ndarray | bytes:
         from PIL import Image, UnidentifiedImageError
 
         try:
-            with Image.open(io.BytesIO(data)) as image:
-                image.load()
-                if image.mode not in ("L", "I", "I;16", "RGB"):
-                    image = image.convert("RGB")
-                return np.asarray(image)
+            with Image.open(io.BytesIO(data)) as opened:
+                opened.load()
+                if opened.mode in ("L", "I", "I;16", "RGB"):
+                    return np.asarray(opened)
+                return np.asarray(opened.convert("RGB"))
         except (UnidentifiedImageError, OSError, ValueError):
             raise Problem(422, f"image {index}: cannot be decoded", "bad-image") from None
     raise Problem(422, f"image {index}: not a PNG, JPEG or DICOM Part 10 file", "bad-image")

@@ -6,7 +6,7 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import ColumnElement, and_, func, or_, select
 
 from triagenode.api.deps import AuditDep, CallAuditDep, DbDep, require
 from triagenode.api.problems import Problem
@@ -105,7 +105,7 @@ def list_studies(
     offset: Offset = 0,
     cursor: Cursor = None,
 ) -> Page[StudySummary]:
-    filters = []
+    filters: list[ColumnElement[bool]] = []
     if state:
         filters.append(Study.state.in_([s.value for s in state]))
     if priority is not None:
