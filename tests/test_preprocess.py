@@ -211,3 +211,22 @@ def test_every_pydicom_test_file_is_preprocessed_or_cleanly_refused() -> None:
         else:
             assert reason.startswith(CLEAN_REASONS), (name, reason)
     assert set(EXPECTED_REFUSALS) <= set(refused)
+
+
+@pytest.mark.parametrize(
+    "attributes",
+    [
+        {"RescaleSlope": 1.5, "RescaleIntercept": -1024, "WindowCenter": 40, "WindowWidth": 350},
+        {"RescaleSlope": -2, "RescaleIntercept": 7},  # full range, negative slope
+        {"WindowCenter": 900, "WindowWidth": 300, "VOILUTFunction": "LINEAR_EXACT"},
+        {"Modality": "CT", "RescaleIntercept": -1024},  # CT default window
+    ],
+)
+def test_fused_linear_path_equals_the_stepwise_pipeline(attributes: dict) -> None:
+    from triagenode.inference.preprocess import _linear_display, _modality_lut, _voi
+
+    raw = np.random.default_rng(1).integers(0, 4096, size=(16, 16))
+    pixels, ds = _gray(raw.tolist(), stored=12, **attributes)
+    fused = _linear_display(pixels, ds)
+    assert fused is not None
+    np.testing.assert_allclose(fused, _voi(_modality_lut(pixels, ds), ds), atol=1e-5)

@@ -152,6 +152,47 @@ def _modality_lut(pixels: np.ndarray, ds: Dataset) -> np.ndarray:
     return values
 
 
+def _linear_display(pixels: np.ndarray, ds: Dataset) -> np.ndarray | None:
+    """Rescale and a linear window fused into one multiply-add, or None when not linear.
+
+    ``((x * slope + intercept) - low) / span`` is ``x * a + b``: one pass over the pixels
+    instead of four, the common case for CT, CR and MR.
+    """
+    if "ModalityLUTSequence" in ds or "VOILUTSequence" in ds:
+        return None
+    slope = float(ds.get("RescaleSlope", 1) or 1)
+    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
+    function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").strip().upper()
+    if center not in (None, "") and width not in (None, ""):
+        center, width = _first(center), _first(width)
+    else:
+        center, width = None, None
+        function = "LINEAR"
+    if function not in ("LINEAR", "LINEAR_EXACT"):
+        return None
+    if center is None and modality_default_window(ds) is not None:
+        center, width = modality_default_window(ds)  # type: ignore[misc]
+    if center is not None and width is not None:
+        if function == "LINEAR_EXACT":
+            if width <= 0:
+                return None  # let apply_window raise its error
+            low, span = center - width / 2.0, width
+        else:
+            if width <= 1:
+                return None
+            low, span = center - 0.5 - (width - 1) / 2.0, width - 1.0
+    else:
+        ends = (float(pixels.min()) * slope + intercept, float(pixels.max()) * slope + intercept)
+        low, span = min(ends), abs(ends[1] - ends[0])
+        if span <= 0:
+            return np.zeros(pixels.shape, dtype=np.float32)
+    out = pixels.astype(np.float32)
+    out *= np.float32(slope / span)
+    out += np.float32((intercept - low) / span)
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
 def _voi(values: np.ndarray, ds: Dataset) -> np.ndarray:
     if "VOILUTSequence" in ds:
         from pydicom.pixels import apply_voi_lut
@@ -202,7 +243,9 @@ def to_display(pixels: np.ndarray, ds: Dataset) -> np.ndarray:
         return pixels.astype(np.float32) * np.float32(1.0 / (2**bits - 1))
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise PreprocessError(f"photometric interpretation {photometric} is not supported")
-    display = _voi(_modality_lut(pixels, ds), ds)
+    display = _linear_display(pixels, ds)
+    if display is None:
+        display = _voi(_modality_lut(pixels, ds), ds)
     if photometric == "MONOCHROME1":
         display = 1.0 - display
     return display
