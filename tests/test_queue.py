@@ -268,6 +268,7 @@ def _claim_in_process(url: str, worker: str, start: Any) -> list[int]:
 
 
 @pytest.mark.postgres
+@pytest.mark.slow
 def test_processes_never_claim_the_same_job_on_postgres(postgres_url: str) -> None:
     from triagenode.store import migrate
 
