@@ -154,18 +154,21 @@ def _collector(protocol: str, port: int, received: list[bytes], context=None) ->
                 conn, _ = server.accept()
             except OSError:
                 return
-            if context is not None:
-                conn = context.wrap_socket(conn, server_side=True)
             buffer = b""
-            with conn:
-                while chunk := conn.recv(65536):
-                    buffer += chunk
-                    while b" " in buffer:  # octet counting: "LEN SP MSG"
-                        length, rest = buffer.split(b" ", 1)
-                        if len(rest) < int(length):
-                            break
-                        received.append(rest[: int(length)])
-                        buffer = rest[int(length) :]
+            try:
+                if context is not None:
+                    conn = context.wrap_socket(conn, server_side=True)
+                with conn:
+                    while chunk := conn.recv(65536):
+                        buffer += chunk
+                        while b" " in buffer:  # octet counting: "LEN SP MSG"
+                            length, rest = buffer.split(b" ", 1)
+                            if len(rest) < int(length):
+                                break
+                            received.append(rest[: int(length)])
+                            buffer = rest[int(length) :]
+            except OSError:  # one bad connection must not stop the collector
+                continue
 
     threading.Thread(target=serve_tcp, daemon=True).start()
     return server

@@ -131,6 +131,8 @@ class SyslogForwarder:
                     else:  # octet counting framing: "LEN SP MSG"
                         sock.sendall(str(len(data)).encode("ascii") + b" " + data)
                     sent += 1
+                if isinstance(sock, ssl.SSLSocket):
+                    sock.unwrap()  # close_notify, so the collector sees a clean end
         except OSError as exc:
             log.warning(
                 "syslog collector %s:%d (%s) unreachable, %d message(s) spooled: %s",
