@@ -376,3 +376,18 @@ def test_cli_rules_table_through_the_console_script(cli_config: Path) -> None:
     assert lines[0].split() == ["ORDER", "NAME", "PRIORITY", "LABEL_SET", "CONDITIONS"]
     assert lines[2].split()[:3] == ["2", "code-stroke", "stat"]
     assert "(default)" in done.stdout and "aging: one level up per 3600 s" in done.stdout
+
+
+def test_triage_settings_from_the_environment(
+    make_settings, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("TRIAGENODE_TRIAGE__DEFAULT_PRIORITY", "urgent")
+    monkeypatch.setenv("TRIAGENODE_TRIAGE__LEASE_S", "30")
+    monkeypatch.setenv(
+        "TRIAGENODE_TRIAGE__RULES", '[{"name": "ct", "priority": "stat", "modality": ["CT"]}]'
+    )
+    settings = make_settings()
+    assert settings.triage.default_priority is Priority.urgent
+    assert settings.triage.lease_s == 30
+    assert [r.name for r in settings.triage.rules] == ["ct"]
+    assert DEFAULT_RULES[0].name == "research-sender"  # the shipped rules are untouched

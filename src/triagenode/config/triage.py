@@ -208,7 +208,9 @@ class NotifySettings(Section):
 class TriageSettings(Section):
     """``[triage]``: rules, the default priority, and the job queue's timing."""
 
-    rules: list[TriageRule] = Field(default_factory=lambda: list(DEFAULT_RULES))
+    rules: list[TriageRule] = Field(
+        default_factory=lambda: [rule.model_copy(deep=True) for rule in DEFAULT_RULES]
+    )
     default_priority: Priority = Priority.routine
     aging_after_s: float = Field(
         default=3600.0,
