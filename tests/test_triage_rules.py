@@ -391,3 +391,34 @@ def test_triage_settings_from_the_environment(
     assert settings.triage.lease_s == 30
     assert [r.name for r in settings.triage.rules] == ["ct"]
     assert DEFAULT_RULES[0].name == "research-sender"  # the shipped rules are untouched
+
+
+def test_cli_queue_lists_jobs_in_claim_order(
+    tmp_path: Path, cli_config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from triagenode.cli import main
+    from triagenode.cli.common import open_database
+    from triagenode.pipeline.queue import JobQueue
+    from triagenode.store.models import Study
+
+    settings = load_settings(cli_config)
+    db = open_database(settings)
+    with db.session() as session:
+        studies = [Study(study_uid=f"1.2.9.{i}", state="queued") for i in range(3)]
+        session.add_all(studies)
+        session.flush()
+        ids = [s.id for s in studies]
+    queue = JobQueue(db, settings)
+    for study_id, priority in zip(ids, ["routine", "stat", "low"], strict=True):
+        queue.enqueue(study_id, priority, 1)
+    db.dispose()
+    assert main(["triage", "queue", "--json", "--config", str(cli_config)]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    assert listing["pending"] == {"stat": 1, "urgent": 0, "routine": 1, "low": 1}
+    assert [j["study_uid"] for j in listing["jobs"]] == ["1.2.9.1", "1.2.9.0", "1.2.9.2"]
+    assert main(["triage", "queue", "--config", str(cli_config)]) == 0
+    assert "pending: stat 1, urgent 0, routine 1, low 1; held by workers: 0" in (
+        capsys.readouterr().out
+    )

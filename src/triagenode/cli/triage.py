@@ -45,6 +45,13 @@ def register(subparsers: argparse._SubParsersAction, parent: argparse.ArgumentPa
     explain.add_argument("--json", action="store_true", help="print JSON")
     explain.set_defaults(handler=_explain)
 
+    queue = actions.add_parser(
+        "queue", parents=[parent], help="jobs waiting, in the order workers will claim them"
+    )
+    queue.add_argument("--limit", type=int, default=50, help="jobs to list (default 50)")
+    queue.add_argument("--json", action="store_true", help="print JSON")
+    queue.set_defaults(handler=_queue)
+
 
 def _rules(args: argparse.Namespace) -> int:
     from triagenode.pipeline.triage import TriageRules
@@ -67,6 +74,39 @@ def _rules(args: argparse.Namespace) -> int:
         f"\nfirst match wins; aging: one level up per {settings.triage.aging_after_s:g} s "
         f"waited; lease {settings.triage.lease_s:g} s"
     )
+    return 0
+
+
+def _queue(args: argparse.Namespace) -> int:
+    from triagenode.cli.common import open_database
+    from triagenode.pipeline.queue import JobQueue
+
+    settings = settings_from_args(args)
+    db = open_database(settings)
+    try:
+        queue = JobQueue(db, settings)
+        depth = {p.name: n for p, n in sorted(queue.depth().items(), reverse=True)}
+        leased = queue.leased()
+        jobs = [
+            {
+                "job": j.id,
+                "study_uid": j.study_uid,
+                "priority": j.priority.name,
+                "effective": j.effective_priority.name,
+                "attempts": j.attempts,
+                "enqueued_at": j.enqueued_at.isoformat(timespec="seconds"),
+                "available_at": j.available_at.isoformat(timespec="seconds"),
+            }
+            for j in queue.pending(limit=args.limit)
+        ]
+    finally:
+        db.dispose()
+    if args.json:
+        print_json({"pending": depth, "leased": leased, "jobs": jobs})
+        return 0
+    counts = ", ".join(f"{name} {count}" for name, count in depth.items())
+    print(f"pending: {counts}; held by workers: {leased}")
+    print_table(jobs, ["job", "study_uid", "priority", "effective", "attempts", "enqueued_at"])
     return 0
 
 
