@@ -422,3 +422,11 @@ def test_cli_queue_lists_jobs_in_claim_order(
     assert "pending: stat 1, urgent 0, routine 1, low 1; held by workers: 0" in (
         capsys.readouterr().out
     )
+
+
+def test_unknown_label_set_stops_the_start(make_settings) -> None:  # type: ignore[no-untyped-def]
+    rule = {"name": "stroke", "priority": "stat", "modality": ["CT"], "label_set": "ct_brain"}
+    with pytest.raises(ConfigError, match=r"'stroke'\.label_set: unknown label set 'ct_brain'"):
+        make_settings(triage={"rules": [rule]})
+    settings = make_settings(triage={"rules": [{**rule, "label_set": "ct"}]})
+    assert settings.triage.rules[0].label_set == "ct"

@@ -24,7 +24,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from triagenode.config.base import Section
 from triagenode.config.labels import LabelSettings
-from triagenode.config.triage import TriageSettings
+from triagenode.config.triage import TriageSettings, label_set_problems
 from triagenode.domain import Priority
 from triagenode.errors import ConfigError
 from triagenode.uids import is_valid_uid
@@ -300,6 +300,9 @@ class Settings(BaseSettings):
             raise ValueError(f"destinations: names must be unique (repeated: {duplicates})")
         if self.node.environment == "production" and self.model.source == "demo":
             raise ValueError("model.source: 'demo' is refused when node.environment is production")
+        label_set_errors = label_set_problems(self.triage, self.labels.sets)
+        if label_set_errors:
+            raise ValueError("; ".join(label_set_errors))
         return self
 
     @classmethod
