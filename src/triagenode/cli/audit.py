@@ -158,8 +158,9 @@ def _list(args: argparse.Namespace) -> int:
         print_json(rows)
     else:
         for row in rows:
+            row.update({k: "" for k, v in row.items() if v is None})
             row["at"] = row["at"][:19]
-            row["patient_ref"] = (row["patient_ref"] or "")[:12]
+            row["patient_ref"] = row["patient_ref"][:12]
         print_table(
             rows,
             ["seq", "at", "event_id", "event_type", "outcome", "actor", "study_uid", "patient_ref"],
