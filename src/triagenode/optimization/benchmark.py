@@ -1,0 +1,437 @@
+"""Side-by-side comparison of every image-encoder backend this machine can run.
+
+For each backend: batch-1 latency (p50, p95), throughput at the best of several batch sizes,
+peak memory (host RSS high-water mark, reset between backends; device memory from
+``torch.cuda.max_memory_allocated``, which sees only torch's allocations), and agreement with
+PyTorch fp32 on the same images (top-1 label over a label set's text embeddings, largest
+probability change, embedding cosine). PyTorch fp32 always runs first, in the same process
+and run, so every ratio compares like with like.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import logging
+import platform
+import resource
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from triagenode.inference.backends.base import ImageEncoder
+from triagenode.optimization import parity
+
+__all__ = [
+    "BackendResult",
+    "BenchmarkReport",
+    "EncoderFactory",
+    "benchmark_backends",
+    "format_table",
+    "machine_backends",
+]
+
+log = logging.getLogger(__name__)
+
+EncoderFactory = Callable[[], ImageEncoder]
+
+
+@dataclass
+class BackendResult:
+    """Figures for one backend; ratios are filled in against the PyTorch fp32 row."""
+
+    name: str
+    backend: str
+    device: str
+    precision: str
+    open_s: float
+    latency_p50_ms: float
+    latency_p95_ms: float
+    throughput_ips: float  # images per second at best_batch
+    best_batch: int
+    throughput_by_batch: dict[int, float]
+    peak_host_mib: float  # process RSS peak while this backend was open and running
+    host_increase_mib: float  # that peak minus the RSS before it was opened
+    peak_device_mib: float | None
+    top1_agreement: float
+    max_prob_diff: float
+    cosine_min: float
+    reference_top1_labels: int
+    speedup_vs_torch_fp32: float = 1.0
+    latency_ratio_vs_torch_fp32: float = 1.0
+    error: str | None = None
+
+
+@dataclass
+class BenchmarkReport:
+    """All rows plus what they were measured on."""
+
+    model: str
+    n_agreement_images: int
+    n_labels: int
+    machine: dict[str, Any]
+    results: list[BackendResult] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        for row in data["results"]:
+            row["throughput_by_batch"] = {str(k): v for k, v in row["throughput_by_batch"].items()}
+        return data
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU, core count, library versions and the GPU when there is one."""
+    import os
+
+    import onnxruntime as ort
+    import torch
+
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "onnxruntime": ort.__version__,
+        "ort_providers": ort.get_available_providers(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+class _RssSampler:
+    """Largest resident set size seen while the block runs, sampled every 5 ms.
+
+    The kernel's own high-water mark (VmHWM) is process-wide and cannot be reset on every
+    kernel, so a sampler gives each backend its own peak.
+    """
+
+    def __init__(self) -> None:
+        self.peak = _rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, _rss_bytes())
+
+    def __enter__(self) -> _RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_bytes())
+
+
+def _rss_bytes() -> int:
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
+    except (OSError, IndexError, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _time_batches(encoder: ImageEncoder, images: np.ndarray, batch: int, runs: int) -> list[float]:
+    chunk = (
+        images[:batch] if len(images) >= batch else np.resize(images, (batch, *images.shape[1:]))
+    )
+    encoder.encode(chunk)  # warm-up: allocations, CUDA graph capture, kernel selection
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        encoder.encode(chunk)
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def _measure(
+    encoder: ImageEncoder,
+    images: np.ndarray,
+    batch_sizes: Sequence[int],
+    latency_runs: int,
+    throughput_images: int,
+) -> tuple[np.ndarray, dict[int, float], np.ndarray]:
+    lat = np.asarray(_time_batches(encoder, images, 1, latency_runs)) * 1000
+    by_batch = {}
+    for batch in batch_sizes:
+        runs = max(2, throughput_images // batch)
+        by_batch[batch] = float(batch / np.median(_time_batches(encoder, images, batch, runs)))
+    step = max(batch_sizes)
+    embeds = np.concatenate(
+        [encoder.encode(images[i : i + step]) for i in range(0, len(images), step)]
+    )
+    return lat, by_batch, embeds
+
+
+def benchmark_backends(
+    backends: Sequence[tuple[str, EncoderFactory]],
+    images: np.ndarray,
+    text_embeds: np.ndarray,
+    logit_scale: float,
+    *,
+    model_name: str,
+    batch_sizes: Sequence[int] = (1, 8, 32),
+    latency_runs: int = 20,
+    throughput_images: int = 64,
+) -> BenchmarkReport:
+    """Measure each backend; the first must be the PyTorch fp32 reference.
+
+    Parameters
+    ----------
+    backends : sequence of (name, factory)
+        Factories open the encoder (timed as ``open_s``); the first is the reference.
+    images : numpy.ndarray
+        Preprocessed images ``(N,3,S,S)``; all are used for agreement.
+    text_embeds : numpy.ndarray
+        Label embeddings ``(L, D)``.
+    logit_scale : float
+        Zero-shot temperature.
+    model_name : str
+        Recorded in the report.
+    batch_sizes : sequence of int
+        Throughput is measured at each; the best is reported.
+    latency_runs : int
+        Batch-1 repetitions for p50/p95.
+    throughput_images : int
+        Roughly how many images each throughput measurement encodes.
+
+    Returns
+    -------
+    BenchmarkReport
+    """
+    import torch
+
+    report = BenchmarkReport(model_name, len(images), len(text_embeds), machine_info())
+    reference: np.ndarray | None = None
+    for name, factory in backends:
+        gc.collect()
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        with _RssSampler() as sampler:
+            baseline = sampler.peak
+            try:
+                started = time.perf_counter()
+                encoder = factory()
+                open_s = time.perf_counter() - started
+            except Exception as exc:
+                report.skipped[name] = f"{type(exc).__name__}: {exc}"
+                log.warning("benchmark: %s cannot be opened: %s", name, exc)
+                continue
+            try:
+                lat, by_batch, embeds = _measure(
+                    encoder, images, batch_sizes, latency_runs, throughput_images
+                )
+            finally:
+                encoder.close()
+        if reference is None:
+            reference = embeds
+        agreement = parity.compare_embeddings(reference, embeds, text_embeds, logit_scale)
+        best = max(by_batch, key=lambda b: by_batch[b])
+        row = BackendResult(
+            name=name,
+            backend=encoder.backend,
+            device=encoder.device,
+            precision=encoder.precision,
+            open_s=round(open_s, 3),
+            latency_p50_ms=float(np.percentile(lat, 50)),
+            latency_p95_ms=float(np.percentile(lat, 95)),
+            throughput_ips=by_batch[best],
+            best_batch=best,
+            throughput_by_batch=by_batch,
+            peak_host_mib=round(sampler.peak / 2**20, 1),
+            host_increase_mib=round((sampler.peak - baseline) / 2**20, 1),
+            peak_device_mib=round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else None,
+            top1_agreement=agreement.top1_agreement,
+            max_prob_diff=agreement.max_prob_diff,
+            cosine_min=agreement.cosine_min,
+            reference_top1_labels=agreement.reference_top1_labels,
+        )
+        base = report.results[0] if report.results else row
+        row.speedup_vs_torch_fp32 = row.throughput_ips / base.throughput_ips
+        row.latency_ratio_vs_torch_fp32 = row.latency_p50_ms / base.latency_p50_ms
+        report.results.append(row)
+        log.info(
+            "benchmark %s: p50 %.1f ms, %.1f img/s (batch %d), top-1 %.3f",
+            name,
+            row.latency_p50_ms,
+            row.throughput_ips,
+            best,
+            row.top1_agreement,
+        )
+    return report
+
+
+def format_table(report: BenchmarkReport) -> str:
+    """The report as a fixed-width table, one row per backend."""
+    head = (
+        "backend",
+        "p50 ms",
+        "p95 ms",
+        "img/s",
+        "batch",
+        "x fp32",
+        "host MiB",
+        "+MiB",
+        "dev MiB",
+        "top-1",
+        "max dP",
+        "cos min",
+    )
+    rows: list[tuple[str, ...]] = [head]
+    for r in report.results:
+        rows.append(
+            (
+                r.name,
+                f"{r.latency_p50_ms:.1f}",
+                f"{r.latency_p95_ms:.1f}",
+                f"{r.throughput_ips:.1f}",
+                str(r.best_batch),
+                f"{r.speedup_vs_torch_fp32:.2f}",
+                f"{r.peak_host_mib:.0f}",
+                f"{r.host_increase_mib:.0f}",
+                "-" if r.peak_device_mib is None else f"{r.peak_device_mib:.0f}",
+                f"{r.top1_agreement:.3f}",
+                f"{r.max_prob_diff:.4f}",
+                f"{r.cosine_min:.5f}",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = [
+        "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in rows
+    ]
+    lines.insert(1, "-" * len(lines[0]))
+    lines.append(
+        f"model {report.model}; agreement on {report.n_agreement_images} images x "
+        f"{report.n_labels} labels vs {report.results[0].name if report.results else '-'}"
+        + (
+            f" ({report.results[0].reference_top1_labels} distinct top-1 labels)"
+            if report.results
+            else ""
+        )
+        + f"; {report.machine.get('cpu')} x{report.machine.get('cpu_count')}"
+        + (f"; GPU {report.machine['gpu']}" if report.machine.get("gpu") else "")
+    )
+    for name, why in report.skipped.items():
+        lines.append(f"skipped {name}: {why}")
+    return "\n".join(lines)
+
+
+def machine_backends(
+    loaded: Any, artifacts_dir: Path, threads: int = 0, max_batch: int = 32
+) -> list[tuple[str, EncoderFactory]]:
+    """PyTorch fp32 first, then every ONNX artefact in ``artifacts_dir`` on each provider.
+
+    GPU rows (PyTorch fp16/bf16 on CUDA, ONNX Runtime CUDA/TensorRT EPs, TensorRT engines)
+    are added when this machine has them.
+    """
+    import torch
+
+    from triagenode.inference.backends.artifacts import (
+        IMAGE_FP16,
+        IMAGE_FP32,
+        IMAGE_INT8_DYNAMIC,
+        IMAGE_INT8_STATIC,
+    )
+    from triagenode.inference.backends.onnxruntime import (
+        OnnxRuntimeImageEncoder,
+        available_providers,
+    )
+    from triagenode.inference.backends.torch import TorchImageEncoder
+
+    if threads:
+        torch.set_num_threads(threads)
+    out: list[tuple[str, EncoderFactory]] = [
+        (
+            "torch-cpu-fp32",
+            lambda: TorchImageEncoder(loaded, device="cpu", precision="fp32", max_batch=max_batch),
+        ),
+    ]
+    folder = Path(artifacts_dir)
+
+    def ort(path: Path, provider: str) -> EncoderFactory:
+        return lambda: OnnxRuntimeImageEncoder(
+            path, providers=[provider], threads=threads, max_batch=max_batch
+        )
+
+    cpu_files = [
+        (IMAGE_FP32, "fp32"),
+        (IMAGE_INT8_DYNAMIC, "int8-dynamic"),
+        (IMAGE_INT8_STATIC, "int8-static"),
+    ]
+    for file, label in cpu_files:
+        if (folder / file).is_file():
+            out.append((f"onnxruntime-cpu-{label}", ort(folder / file, "CPUExecutionProvider")))
+    if torch.cuda.is_available():
+        for prec in ("fp16", "bf16"):
+            out.append((f"torch-cuda-{prec}", _torch_factory(loaded, prec, max_batch)))
+        for provider in available_providers()[:2]:
+            short = "trt-ep" if provider.startswith("Tensorrt") else "cuda-ep"
+            for file, label in [
+                (IMAGE_FP32, "fp32"),
+                (IMAGE_FP16, "fp16"),
+                (IMAGE_INT8_STATIC, "int8-static"),
+            ]:
+                if (folder / file).is_file():
+                    out.append((f"onnxruntime-{short}-{label}", ort(folder / file, provider)))
+        if importlib.util.find_spec("tensorrt") is not None:
+            for file, prec in [(IMAGE_FP32, "fp16"), (IMAGE_INT8_STATIC, "int8")]:
+                if (folder / file).is_file():
+                    out.append(
+                        (
+                            f"tensorrt-{prec}",
+                            _trt_factory(loaded, folder / file, prec, folder, max_batch),
+                        )
+                    )
+    return out
+
+
+def _torch_factory(loaded: Any, precision: str, max_batch: int) -> EncoderFactory:
+    from triagenode.inference.backends.torch import TorchImageEncoder
+
+    return lambda: TorchImageEncoder(
+        loaded, device="cuda", precision=precision, max_batch=max_batch
+    )
+
+
+def _trt_factory(
+    loaded: Any, onnx_path: Path, precision: str, folder: Path, max_batch: int
+) -> EncoderFactory:
+    def make() -> ImageEncoder:
+        from triagenode.inference.backends.artifacts import engines_dir
+        from triagenode.inference.backends.tensorrt import TensorRTImageEncoder
+        from triagenode.optimization.tensorrt_build import ensure_engine
+
+        size = loaded.preprocess.image_size
+        engine = ensure_engine(
+            onnx_path,
+            engines_dir(folder),
+            precision=precision,
+            max_batch=max_batch,
+            image_size=size,
+        )
+        return TensorRTImageEncoder(
+            engine, precision=precision, max_batch=max_batch, image_size=size
+        )
+
+    return make
