@@ -10,13 +10,10 @@ whose SHA-256 becomes part of the model's identity.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import string
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +26,16 @@ from triagenode.errors import ModelLoadError
 from triagenode.inference import model_files
 from triagenode.inference.model_files import PREPARE_HINT
 from triagenode.inference.preprocess import OPENAI_MEAN, OPENAI_STD, PreprocessConfig
+from triagenode.inference.towers import (
+    DEMO_TIMM_NAME,
+    LoadedModel,
+    demo_vocab,
+    finish,
+    instantiate,
+    local_text_cfg,
+    state_sha256,
+    write_text_tower,
+)
 
 __all__ = [
     "BIOMEDCLIP_MODEL_CFG",
@@ -37,6 +44,7 @@ __all__ = [
     "PreprocessConfig",
     "build_biomedclip",
     "build_demo_model",
+    "load_local_dir",
     "load_model",
     "save_local_dir",
 ]
@@ -76,7 +84,6 @@ BIOMEDBERT_CONFIG = {
 }
 DEMO_NAME = "triagenode-demo"
 DEMO_SEED = 20261126
-DEMO_TIMM_NAME = "triagenode_demo_vit"
 DEMO_TEXT_CONFIG = {
     "hidden_size": 64,
     "num_hidden_layers": 2,
@@ -85,188 +92,6 @@ DEMO_TEXT_CONFIG = {
     "max_position_embeddings": 64,
     "type_vocab_size": 2,
 }
-
-
-@dataclass
-class LoadedModel:
-    """A model ready for inference, with everything a result must say about it."""
-
-    identity: ModelIdentity
-    clip: torch.nn.Module  # open_clip CustomTextCLIP, eval mode, on CPU
-    tokenizer: Any  # open_clip HFTokenizer: list[str] -> LongTensor (N, context_length)
-    preprocess: PreprocessConfig
-    logit_scale: float
-    embed_dim: int
-    model_cfg: dict[str, Any]
-
-    @property
-    def visual(self) -> torch.nn.Module:
-        """The image tower (``clip.visual``), e.g. for ONNX export."""
-        return self.clip.visual  # type: ignore[return-value]
-
-    @property
-    def warning(self) -> str | None:
-        """:data:`DEMO_WARNING` for the demo model, else None."""
-        return DEMO_WARNING if self.identity.is_demo else None
-
-    def encode_text(self, prompts: list[str]) -> np.ndarray:
-        """L2-normalised text embeddings, float32 ``(len(prompts), embed_dim)``."""
-        tokens = self.tokenizer(prompts)
-        with torch.inference_mode():
-            features = self.clip.encode_text(tokens, normalize=True)  # type: ignore[operator]
-        return features.float().cpu().numpy()
-
-
-def _register_demo_timm_model() -> None:
-    import timm
-    from timm.models import register_model
-    from timm.models.vision_transformer import VisionTransformer
-
-    if timm.is_model(DEMO_TIMM_NAME):
-        return
-
-    def triagenode_demo_vit(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
-        """A tiny ViT (64x64 input, 2 blocks of width 64) for the demo model."""
-        args = {
-            "img_size": 64,
-            "patch_size": 16,
-            "embed_dim": 64,
-            "depth": 2,
-            "num_heads": 2,
-            "mlp_ratio": 2.0,
-        }
-        # timm passes its registry bookkeeping (pretrained_cfg, cache_dir...) along.
-        accepted = {"num_classes", "global_pool", "drop_path_rate", "img_size"}
-        model = VisionTransformer(**{**args, **{k: v for k, v in kwargs.items() if k in accepted}})
-        model.default_cfg = {"input_size": (3, 64, 64)}  # what open_clip's TimmModel reads
-        return model
-
-    register_model(triagenode_demo_vit)
-    # timm appends registered names to the defining module's __all__; keep ours curated.
-    if DEMO_TIMM_NAME in __all__:
-        __all__.remove(DEMO_TIMM_NAME)
-
-
-_register_demo_timm_model()
-
-
-def _demo_vocab() -> list[str]:
-    """A small, fixed WordPiece vocabulary: specials, characters, continuations, words."""
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    chars = list(string.ascii_lowercase + string.digits + string.punctuation)
-    words = sorted(
-        {
-            "a",
-            "an",
-            "the",
-            "of",
-            "with",
-            "showing",
-            "this",
-            "is",
-            "seen",
-            "on",
-            "no",
-            "acute",
-            "abnormality",
-            "normal",
-            "chest",
-            "x",
-            "ray",
-            "ct",
-            "scan",
-            "mri",
-            "image",
-            "photograph",
-            "pneumothorax",
-            "pleural",
-            "effusion",
-            "pneumonia",
-            "cardiomegaly",
-            "pulmonary",
-            "edema",
-            "embolism",
-            "hemorrhage",
-            "intracranial",
-            "fracture",
-            "mass",
-            "stroke",
-            "tumor",
-            "brain",
-            "retina",
-            "skin",
-            "melanoma",
-        }
-    )
-    return specials + chars + [f"##{c}" for c in string.ascii_lowercase + string.digits] + words
-
-
-def write_text_tower(folder: Path, config: dict[str, Any], vocab: list[str]) -> None:
-    """Write a BERT ``config.json`` and tokenizer files that ``transformers`` reads offline."""
-    from transformers import BertConfig
-
-    folder.mkdir(parents=True, exist_ok=True)
-    BertConfig(**config).to_json_file(folder / "config.json")
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
-    tokenizer_config = {
-        "do_lower_case": True,
-        "tokenizer_class": "BertTokenizer",
-        "model_max_length": config["max_position_embeddings"],
-    }
-    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config), encoding="utf-8")
-
-
-def _state_sha256(module: torch.nn.Module) -> str:
-    """SHA-256 over a module's tensors in key order: the identity of in-memory weights."""
-    digest = hashlib.sha256()
-    for key, tensor in sorted(module.state_dict().items()):
-        digest.update(key.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def _local_text_cfg(model_cfg: dict[str, Any], folder: Path) -> dict[str, Any]:
-    text_cfg = dict(model_cfg.get("text_cfg", {}))
-    text_cfg.update(
-        hf_model_name=str(folder), hf_tokenizer_name=str(folder), hf_model_pretrained=False
-    )
-    return text_cfg
-
-
-def _instantiate(model_cfg: dict[str, Any], text_folder: Path) -> torch.nn.Module:
-    from open_clip.model import CustomTextCLIP
-
-    cfg = json.loads(json.dumps(model_cfg))  # deep copy; open_clip mutates its config
-    cfg["text_cfg"] = _local_text_cfg(cfg, text_folder)
-    cfg.setdefault("vision_cfg", {})["timm_model_pretrained"] = False
-    cfg.pop("custom_text", None)
-    return CustomTextCLIP(**cfg)
-
-
-def _finish(
-    clip: torch.nn.Module,
-    text_folder: Path,
-    model_cfg: dict[str, Any],
-    preprocess_cfg: dict[str, Any],
-    identity: ModelIdentity,
-) -> LoadedModel:
-    from open_clip.tokenizer import HFTokenizer
-
-    clip.eval()
-    context = int(model_cfg.get("text_cfg", {}).get("context_length", 77))
-    tokenizer = HFTokenizer(str(text_folder), context_length=context)
-    image_size = model_cfg.get("vision_cfg", {}).get("image_size", 224)
-    image_size = int(image_size[0] if isinstance(image_size, (list, tuple)) else image_size)
-    logit_scale = float(clip.logit_scale.detach().exp().clamp(max=100).item())  # type: ignore[union-attr, operator]
-    return LoadedModel(
-        identity=identity,
-        clip=clip,
-        tokenizer=tokenizer,
-        preprocess=PreprocessConfig.from_open_clip(image_size, preprocess_cfg),
-        logit_scale=logit_scale,
-        embed_dim=int(model_cfg["embed_dim"]),
-        model_cfg=model_cfg,
-    )
 
 
 def _scratch(cache_dir: Path | None, name: str) -> Path:
@@ -283,7 +108,7 @@ def build_demo_model(cache_dir: Path | None = None) -> LoadedModel:
     folder when None).
     """
     folder = _scratch(cache_dir, "demo-text")
-    vocab = _demo_vocab()
+    vocab = demo_vocab()
     write_text_tower(folder, {**DEMO_TEXT_CONFIG, "vocab_size": len(vocab)}, vocab)
     model_cfg = {
         "embed_dim": 32,
@@ -303,7 +128,7 @@ def build_demo_model(cache_dir: Path | None = None) -> LoadedModel:
     }
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(DEMO_SEED)
-        clip = _instantiate(model_cfg, folder)
+        clip = instantiate(model_cfg, folder)
         # A random logit scale of 1/0.07 makes near-uniform demo scores; a fixed larger scale
         # spreads them so the demo output shows distinct findings.
         with torch.no_grad():
@@ -311,12 +136,12 @@ def build_demo_model(cache_dir: Path | None = None) -> LoadedModel:
     identity = ModelIdentity(
         name=DEMO_NAME,
         version=f"{__version__}-seed{DEMO_SEED}",
-        weights_sha256=_state_sha256(clip),
+        weights_sha256=state_sha256(clip),
         source="demo",
         is_demo=True,
     )
     log.warning("using the demo model: %s", DEMO_WARNING)
-    return _finish(clip, folder, model_cfg, BIOMEDCLIP_PREPROCESS_CFG, identity)
+    return finish(clip, folder, model_cfg, BIOMEDCLIP_PREPROCESS_CFG, identity)
 
 
 def build_biomedclip(random_weights: bool = True, cache_dir: Path | None = None) -> LoadedModel:
@@ -333,18 +158,18 @@ def build_biomedclip(random_weights: bool = True, cache_dir: Path | None = None)
     if not random_weights:
         raise ModelLoadError("build_biomedclip builds random weights only; use load_model()")
     folder = _scratch(cache_dir, "biomedbert-config")
-    write_text_tower(folder, BIOMEDBERT_CONFIG, _demo_vocab())
+    write_text_tower(folder, BIOMEDBERT_CONFIG, demo_vocab())
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        clip = _instantiate(BIOMEDCLIP_MODEL_CFG, folder)
+        clip = instantiate(BIOMEDCLIP_MODEL_CFG, folder)
     identity = ModelIdentity(
         name="BiomedCLIP-architecture-random",
         version=__version__,
-        weights_sha256=_state_sha256(clip),
+        weights_sha256=state_sha256(clip),
         source="random",
         is_demo=True,
     )
-    return _finish(clip, folder, BIOMEDCLIP_MODEL_CFG, BIOMEDCLIP_PREPROCESS_CFG, identity)
+    return finish(clip, folder, BIOMEDCLIP_MODEL_CFG, BIOMEDCLIP_PREPROCESS_CFG, identity)
 
 
 def save_local_dir(model: LoadedModel, folder: Path) -> Path:
@@ -397,7 +222,7 @@ def load_local_dir(folder: Path, source: str | None = None) -> LoadedModel:
         )
     config = model_files.read_clip_config(folder)
     model_cfg = config["model_cfg"]
-    text_cfg = _local_text_cfg(model_cfg, folder)
+    text_cfg = local_text_cfg(model_cfg, folder)
     weights = model_files.find_weights(folder)
     assert weights is not None  # missing_files checked it
     try:
@@ -420,7 +245,7 @@ def load_local_dir(folder: Path, source: str | None = None) -> LoadedModel:
         source=source,
         is_demo=bool(manifest.get("is_demo", False)),
     )
-    return _finish(clip, folder, model_cfg, config.get("preprocess_cfg", {}), identity)
+    return finish(clip, folder, model_cfg, config.get("preprocess_cfg", {}), identity)
 
 
 def _hf_offline() -> bool:
