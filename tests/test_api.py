@@ -412,3 +412,21 @@ def test_an_answer_that_cannot_be_audited_is_withheld(
     assert answer.status_code == 503
     assert answer.json()["type"] == "urn:triagenode:problem:audit-unavailable"
     assert STUDY_UID + ".99.1" not in answer.text
+
+
+def test_rate_limiter_window_slides_and_forgets_idle_keys() -> None:
+    from triagenode.api.ratelimit import RateLimiter
+
+    now = [1000.0]
+    limiter = RateLimiter(2, clock=lambda: now[0])
+    assert limiter.check("a") == 0 and limiter.check("a") == 0
+    assert limiter.check("a") == pytest.approx(60.0)
+    now[0] += 30
+    assert limiter.check("a") == pytest.approx(30.0)
+    now[0] += 30.5
+    assert limiter.check("a") == 0
+    for i in range(10_001):
+        limiter.check(f"address:{i}")
+    now[0] += 61
+    limiter.check("b")
+    assert len(limiter._hits) == 1

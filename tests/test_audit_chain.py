@@ -182,13 +182,21 @@ def test_concurrent_threads_keep_one_chain(db: Database) -> None:
     ]
     # Separate engines as well: another process's connection pool behaves the same way.
     threads += [threading.Thread(target=_hammer, args=(db.url, 10 + w, 15)) for w in range(2)]
+
+    def in_caller_sessions(writer: int) -> None:
+        # Callers that record inside their own (not write-locked) transaction.
+        for _ in range(15):
+            with db.session() as session:
+                shared.record(AuditEventId.query, actor=f"s{writer}", session=session)
+
+    threads += [threading.Thread(target=in_caller_sessions, args=(w,)) for w in range(2)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=120)
     report = verify(db, SECRET)
     assert report.ok, report.problem
-    assert report.count == 75 and report.head_seq == 75
+    assert report.count == 105 and report.head_seq == 105
 
 
 @pytest.mark.postgres
