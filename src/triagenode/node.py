@@ -89,18 +89,20 @@ class Node:
         rules = TriageRules(settings.triage)
         queue = JobQueue(self.db, settings)
         outbox = ExportOutbox(self.db, self.audit, settings)
+        exporter = Exporter(outbox, settings, self.audit)
+        self.notifier = CriticalFindingNotifier(settings.triage)
         processor = StudyProcessor(
             settings,
             self.db,
             self.audit,
             self.classifier,
             outbox,
-            notifier=CriticalFindingNotifier(settings.triage),
+            notifier=self.notifier,
+            on_exports_queued=exporter.wake,
         )
         pool = WorkerPool(processor, queue, workers=self.workers)
         tracker = StudyTracker(settings, self.db, self.audit, prioritizer=rules.prioritize)
         scheduler = StudyScheduler(self.db, tracker, queue, on_queued=pool.wake)
-        exporter = Exporter(outbox, settings, self.audit)
         self.receiver = DicomReceiver(settings, self.db, self.audit)
         self.tracker = tracker
         self.queue = queue
@@ -167,6 +169,8 @@ class Node:
                 log.exception("error stopping %s", type(part).__name__)
         if self.api_server is not None:
             self.api_server.should_exit = True
+        if getattr(self, "notifier", None) is not None:
+            self.notifier.close(5.0)
         batcher = getattr(self.classifier, "batcher", None)
         if batcher is not None:
             batcher.close()

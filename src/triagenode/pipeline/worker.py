@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,8 +65,10 @@ class StudyProcessor:
         classifier: ZeroShotClassifier,
         outbox: ExportOutbox,
         notifier: CriticalFindingNotifier | None = None,
+        on_exports_queued: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
+        self.on_exports_queued = on_exports_queued
         self.db = db
         self.audit = audit
         self.classifier = classifier
@@ -206,6 +209,8 @@ class StudyProcessor:
                     session=session,
                 )
         STUDIES_PROCESSED.labels("reported", snapshot.priority.name).inc()
+        if self.on_exports_queued is not None:
+            self.on_exports_queued()
         if result.critical and self.notifier is not None:
             self.notifier.notify(result, sr_uid=sr.SOPInstanceUID)
 
@@ -257,7 +262,10 @@ class WorkerPool:
         if job is None:
             return False
         try:
-            self.processor.process(job)
+            # The lease is renewed while the study is processed, so a slow study is not
+            # taken over by another worker; a killed worker's lease simply expires.
+            with self.queue.keep_alive(job.id, worker_id):
+                self.processor.process(job)
         except Exception as exc:  # one study failing must never stop the worker
             reason = f"{type(exc).__name__}: {exc}"
             log.error(
