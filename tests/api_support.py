@@ -4,17 +4,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
+from sqlalchemy import select
 
 from tests.factory import PATIENT_ID
 from triagenode.api import ApiServices, create_app
 from triagenode.api.tokens import TokenStore
 from triagenode.audit import AuditLog
-from triagenode.config.settings import Settings
+from triagenode.config.settings import Settings, load_settings
+from triagenode.store import migrate
 from triagenode.store.db import Database
 from triagenode.store.models import (
+    AuditEvent,
     Export,
     Instance,
     Job,
@@ -151,3 +155,25 @@ def build_world(
     tokens = {role: store.create(f"{role}-token", role) for role in ROLES}
     app = create_app(settings, db, audit, services, **kwargs)
     return ApiWorld(app, db, audit, settings, tokens, export_id)
+
+
+def shared_world(folder: Path) -> ApiWorld:
+    """A SQLite world in ``folder`` with a rate limit no test reaches."""
+    settings = load_settings(
+        None,
+        node={"data_dir": str(folder)},
+        audit={"secret": "shared-secret-0123456789"},
+        api={"rate_limit_per_minute": 100000},
+    )
+    database = Database(f"sqlite:///{folder / 'api.sqlite3'}")
+    migrate.upgrade(database)
+    return build_world(settings, database)
+
+
+def events(world: ApiWorld, **where: object) -> list[AuditEvent]:
+    """Audit rows in chain order whose columns equal ``where``."""
+    with world.db.session() as session:
+        query = select(AuditEvent).order_by(AuditEvent.seq)
+        for column, value in where.items():
+            query = query.where(getattr(AuditEvent, column) == value)
+        return list(session.scalars(query))
