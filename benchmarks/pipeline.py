@@ -1,0 +1,141 @@
+"""Pipeline benchmark: a study's last instance to its SR stored in the destination.
+
+Starts the whole node in this process (demo model on the CPU unless ``--model-source`` says
+otherwise, SQLite in a temp folder) with DCMTK ``storescp`` as the destination PACS, sends a
+1-image CR study and a 200-slice CT study with DCMTK ``storescu``, and measures, per study:
+
+- ``latency``: from ``storescu`` returning (the last instance acknowledged) to the SR file
+  appearing in the destination's folder;
+- ``quiet``: the study's quiet period (``study.stable_after_s``), which the node waits by
+  design;
+- ``model``: time spent encoding images and text in the model (from the result's timings);
+- ``overhead = latency - quiet - model``: everything else (tracking, queueing, reading and
+  preprocessing the selected images, SR writing, export). Goal: under 1 s per study.
+
+Usage::
+
+    python benchmarks/pipeline.py [--ct-slices 200] [--size 512] [--quiet 1.0] [--json-out F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import (
+    DCMTK_ENV,
+    STORESCU,
+    Destination,
+    free_port,
+    make_cr_study,
+    make_ct_study,
+    wait_for,
+)
+from sqlalchemy import select
+
+from triagenode.config.settings import load_settings
+from triagenode.node import Node
+from triagenode.store.models import Result, Study
+
+
+def run_study(node: Node, destination: Destination, paths: list[Path], study_uid: str) -> dict:
+    settings = node.settings
+    before = destination.count()
+    started = time.perf_counter()
+    subprocess.run(
+        [STORESCU, "-aec", settings.scp.ae_title, "127.0.0.1", str(settings.scp.port)]
+        + [str(p) for p in paths],
+        env=DCMTK_ENV,
+        check=True,
+        capture_output=True,
+    )
+    acknowledged = time.perf_counter()
+    wait_for(lambda: destination.count() > before, timeout=600, what="SR in destination")
+    arrived = time.perf_counter()
+    with node.db.session() as session:
+        study = session.execute(select(Study).where(Study.study_uid == study_uid)).scalar_one()
+        result = session.execute(select(Result).where(Result.study_id == study.id)).scalar_one()
+        timings = result.findings.get("timings_ms", {})
+        priority = study.priority
+    quiet = settings.study.stable_after_s
+    model_s = (timings.get("encode_images", 0.0) + timings.get("encode_text", 0.0)) / 1000
+    preprocess_s = timings.get("preprocess", 0.0) / 1000
+    latency = arrived - acknowledged
+    return {
+        "instances": len(paths),
+        "send_s": round(acknowledged - started, 3),
+        "latency_s": round(latency, 3),
+        "quiet_s": quiet,
+        "model_s": round(model_s, 3),
+        "preprocess_s": round(preprocess_s, 3),
+        "overhead_s": round(latency - quiet - model_s, 3),
+        "overhead_without_preprocess_s": round(latency - quiet - model_s - preprocess_s, 3),
+        "priority": priority,
+        "timings_ms": timings,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ct-slices", type=int, default=200)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--quiet", type=float, default=1.0, help="study.stable_after_s")
+    parser.add_argument("--model-source", default="demo")
+    parser.add_argument("--json-out", type=Path)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    work = Path(tempfile.mkdtemp(prefix="triagenode-bench-pipeline-"))
+    destination = Destination(work / "pacs")
+    destination.start()
+    try:
+        settings = load_settings(
+            None,
+            node={"data_dir": str(work / "node")},
+            scp={"port": free_port(), "host": "127.0.0.1"},
+            api={"enabled": False},
+            study={"stable_after_s": args.quiet, "stable_after_by_priority": {}},
+            model={"source": args.model_source},
+            destinations=[destination.as_setting()],
+        )
+        node = Node(settings)
+        node.start()
+        try:
+            # Warm-up: the first study pays for text embeddings and lazy imports.
+            uid, paths = make_cr_study(work / "warm", seed=99)
+            run_study(node, destination, paths, uid)
+            results = {}
+            uid, paths = make_cr_study(work / "cr", seed=1)
+            results["cr_1_image"] = run_study(node, destination, paths, uid)
+            uid, paths = make_ct_study(work / "ct", args.ct_slices, args.size)
+            results[f"ct_{args.ct_slices}_slices"] = run_study(node, destination, paths, uid)
+        finally:
+            node.stop()
+    finally:
+        destination.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+    print(
+        f"{'study':<16}{'latency s':>10}{'quiet s':>9}{'model s':>9}{'preproc s':>10}"
+        f"{'overhead s':>11}  goal: overhead < 1 s"
+    )
+    for name, row in results.items():
+        verdict = "ok" if row["overhead_s"] < 1.0 else "MISSED"
+        print(
+            f"{name:<16}{row['latency_s']:>10.3f}{row['quiet_s']:>9.2f}{row['model_s']:>9.3f}"
+            f"{row['preprocess_s']:>10.3f}{row['overhead_s']:>11.3f}  {verdict}"
+        )
+    if args.json_out:
+        args.json_out.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
