@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from datetime import timedelta
 from typing import Any
 
@@ -93,6 +94,17 @@ def test_mark_complete(make_settings: Any, db: Database) -> None:
     assert state(db, "1.4.1").state == "stable"
 
 
+@pytest.fixture
+def _keep_root_logging() -> Any:
+    """main() installs a stderr handler; remove it so later tests do not log to a dead stream."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+@pytest.mark.usefixtures("_keep_root_logging")
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_studies_cli(
     make_settings: Any, db: Database, capsys: pytest.CaptureFixture[str], tmp_path: Any

@@ -19,7 +19,7 @@ from triagenode.dicom_attrs import triage_inputs
 __all__ = ["HEAD_BYTES", "InstanceHeader", "parse_header"]
 
 # Bytes of each dataset kept in memory for parsing; CT/MR headers are 2-20 KB.
-HEAD_BYTES = 256 * 1024
+HEAD_BYTES = 64 * 1024
 _DEFLATED = "1.2.840.10008.1.2.1.99"
 
 

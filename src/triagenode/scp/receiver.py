@@ -38,7 +38,6 @@ VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
 # Every transfer syntax pynetdicom knows: the node stores bytes as received, so it needs no
 # codec for any of them; it only reads the header, which is never compressed.
 ACCEPTED_TRANSFER_SYNTAXES = frozenset(ALL_TRANSFER_SYNTAXES)
-_SOCKET_BUFFER = 4 * 1024 * 1024
 
 
 class DicomReceiver:
@@ -99,9 +98,6 @@ class DicomReceiver:
         scp = self.settings.scp
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        # Accepted sockets inherit the buffer size; set before listen() so the TCP window
-        # scale is negotiated large enough for 100 MB studies over loopback and LAN.
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER)
         listener.bind((scp.host, scp.port))
         listener.listen(max(64, scp.max_associations * 2))
         listener.settimeout(0.2)
@@ -134,6 +130,7 @@ class DicomReceiver:
         deadline = time.monotonic() + timeout
         for thread in active:
             thread.join(max(0.0, deadline - time.monotonic()))
+        self.storage.close()
         log.info("DICOM receiver stopped")
 
     # Threads ------------------------------------------------------------------------------
@@ -163,8 +160,10 @@ class DicomReceiver:
 
     def _serve(self, sock: socket.socket, address: str) -> None:
         try:
+            # Responses are small and each one gates the sender's next request: never let
+            # Nagle hold them back. Receive buffers are left to the kernel's autotuning,
+            # which grows them beyond what a fixed SO_RCVBUF would allow.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER)
             if self._tls is not None:
                 sock.settimeout(self.settings.scp.acse_timeout_s)
                 sock = self._tls.wrap_socket(sock, server_side=True)

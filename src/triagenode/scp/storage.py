@@ -8,9 +8,11 @@ file is durable at its final path and the rows are committed (rules of the house
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from triagenode.audit.events import AuditEventId, AuditLog, Outcome
@@ -76,6 +78,14 @@ class InstanceStorage:
         self.spool = spool
         self.ingest = ingest
         self.audit = audit
+        self.fsync_pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="spool-fsync")
+
+    def close(self) -> None:
+        """Finish queued work and stop the helper threads."""
+        self.ingest.close()
+        self.fsync_pool.shutdown(wait=True)
+        # Ready for another start(); threads are only made when needed.
+        self.fsync_pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="spool-fsync")
 
     def begin(
         self,
@@ -136,6 +146,43 @@ class InstanceStorage:
 def _spool_status(exc: SpoolError) -> tuple[StoreStatus, str]:
     name = errno.errorcode.get(exc.errno or 0, "error")
     return StoreStatus.out_of_resources_spool, f"spool: {name}"
+
+
+def _wait_quietly(future: Future[None]) -> None:
+    """Let a background fsync finish before the temp file is removed."""
+    with contextlib.suppress(Exception):
+        future.result()
+
+
+def _check(
+    header: InstanceHeader, sop_class_uid: str, sop_instance_uid: str
+) -> tuple[StoreStatus, str] | None:
+    """Why a dataset cannot be stored under the request that carried it, or None."""
+    missing = [
+        name
+        for name, value in (
+            ("StudyInstanceUID", header.study_uid),
+            ("SeriesInstanceUID", header.series_uid),
+            ("SOPInstanceUID", header.sop_instance_uid),
+        )
+        if not value
+    ]
+    if missing:
+        return StoreStatus.cannot_understand_missing_uid, f"missing {', '.join(missing)}"
+    if header.sop_instance_uid != sop_instance_uid:
+        return (
+            StoreStatus.cannot_understand_sop_uid_mismatch,
+            "SOPInstanceUID differs from the request's Affected SOP Instance UID",
+        )
+    if header.sop_class_uid and header.sop_class_uid != sop_class_uid:
+        return (
+            StoreStatus.dataset_does_not_match,
+            "SOPClassUID differs from the request's Affected SOP Class UID",
+        )
+    for uid in (header.study_uid, header.series_uid, header.sop_instance_uid):
+        if not is_path_safe_uid(uid or ""):
+            return StoreStatus.cannot_understand, "UID is not valid"
+    return None
 
 
 class PendingInstance:
@@ -219,6 +266,9 @@ class PendingInstance:
             status, reason = _spool_status(self._error or SpoolError("spool"))
             return self._refuse(status, reason)
         info = self._info
+        # fsync the temp file in the background while the header is parsed and the rows are
+        # written: both wait on the disk, neither needs the other until the commit.
+        synced = self._storage.fsync_pool.submit(incoming.sync)
         try:
             header = parse_header(
                 self._meta,
@@ -230,44 +280,15 @@ class PendingInstance:
                 info.calling_ae,
             )
         except Exception as exc:
+            _wait_quietly(synced)
             return self._refuse(
                 StoreStatus.cannot_understand_unparsable, f"header unreadable: {type(exc).__name__}"
             )
-        if not (header.study_uid and header.series_uid and header.sop_instance_uid):
-            missing = [
-                name
-                for name, value in (
-                    ("StudyInstanceUID", header.study_uid),
-                    ("SeriesInstanceUID", header.series_uid),
-                    ("SOPInstanceUID", header.sop_instance_uid),
-                )
-                if not value
-            ]
-            return self._refuse(
-                StoreStatus.cannot_understand_missing_uid, f"missing {', '.join(missing)}", header
-            )
-        if header.sop_instance_uid != self.sop_instance_uid:
-            return self._refuse(
-                StoreStatus.cannot_understand_sop_uid_mismatch,
-                "SOPInstanceUID differs from the request's Affected SOP Instance UID",
-                header,
-            )
-        if header.sop_class_uid and header.sop_class_uid != self.sop_class_uid:
-            return self._refuse(
-                StoreStatus.dataset_does_not_match,
-                "SOPClassUID differs from the request's Affected SOP Class UID",
-                header,
-            )
-        for uid in (header.study_uid, header.series_uid, header.sop_instance_uid):
-            if not is_path_safe_uid(uid):
-                return self._refuse(StoreStatus.cannot_understand, "UID is not valid", header)
-        try:
-            stored = incoming.commit(header.study_uid, header.series_uid, header.sop_instance_uid)
-        except SpoolError as exc:
-            self._incoming = None
-            status, reason = _spool_status(exc)
-            return self._refuse(status, reason, header)
-        self._incoming = None
+        problem = _check(header, self.sop_class_uid, self.sop_instance_uid)
+        if problem is not None:
+            _wait_quietly(synced)
+            return self._refuse(*problem, header)
+        assert header.study_uid and header.series_uid and header.sop_instance_uid
         patient_ref = self._storage.audit.patient_ref(header.patient_id)
         record = InstanceRecord(
             study_uid=header.study_uid,
@@ -275,9 +296,11 @@ class PendingInstance:
             sop_instance_uid=header.sop_instance_uid,
             sop_class_uid=self.sop_class_uid,
             transfer_syntax_uid=self.transfer_syntax_uid,
-            size=stored.size,
-            sha256=stored.sha256,
-            file_path=stored.relative_path,
+            size=incoming.size,
+            sha256=incoming.sha256,
+            file_path=incoming.relative_path(
+                header.study_uid, header.series_uid, header.sop_instance_uid
+            ),
             calling_ae=info.calling_ae or None,
             received_at=utcnow(),
             patient_ref=patient_ref,
@@ -287,8 +310,22 @@ class PendingInstance:
             number_of_frames=header.number_of_frames,
             triage_inputs=header.triage_inputs,
         )
+        pending = self._storage.ingest.submit(record)
         try:
-            outcome = self._storage.ingest.record(record)
+            synced.result()
+            stored = incoming.commit(header.study_uid, header.series_uid, header.sop_instance_uid)
+        except SpoolError as exc:
+            pending.file_durable(False)
+            self._incoming = None
+            status, reason = _spool_status(exc)
+            return self._refuse(status, reason, header)
+        except BaseException:
+            pending.file_durable(False)
+            raise
+        self._incoming = None
+        pending.file_durable(True)
+        try:
+            outcome = pending.wait()
         except StorageError as exc:
             incoming.revert()
             return self._refuse(StoreStatus.out_of_resources_database, str(exc), header)

@@ -1,8 +1,10 @@
 """Recording received instances: the studies, series and instances rows.
 
-One transaction per instance, committed before the C-STORE success is sent. The common case
-(another instance of a study already receiving) is three short statements; the ids of known
-studies and series are cached so no lookups are needed. Duplicates and reopened studies take
+A single writer thread commits the rows of every association in groups (one commit, so one
+fsync, for all instances that arrived meanwhile), and each instance's rows are committed only
+after its file is durable and before its C-STORE success is sent. The common case (another
+instance of a study already receiving) is three short statements; the ids of known studies
+and series are cached so no lookups are needed. Duplicates and reopened studies take
 a slower path that also writes a :class:`~triagenode.store.models.StudyEvent`.
 """
 
@@ -15,12 +17,11 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, select, update
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from triagenode.dicom_attrs import merge_triage_inputs
 from triagenode.domain import Priority, StudyState
-from triagenode.errors import StorageError
 from triagenode.store.db import Database
+from triagenode.store.group_commit import GroupCommitter, PendingWrite
 from triagenode.store.models import Instance, Series, Study, StudyEvent
 
 __all__ = ["IngestOutcome", "InstanceRecord", "StudyIngest"]
@@ -95,6 +96,9 @@ class StudyIngest:
         self._studies: dict[str, _KnownStudy] = {}
         self._series: dict[str, int] = {}
         self._lock = threading.Lock()
+        self._committer: GroupCommitter[InstanceRecord, IngestOutcome] = GroupCommitter(
+            db, self._record, on_failure=self.forget, name="ingest-writer"
+        )
 
     def forget(self) -> None:
         """Drop cached ids (after a database error the rows may not exist any more)."""
@@ -103,30 +107,29 @@ class StudyIngest:
             self._series.clear()
 
     def record(self, item: InstanceRecord) -> IngestOutcome:
-        """Insert or update the rows for one stored instance and commit.
+        """Record one instance whose file is already durable; returns once committed.
 
         Raises
         ------
         StorageError
             When the database did not commit; nothing of this instance is recorded then.
         """
-        for attempt in (1, 2):
-            try:
-                with self._db.engine.connect() as connection:
-                    if self._db.is_sqlite:
-                        connection.execution_options(begin_immediate=True)
-                    with connection.begin():
-                        return self._record(connection, item)
-            except IntegrityError as exc:
-                # A cached id pointed at a row that is gone, or a concurrent writer won a
-                # race the ON CONFLICT clauses do not cover: retry once without the cache.
-                self.forget()
-                if attempt == 2:
-                    raise StorageError(f"database refused instance rows: {exc.orig}") from exc
-            except SQLAlchemyError as exc:
-                self.forget()
-                raise StorageError(f"database did not commit: {type(exc).__name__}") from exc
-        raise AssertionError("unreachable")
+        pending = self.submit(item)
+        pending.file_durable(True)
+        return pending.wait()
+
+    def submit(self, item: InstanceRecord) -> PendingWrite[InstanceRecord, IngestOutcome]:
+        """Queue an instance's rows for the next group commit and return at once.
+
+        The rows are written while the caller makes the file durable; the caller then
+        calls :meth:`PendingWrite.file_durable` and the commit happens only after that, so
+        a row never exists for a file that is not safe on disk.
+        """
+        return self._committer.submit(item)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the writer thread after the queued records."""
+        self._committer.close(timeout)
 
     # The steps, in one transaction ---------------------------------------------------------
 

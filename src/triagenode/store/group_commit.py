@@ -1,0 +1,188 @@
+"""Group commit: one writer thread turns many callers' small transactions into one commit.
+
+Each caller submits an item and gets a :class:`PendingWrite`. The writer stages every item
+that is waiting in one transaction, each in its own savepoint, and commits once, so a burst
+of instances from several associations costs one database fsync instead of one each. An
+item's savepoint is released only after its caller reports that the item's file is durable,
+so nothing is committed for a file that might not exist after a crash.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+from sqlalchemy import Connection
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+
+from triagenode.errors import StorageError
+from triagenode.store.db import Database
+
+__all__ = ["GroupCommitter", "PendingWrite"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+# Items per transaction; a batch holds SQLite's write lock while its files are fsynced.
+MAX_BATCH = 32
+
+
+class PendingWrite(Generic[T, R]):
+    """One submitted item on its way to the database."""
+
+    def __init__(self, item: T) -> None:
+        self.item = item
+        self.outcome: R | None = None
+        self._error: StorageError | None = None
+        self._file_ok = False
+        self._file_known = threading.Event()
+        self._done = threading.Event()
+
+    def file_durable(self, ok: bool) -> None:
+        """Tell the writer whether the item's file is safe on disk; must always be called."""
+        self._file_ok = ok
+        self._file_known.set()
+
+    def wait_file(self, timeout: float = 300.0) -> bool:
+        return self._file_known.wait(timeout) and self._file_ok
+
+    def fail(self, error: StorageError) -> None:
+        self.outcome = None
+        self._error = error
+        self._done.set()
+
+    def finish(self) -> None:
+        self._done.set()
+
+    def wait(self, timeout: float = 300.0) -> R:
+        """Block until committed and return what the stage function returned.
+
+        Raises
+        ------
+        StorageError
+            When the item was not committed.
+        """
+        if not self._done.wait(timeout):
+            raise StorageError(f"database did not answer within {timeout:g} s")
+        if self._error is not None or self.outcome is None:
+            raise self._error or StorageError("rows were not recorded")
+        return self.outcome
+
+
+class GroupCommitter(Generic[T, R]):
+    """Runs ``stage(connection, item)`` for submitted items and commits them in groups.
+
+    Parameters
+    ----------
+    db
+        The database.
+    stage
+        Writes one item's rows on the given connection (inside a savepoint).
+    on_failure
+        Called after any rollback, e.g. to drop caches that may describe undone rows.
+    name
+        The writer thread's name.
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        stage: Callable[[Connection, T], R],
+        on_failure: Callable[[], None] = lambda: None,
+        name: str = "group-commit",
+    ) -> None:
+        self._db = db
+        self._stage_item = stage
+        self._on_failure = on_failure
+        self._name = name
+        self._queue: queue.Queue[PendingWrite[T, R] | None] = queue.Queue()
+        self._writer: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, item: T) -> PendingWrite[T, R]:
+        """Queue ``item`` and return at once; the writer thread starts on first use."""
+        pending: PendingWrite[T, R] = PendingWrite(item)
+        with self._lock:
+            if self._writer is None or not self._writer.is_alive():
+                self._writer = threading.Thread(
+                    target=self._write_loop, name=self._name, daemon=True
+                )
+                self._writer.start()
+        self._queue.put(pending)
+        return pending
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the writer after the items already queued."""
+        with self._lock:
+            writer, self._writer = self._writer, None
+        if writer is not None:
+            self._queue.put(None)
+            writer.join(timeout)
+
+    def _write_loop(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            stop = False
+            while len(batch) < MAX_BATCH:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stop = True
+                    break
+                batch.append(more)
+            try:
+                self._commit(batch)
+            except BaseException:  # never let the writer die with callers waiting
+                log.exception("%s failed", self._name)
+                for pending in batch:
+                    pending.fail(StorageError("database writer failed"))
+            if stop:
+                return
+
+    def _commit(self, batch: list[PendingWrite[T, R]]) -> None:
+        try:
+            with self._db.engine.connect() as connection:
+                if self._db.is_sqlite:
+                    connection.execution_options(begin_immediate=True)
+                with connection.begin():
+                    for pending in batch:
+                        self._stage(connection, pending)
+        except SQLAlchemyError as exc:
+            self._on_failure()
+            error = StorageError(f"database did not commit: {type(exc).__name__}")
+            for pending in batch:
+                pending.fail(error)
+            return
+        for pending in batch:
+            pending.finish()
+
+    def _stage(self, connection: Connection, pending: PendingWrite[T, R]) -> None:
+        for attempt in (1, 2):
+            savepoint = connection.begin_nested()
+            try:
+                outcome = self._stage_item(connection, pending.item)
+            except IntegrityError as exc:
+                # e.g. a cached id pointing at a row that is gone: retry once without caches.
+                savepoint.rollback()
+                self._on_failure()
+                if attempt == 2:
+                    pending.fail(StorageError(f"database refused the rows: {exc.orig}"))
+                    return
+                continue
+            if pending.wait_file():
+                savepoint.commit()
+                pending.outcome = outcome
+            else:
+                savepoint.rollback()
+                self._on_failure()
+                pending.fail(StorageError("the file was not stored"))
+            return

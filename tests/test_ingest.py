@@ -1,0 +1,62 @@
+"""Instance rows through the group-committing writer, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import select
+
+from triagenode.errors import StorageError
+from triagenode.store.db import Database
+from triagenode.store.ingest import InstanceRecord, StudyIngest
+from triagenode.store.models import Instance, Study, utcnow
+
+
+def record(sop: str, study: str = "1.9.1", size: int = 10) -> InstanceRecord:
+    return InstanceRecord(
+        study_uid=study,
+        series_uid=f"{study}.1",
+        sop_instance_uid=sop,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        size=size,
+        sha256="a" * 64,
+        file_path=f"spool/{study}/{study}.1/{sop}.dcm",
+        calling_ae="CT1",
+        received_at=utcnow(),
+        modality="CT",
+        triage_inputs={"Modality": "CT"},
+    )
+
+
+def test_a_file_that_failed_rolls_back_only_its_rows(db: Database) -> None:
+    ingest = StudyIngest(db)
+    try:
+        pending = [ingest.submit(record(f"1.9.1.1.{i}")) for i in range(3)]
+        for i, p in enumerate(pending):
+            p.file_durable(i != 1)  # the second instance's file could not be stored
+        assert pending[0].wait().created_study
+        with pytest.raises(StorageError):
+            pending[1].wait()
+        assert not pending[2].wait().replaced
+    finally:
+        ingest.close()
+    with db.session() as session:
+        sops = session.execute(select(Instance.sop_instance_uid)).scalars().all()
+        study = session.execute(select(Study)).scalar_one()
+    assert sorted(sops) == ["1.9.1.1.0", "1.9.1.1.2"]
+    assert (study.instance_count, study.byte_count) == (2, 20)
+
+
+def test_duplicate_updates_the_one_row(db: Database) -> None:
+    ingest = StudyIngest(db)
+    try:
+        ingest.record(record("1.9.2.1", study="1.9.2", size=10))
+        outcome = ingest.record(record("1.9.2.1", study="1.9.2", size=30))
+    finally:
+        ingest.close()
+    assert outcome.replaced
+    with db.session() as session:
+        [row] = session.execute(select(Instance)).scalars().all()
+        study = session.execute(select(Study)).scalar_one()
+    assert (row.size, row.replaced_count) == (30, 1)
+    assert (study.instance_count, study.byte_count) == (1, 30)
