@@ -158,6 +158,14 @@ def test_audit_verify_and_export(world: ApiWorld) -> None:
     assert validator.validate(etree.fromstring(xml.content)), validator.error_log
     lines = client.get("/api/v1/audit/export", params={"format": "jsonl"}, headers=headers)
     assert len(lines.text.splitlines()) >= 2
+    anchored = client.get(
+        "/api/v1/audit/verify",
+        params={"expect_head": f"{clean['head_seq']}:{clean['head_hash']}"},
+        headers=headers,
+    ).json()
+    assert anchored["ok"], anchored["problem"]
+    bad_anchor = {"expect_head": "1:nothex"}
+    assert client.get("/api/v1/audit/verify", params=bad_anchor, headers=headers).status_code == 422
     with world.db.engine.begin() as connection:
         connection.execute(text("UPDATE audit_events SET actor = 'mallory' WHERE seq = 1"))
     broken = client.get("/api/v1/audit/verify", headers=headers).json()

@@ -238,3 +238,18 @@ def test_secret_file_is_created_once_with_mode_0600(make_settings, tmp_path: Pat
     assert load_or_create_secret(settings) == first
     configured = make_settings()
     assert load_or_create_secret(configured) == b"test-secret-0123456789abcdef"
+
+
+def test_anchor_catches_deleted_newest_rows(db: Database) -> None:
+    log = AuditLog(db, SECRET)
+    _fill(log)
+    earlier = verify(db, SECRET)
+    anchor = (earlier.head_seq, earlier.head_hash)
+    log.record(AuditEventId.query, actor="later")
+    assert verify(db, SECRET, anchor).ok
+    _sql(db, "DELETE FROM audit_events WHERE seq >= 6")
+    assert verify(db, SECRET).ok  # the chain alone cannot tell
+    truncated = verify(db, SECRET, anchor)
+    assert not truncated.ok and truncated.problem.kind == "deleted"
+    assert truncated.problem.seq == 6
+    assert not verify(db, SECRET, (3, "0" * 64)).ok

@@ -71,12 +71,17 @@ def test_audit_verify_export_list(
         patient_id=PATIENT_ID,
     )
     assert main(["audit", "verify", *args]) == 0
-    assert "audit chain intact: 1 events" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "audit chain intact: 1 events" in printed
+    head = printed.split("head: seq ")[1].split()
+    anchor = f"{head[0]}:{head[2]}"
+    assert main(["audit", "verify", *args, "--expect-head", anchor]) == 0
+    capsys.readouterr()
     out = tmp_path / "trail.xml"
     assert main(["audit", "export", *args, "--format", "atna-xml", "--out", str(out)]) == 0
     document = etree.parse(str(out)).getroot()
     assert schema("triagenode-audit-export.rng").validate(document)
-    assert len(document) == 2  # the event and the verify
+    assert len(document) == 3  # the event and two verifies
     future = ["--from", "2999-01-01"]
     assert main(["audit", "export", *args, "--format", "jsonl", *future]) == 0
     assert capsys.readouterr().out == ""
@@ -85,6 +90,7 @@ def test_audit_verify_export_list(
     assert '"received"' in listed and PATIENT_ID not in listed
     with log.db.engine.begin() as connection:
         connection.execute(text("DELETE FROM audit_events WHERE seq = 2"))
+    capsys.readouterr()
     assert main(["audit", "verify", *args]) == 1
     assert "BROKEN: deleted" in capsys.readouterr().out
     with pytest.raises(SystemExit):

@@ -247,7 +247,27 @@ def _diagnose(
     )
 
 
-def verify(db: Database, secret: bytes) -> VerifyReport:
+def _check_anchor(
+    session: Session, anchor: tuple[int, str], head_seq: int | None
+) -> ChainProblem | None:
+    seq, expected = anchor
+    if head_seq is None or head_seq < seq:
+        return ChainProblem(
+            "deleted",
+            (head_seq or 0) + 1,
+            None,
+            f"the chain ends at row {head_seq or 0} but an earlier report saw row {seq}: "
+            "its newest rows were deleted",
+        )
+    stored = session.scalar(select(AuditEvent.row_hash).where(AuditEvent.seq == seq))
+    if stored != expected:
+        return ChainProblem(
+            "edited", seq, None, f"row {seq} differs from the one an earlier report vouched for"
+        )
+    return None
+
+
+def verify(db: Database, secret: bytes, anchor: tuple[int, str] | None = None) -> VerifyReport:
     """Walk the whole audit chain and report the first edited, deleted, inserted or
     reordered row.
 
@@ -257,6 +277,10 @@ def verify(db: Database, secret: bytes) -> VerifyReport:
         The node's database.
     secret
         The audit secret the rows were written with.
+    anchor
+        ``(head_seq, head_hash)`` of an earlier report, kept outside the database: the chain
+        must still contain that row unchanged. This catches what the chain alone cannot,
+        the deletion of its newest rows.
 
     Returns
     -------
@@ -293,6 +317,8 @@ def verify(db: Database, secret: bytes) -> VerifyReport:
             last_at = row.at
             head_seq, head_hash = row.seq, row.row_hash
             expected_seq, expected_prev = row.seq + 1, row.row_hash
+        if found is None and anchor is not None:
+            found = _check_anchor(session, anchor, head_seq)
         if found is None:
             stray = session.execute(
                 select(AuditEvent.id).where(AuditEvent.seq.is_(None)).limit(1)

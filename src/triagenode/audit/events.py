@@ -86,9 +86,9 @@ class AuditLog:
     def db(self) -> Database:
         return self._db
 
-    def verify(self) -> VerifyReport:
+    def verify(self, anchor: tuple[int, str] | None = None) -> VerifyReport:
         """Walk the chain with this log's secret (see :func:`triagenode.audit.chain.verify`)."""
-        return verify(self._db, self._secret)
+        return verify(self._db, self._secret, anchor)
 
     def patient_ref(self, patient_id: str | None) -> str | None:
         """HMAC-SHA256 of a patient ID under the audit secret, or None for no ID."""

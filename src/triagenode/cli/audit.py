@@ -22,6 +22,13 @@ def _when(value: str) -> datetime:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
 
 
+def _anchor(value: str) -> tuple[int, str]:
+    seq, _, digest = value.partition(":")
+    if not seq.isdigit() or len(digest) != 64:
+        raise argparse.ArgumentTypeError(f"{value!r}: expected SEQ:HASH as `audit verify` prints")
+    return int(seq), digest.lower()
+
+
 def register(subparsers: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
     parser = subparsers.add_parser("audit", parents=[parent], help="the audit trail")
     actions = parser.add_subparsers(dest="action", required=True)
@@ -30,6 +37,12 @@ def register(subparsers: argparse._SubParsersAction, parent: argparse.ArgumentPa
         "verify", parents=[parent], help="walk the hash chain; exit 1 when it is broken"
     )
     verify.add_argument("--json", action="store_true", help="print the report as JSON")
+    verify.add_argument(
+        "--expect-head",
+        type=_anchor,
+        metavar="SEQ:HASH",
+        help="head of an earlier report (kept elsewhere): also detects deleted newest rows",
+    )
     verify.set_defaults(handler=_verify)
 
     export = actions.add_parser("export", parents=[parent], help="export events of a time range")
@@ -67,7 +80,7 @@ def _verify(args: argparse.Namespace) -> int:
     from triagenode.audit import AuditEventId, Outcome
 
     _settings, db, audit = _audit_log(args)
-    report = audit.verify()
+    report = audit.verify(args.expect_head)
     if args.json:
         print_json(report.to_dict())
     elif report.ok:

@@ -107,8 +107,23 @@ def search(
 
 
 @router.get("/verify", response_model=VerifyOut, summary="Walk the hash chain")
-def verify_chain(db: DbDep, audit: AuditDep, _: Auditor, call: CallAuditDep) -> VerifyOut:
-    report = audit.verify()
+def verify_chain(
+    audit: AuditDep,
+    _: Auditor,
+    call: CallAuditDep,
+    expect_head: Annotated[
+        str | None,
+        Query(
+            pattern=r"^[0-9]+:[0-9a-fA-F]{64}$",
+            description="SEQ:HASH of an earlier report: also detects deleted newest rows",
+        ),
+    ] = None,
+) -> VerifyOut:
+    anchor = None
+    if expect_head:
+        seq, digest = expect_head.split(":")
+        anchor = (int(seq), digest.lower())
+    report = audit.verify(anchor)
     call.event_type = "verify"
     call.details.update(ok=report.ok, count=report.count)
     if not report.ok and report.problem is not None:
