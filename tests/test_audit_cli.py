@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -100,6 +101,14 @@ def test_audit_verify_export_list(
 
 def test_api_command_serves_until_interrupted(config: Path, tmp_path: Path) -> None:
     port = free_port()
+    collector = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    collector.bind(("127.0.0.1", 0))
+    collector.settimeout(10)
+    with config.open("a", encoding="utf-8") as handle:
+        handle.write(
+            f'[audit.syslog]\nenabled = true\nprotocol = "udp"\n'
+            f'host = "127.0.0.1"\nport = {collector.getsockname()[1]}\n'
+        )
     process = subprocess.Popen(
         [
             sys.executable,
@@ -134,3 +143,7 @@ def test_api_command_serves_until_interrupted(config: Path, tmp_path: Path) -> N
     log = _log(config)
     report = log.verify()
     assert report.ok and report.count == 3  # start, the refused call, stop
+    forwarded = [collector.recv(65535).decode() for _ in range(3)]
+    collector.close()
+    assert all("DICOM+RFC3881" in line for line in forwarded)
+    assert "110113" in "".join(forwarded)  # the refused call reached the collector

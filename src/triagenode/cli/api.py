@@ -45,10 +45,19 @@ def _run(args: argparse.Namespace) -> int:
     db = open_database(settings)
     audit = AuditLog(db, load_or_create_secret(settings))
     app = create_app(settings, db, audit)
+    forwarder = None
+    if settings.audit.syslog.enabled:
+        from triagenode.audit.syslog import AuditForwarder
+
+        forwarder = AuditForwarder.from_settings(settings, db)
+        forwarder.start()
     audit.record(AuditEventId.application_activity, event_type="start", actor="triagenode-api")
     try:
         build_server(app, settings.api.host, settings.api.port).run()
     finally:
         audit.record(AuditEventId.application_activity, event_type="stop", actor="triagenode-api")
+        if forwarder is not None:
+            forwarder.stop()
+            forwarder.pump()  # the stop event too; anything unsent stays spooled
         db.dispose()
     return 0
