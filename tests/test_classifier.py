@@ -167,8 +167,8 @@ def test_failed_images_are_recorded_not_fatal(
         )
     assert result.label_set == "chest_xray" and result.images_used == (refs[0],)
     reasons = dict(result.images_failed)
-    assert reasons[refs[1]] == "not a DICOM file (no DICM preamble)"
-    assert "unreadable file" in reasons[refs[2]]
+    assert reasons[refs[1]] == "junk.dcm: not a DICOM file (no DICM preamble)"
+    assert "unreadable DICOM" in reasons[refs[2]]
 
 
 def test_a_study_with_no_usable_image_raises(

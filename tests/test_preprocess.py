@@ -12,7 +12,6 @@ from PIL import Image
 from pydicom import dcmread
 from pydicom.data import get_testdata_file, get_testdata_files
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 from pydicom.uid import generate_uid
 
 from tests.factory import ct_slice, write
@@ -24,6 +23,7 @@ from triagenode.inference.preprocess import (
     preprocess_dataset,
     preprocess_file,
     preprocess_pixels,
+    read_dataset,
     to_display,
 )
 
@@ -183,10 +183,7 @@ CLEAN_REASONS = ("no pixel data", "not a DICOM file")
 
 def _refusal(path: str) -> str | None:
     try:
-        ds = dcmread(path)
-    except InvalidDicomError:
-        return "not a DICOM file"
-    try:
+        ds = read_dataset(path)
         out = preprocess_dataset(ds, CONFIG, number_of_frames(ds))
     except PreprocessError as exc:
         return str(exc)
@@ -209,7 +206,7 @@ def test_every_pydicom_test_file_is_preprocessed_or_cleanly_refused() -> None:
         if name in EXPECTED_REFUSALS:
             assert EXPECTED_REFUSALS[name] in reason, (name, reason)
         else:
-            assert reason.startswith(CLEAN_REASONS), (name, reason)
+            assert any(clean in reason for clean in CLEAN_REASONS), (name, reason)
     assert set(EXPECTED_REFUSALS) <= set(refused)
 
 

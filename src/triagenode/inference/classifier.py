@@ -23,14 +23,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydicom import dcmread
-from pydicom.errors import InvalidDicomError
 
 from triagenode.config.labels import LabelSet, LabelSettings
 from triagenode.domain import ImageRef, LabelFinding, Priority, StudyResult
 from triagenode.errors import PreprocessError, TriageNodeError
 from triagenode.inference.backends.base import ImageEncoder
-from triagenode.inference.preprocess import IMAGE_SUFFIXES, preprocess_dataset, preprocess_file
+from triagenode.inference.preprocess import (
+    IMAGE_SUFFIXES,
+    preprocess_dataset,
+    preprocess_file,
+    read_dataset,
+)
 
 __all__ = ["AGGREGATION", "NoUsableImagesError", "ZeroShotClassifier", "softmax"]
 
@@ -220,13 +223,10 @@ class ZeroShotClassifier:
                     datasets = None
                     arrays_here = [preprocess_file(path, config)[0]] * len(path_refs)
                 else:
-                    datasets = dcmread(path)  # read once for all of its frames
+                    datasets = read_dataset(path)  # read once for all of its frames
                     arrays_here = []
             except PreprocessError as exc:
                 failed.extend((ref, str(exc)) for ref in path_refs)
-                continue
-            except InvalidDicomError:
-                failed.extend((ref, "not a DICOM file (no DICM preamble)") for ref in path_refs)
                 continue
             except Exception as exc:  # unreadable file: that image fails, not the study
                 failed.extend((ref, f"unreadable file ({exc})") for ref in path_refs)

@@ -30,6 +30,7 @@ from PIL import Image
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from triagenode.errors import PreprocessError
 
@@ -44,6 +45,7 @@ __all__ = [
     "preprocess_dataset",
     "preprocess_file",
     "preprocess_pixels",
+    "read_dataset",
     "to_display",
 ]
 
@@ -371,6 +373,41 @@ def _image_file(path: Path, config: PreprocessConfig) -> np.ndarray:
     return preprocess_pixels(display, config)[None]
 
 
+def read_dataset(path: Path | str) -> Dataset:
+    """Read a DICOM file: Part 10, or a bare dataset without preamble and file meta.
+
+    Raises
+    ------
+    PreprocessError
+        When the file is neither, or is unreadable.
+    """
+    path = Path(path)
+    try:
+        return dcmread(path)
+    except InvalidDicomError:
+        pass
+    except (OSError, ValueError, EOFError) as exc:
+        raise PreprocessError(f"{path.name}: unreadable DICOM ({exc})") from None
+    try:
+        ds = dcmread(path, force=True)
+    except Exception:
+        ds = Dataset()
+    # force=True "reads" any file; a real dataset has a SOP class or pixel data
+    if "SOPClassUID" not in ds and not any(k in ds for k in _PIXEL_KEYWORDS):
+        raise PreprocessError(f"{path.name}: not a DICOM file (no DICM preamble)")
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and "TransferSyntaxUID" not in meta and ds.original_encoding:
+        implicit, little = ds.original_encoding
+        meta.TransferSyntaxUID = (
+            ImplicitVRLittleEndian
+            if implicit
+            else ExplicitVRLittleEndian
+            if little
+            else ExplicitVRBigEndian
+        )
+    return ds
+
+
 def preprocess_file(
     path: Path | str, config: PreprocessConfig, frames: Sequence[int] | None = None
 ) -> np.ndarray:
@@ -393,11 +430,6 @@ def preprocess_file(
     path = Path(path)
     if path.suffix.lower() in IMAGE_SUFFIXES:
         return _image_file(path, config)
-    try:
-        ds = dcmread(path)
-    except InvalidDicomError:
-        raise PreprocessError(f"{path.name}: not a DICOM file (no DICM preamble)") from None
-    except (OSError, ValueError, EOFError) as exc:
-        raise PreprocessError(f"{path.name}: unreadable DICOM ({exc})") from None
+    ds = read_dataset(path)
     wanted = list(frames) if frames is not None else list(range(1, number_of_frames(ds) + 1))
     return np.stack([preprocess_dataset(ds, config, frame) for frame in wanted])
