@@ -53,6 +53,12 @@ def test_studies_list_filters_and_pages(world: ApiWorld) -> None:
         "/api/v1/studies", params={"limit": 1, "cursor": first["next_cursor"]}, headers=headers
     ).json()
     assert [s["study_uid"] for s in second["items"]] == [STUDY_UID]
+    recent = client.get(
+        "/api/v1/studies", params={"received_from": "2000-01-01T00:00:00"}, headers=headers
+    )
+    assert recent.status_code == 200 and recent.json()["total"] == 2
+    future = {"from": "2999-01-01T00:00:00", "to": "2999-01-02"}
+    assert client.get("/api/v1/audit", params=future, headers=headers).json()["total"] == 0
     offset = client.get("/api/v1/studies?limit=1&offset=1", headers=headers).json()
     assert offset["items"] == second["items"]
     assert client.get("/api/v1/studies?cursor=bogus", headers=headers).status_code == 400

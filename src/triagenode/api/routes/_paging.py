@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import base64
 import json
+from datetime import datetime, timezone
 from typing import Annotated, Any
 
 from fastapi import Query
 
 from triagenode.api.problems import Problem
 
-__all__ = ["Cursor", "Limit", "Offset", "decode_cursor", "encode_cursor"]
+__all__ = ["Cursor", "Limit", "Offset", "as_utc", "decode_cursor", "encode_cursor"]
 
 Limit = Annotated[int, Query(ge=1, le=500, description="Items per page")]
 Offset = Annotated[int, Query(ge=0, description="Items to skip (ignored with a cursor)")]
@@ -33,3 +34,10 @@ def decode_cursor(cursor: str, arity: int) -> list[Any]:
         return values
     except ValueError:
         raise Problem(400, "cursor is not one this API gave out", "bad-cursor") from None
+
+
+def as_utc(value: datetime | None) -> datetime | None:
+    """Query times without a zone are UTC, like every time the node stores."""
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=timezone.utc)

@@ -14,7 +14,14 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy import func, select
 
 from triagenode.api.deps import AuditDep, CallAuditDep, DbDep, SettingsDep, require
-from triagenode.api.routes._paging import Cursor, Limit, Offset, decode_cursor, encode_cursor
+from triagenode.api.routes._paging import (
+    Cursor,
+    Limit,
+    Offset,
+    as_utc,
+    decode_cursor,
+    encode_cursor,
+)
 from triagenode.api.schemas import AuditEventOut, Page, VerifyOut
 from triagenode.api.tokens import Principal, Role
 from triagenode.audit.atna import AuditSource
@@ -68,6 +75,7 @@ def search(
     offset: Offset = 0,
     cursor: Cursor = None,
 ) -> Page[AuditEventOut]:
+    start, end = as_utc(start), as_utc(end)
     filters = []
     if start is not None:
         filters.append(AuditEvent.at >= start)
@@ -157,6 +165,7 @@ def export(
 ) -> StreamingResponse:
     call.event_type = "export"
     call.details.update(format=format)
+    start, end = as_utc(start), as_utc(end)
     suffix = {"atna-xml": "xml", "syslog": "log", "jsonl": "jsonl"}[format]
     return StreamingResponse(
         export_chunks(db, format, AuditSource.from_settings(settings), start, end),

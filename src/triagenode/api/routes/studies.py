@@ -10,7 +10,14 @@ from sqlalchemy import ColumnElement, and_, func, or_, select
 
 from triagenode.api.deps import AuditDep, CallAuditDep, DbDep, require
 from triagenode.api.problems import Problem
-from triagenode.api.routes._paging import Cursor, Limit, Offset, decode_cursor, encode_cursor
+from triagenode.api.routes._paging import (
+    Cursor,
+    Limit,
+    Offset,
+    as_utc,
+    decode_cursor,
+    encode_cursor,
+)
 from triagenode.api.schemas import (
     ActionResult,
     ExportOut,
@@ -105,6 +112,7 @@ def list_studies(
     offset: Offset = 0,
     cursor: Cursor = None,
 ) -> Page[StudySummary]:
+    received_from, received_to = as_utc(received_from), as_utc(received_to)
     filters: list[ColumnElement[bool]] = []
     if state:
         filters.append(Study.state.in_([s.value for s in state]))
