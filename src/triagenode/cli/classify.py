@@ -168,11 +168,13 @@ class _Run:
         self._add_dicom(path)
 
     def _add_dicom(self, path: Path) -> None:
-        from pydicom import dcmread
-        from pydicom.errors import InvalidDicomError
-
         from triagenode.dicom_attrs import triage_inputs
-        from triagenode.inference.preprocess import number_of_frames, preprocess_dataset
+        from triagenode.errors import PreprocessError
+        from triagenode.inference.preprocess import (
+            number_of_frames,
+            preprocess_dataset,
+            read_dataset,
+        )
         from triagenode.inference.select import evenly_spaced, is_image_sop_class
 
         base: dict[str, Any] = {
@@ -183,12 +185,10 @@ class _Run:
             "label_set": None,
         }
         try:
-            ds = dcmread(path)
-        except InvalidDicomError:
-            self._result(base, "skipped", "not a DICOM file")
-            return
-        except Exception as exc:
-            self._result(base, "failed", f"unreadable DICOM ({exc})")
+            ds = read_dataset(path)
+        except PreprocessError as exc:
+            status = "skipped" if "not a DICOM file" in str(exc) else "failed"
+            self._result(base, status, str(exc))
             return
         base["study_uid"] = str(ds.get("StudyInstanceUID", "")) or None
         base["sop_instance_uid"] = str(ds.get("SOPInstanceUID", "")) or None

@@ -388,6 +388,7 @@ def read_dataset(path: Path | str) -> Dataset:
         pass
     except (OSError, ValueError, EOFError) as exc:
         raise PreprocessError(f"{path.name}: unreadable DICOM ({exc})") from None
+    ds: Dataset
     try:
         ds = dcmread(path, force=True)
     except Exception:
