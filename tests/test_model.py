@@ -164,3 +164,38 @@ def test_real_biomedclip_architecture_builds_offline(tmp_path: Path, no_network:
     with torch.inference_mode():
         out = model.clip.encode_image(torch.zeros(1, 3, 224, 224), normalize=True)
     assert out.shape == (1, 512)
+
+
+def test_hf_hub_source_loads_from_the_local_cache(
+    demo: LoadedModel,
+    demo_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    no_network: None,
+) -> None:
+    import huggingface_hub.constants
+
+    hub = tmp_path / "hub"
+    repo = "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
+    text_repo = json.loads((demo_dir / model_files.CLIP_CONFIG).read_text())["model_cfg"][
+        "text_cfg"
+    ]["hf_model_name"]
+    for repo_id, names in (
+        (repo, (model_files.CLIP_CONFIG, "open_clip_pytorch_model.bin")),
+        (text_repo, ("config.json", "tokenizer.json", "tokenizer_config.json")),
+    ):
+        root = hub / f"models--{repo_id.replace('/', '--')}"
+        snapshot = root / "snapshots" / "0123abcd"
+        snapshot.mkdir(parents=True)
+        (root / "refs").mkdir()
+        (root / "refs" / "main").write_text("0123abcd")
+        for name in names:
+            shutil.copyfile(demo_dir / name, snapshot / name)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
+    loaded = load_model(f"hf-hub:{repo}", cache_dir=tmp_path / "cache")
+    assert loaded.identity.source == f"hf-hub:{repo}"
+    assert loaded.identity.version == "0123abcd"
+    assert loaded.identity.weights_sha256 == model_files.sha256_file(
+        demo_dir / "open_clip_pytorch_model.bin"
+    )
+    np.testing.assert_allclose(loaded.encode_text(PROMPTS), demo.encode_text(PROMPTS), atol=1e-6)

@@ -280,7 +280,8 @@ def _load_hf_hub(repo: str, cache_dir: Path | None) -> LoadedModel:
     )
     text_snapshot = _hub_snapshot(text_repo, ("config.json", "vocab.txt"), cache_dir)
     folder = _scratch(cache_dir, "hf-hub-" + repo.replace("/", "--"))
-    model_files.prepare_local_dir([clip_snapshot, text_snapshot], folder)
+    # symlinks into the hub cache: no second copy of the weights
+    model_files.prepare_local_dir([clip_snapshot, text_snapshot], folder, link=True)
     return load_local_dir(folder, source=f"hf-hub:{repo}")
 
 

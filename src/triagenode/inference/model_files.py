@@ -132,7 +132,16 @@ def _is_text_snapshot(folder: Path) -> bool:
     return config.is_file() and "model_type" in _read_json(config)
 
 
-def prepare_local_dir(snapshots: list[Path], out: Path) -> dict[str, Any]:
+def _place(source: Path, target: Path, link: bool) -> None:
+    if target.is_symlink() or target.exists():
+        target.unlink()
+    if link:
+        target.symlink_to(source.resolve())
+    else:
+        shutil.copyfile(source, target)
+
+
+def prepare_local_dir(snapshots: list[Path], out: Path, *, link: bool = False) -> dict[str, Any]:
     """Assemble a ``local-dir:`` model folder from Hugging Face snapshot folders.
 
     Parameters
@@ -143,6 +152,9 @@ def prepare_local_dir(snapshots: list[Path], out: Path) -> dict[str, Any]:
         and tokenizer files). One folder holding both also works.
     out
         The folder to create or fill; existing files of the same names are replaced.
+    link
+        Symlink instead of copying (for a view of the local Hugging Face cache); copies are
+        what an air-gapped machine needs.
 
     Returns
     -------
@@ -178,13 +190,12 @@ def prepare_local_dir(snapshots: list[Path], out: Path) -> dict[str, Any]:
         )
     out.mkdir(parents=True, exist_ok=True)
     config = read_clip_config(clip)
-    # Copy (not link): the folder must survive being moved to an air-gapped machine.
-    shutil.copyfile(clip / CLIP_CONFIG, out / CLIP_CONFIG)
-    shutil.copyfile(weights, out / weights.name)
+    _place(clip / CLIP_CONFIG, out / CLIP_CONFIG, link)
+    _place(weights, out / weights.name, link)
     for name in TEXT_FILES:
         source = text / name if (text / name).is_file() else clip / name
         if source.is_file():
-            shutil.copyfile(source, out / name)
+            _place(source, out / name, link)
     missing = missing_files(out)
     if missing:
         raise ModelLoadError(f"prepared folder {out} is incomplete: missing {', '.join(missing)}")
