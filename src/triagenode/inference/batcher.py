@@ -92,7 +92,7 @@ class DynamicBatcher:
             self._cond.notify()
         return future
 
-    def encode(
+    def submit_many(
         self, images: np.ndarray, priority: Priority = Priority.routine
     ) -> list[Future[np.ndarray]]:
         """Submit every image of ``(N, 3, S, S)``; one future per image."""
