@@ -8,19 +8,26 @@ did not reach the pixel data (a header larger than the kept prefix).
 from __future__ import annotations
 
 import io
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
+from pydicom.charset import convert_encodings, decode_bytes
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset
 
-from triagenode.dicom_attrs import triage_inputs
+from triagenode.dicom_attrs import TRIAGE_KEYWORDS, triage_inputs
 
 __all__ = ["HEAD_BYTES", "InstanceHeader", "parse_header"]
 
 # Bytes of each dataset kept in memory for parsing; CT/MR headers are 2-20 KB.
 HEAD_BYTES = 64 * 1024
 _DEFLATED = "1.2.840.10008.1.2.1.99"
+# Syntaxes whose dataset is not explicit VR little endian as sent (PS3.5 A.4: every
+# encapsulated syntax is explicit VR little endian outside the pixel data).
+_NOT_LITTLE_EXPLICIT = frozenset([_DEFLATED, "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.98"])
 
 
 @dataclass(frozen=True)
@@ -49,6 +56,143 @@ def _int(value: object) -> int | None:
 def _str(value: object) -> str | None:
     text = str(value).strip() if value is not None else ""
     return text or None
+
+
+# Tags of every top-level element the node reads (see InstanceHeader and TRIAGE_KEYWORDS).
+_WANTED: dict[int, str] = {
+    int(tag_for_keyword(k)): k  # type: ignore[arg-type]
+    for k in (
+        "SpecificCharacterSet",
+        "SOPClassUID",
+        "SOPInstanceUID",
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "PatientID",
+        "InstanceNumber",
+        "NumberOfFrames",
+        *TRIAGE_KEYWORDS,
+    )
+}
+_DICTIONARY_VR = {tag: dictionary_VR(tag) for tag in _WANTED}
+_LAST_WANTED = max(_WANTED)
+_TEXT_VRS = frozenset(("LO", "LT", "PN", "SH", "ST", "UC", "UT"))
+_DELIMITERS = {0x5C}  # backslash separates values
+# Sequences triage_inputs looks into: when present, pydicom reads the header instead.
+_NESTED = frozenset(
+    tag_for_keyword(k) for k in ("RequestAttributesSequence", "ScheduledProcedureStepSequence")
+)
+_LONG_VRS = frozenset(
+    (b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV")
+)
+_UNDEFINED = 0xFFFFFFFF
+_ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+
+
+class _NeedsPydicom(Exception):
+    """The quick scan met something it leaves to pydicom."""
+
+
+def _skip_undefined(data: bytes, offset: int, implicit: bool) -> int:
+    """Offset after an undefined-length value (a sequence or encapsulated data)."""
+    depth = 0
+    end = len(data)
+    while offset + 8 <= end:
+        group, element, length = struct.unpack_from("<HHI", data, offset)
+        tag = (group << 16) | element
+        offset += 8
+        if tag == _ITEM:
+            if length != _UNDEFINED:
+                offset += length
+            else:
+                depth += 1
+        elif tag == _ITEM_END:
+            depth -= 1
+        elif tag == _SEQUENCE_END:
+            if depth == 0:
+                return offset
+            raise _NeedsPydicom("unbalanced sequence")
+        else:  # an element inside an undefined-length item
+            offset -= 8
+            offset = _skip_element(data, offset, implicit)
+    raise _NeedsPydicom("sequence runs past the kept bytes")
+
+
+def _skip_element(data: bytes, offset: int, implicit: bool) -> int:
+    if implicit:
+        _, _, length = struct.unpack_from("<HHI", data, offset)
+        offset += 8
+    else:
+        vr = data[offset + 4 : offset + 6]
+        if vr in _LONG_VRS:
+            length = struct.unpack_from("<I", data, offset + 8)[0]
+            offset += 12
+        else:
+            length = struct.unpack_from("<H", data, offset + 6)[0]
+            offset += 8
+    if length == _UNDEFINED:
+        return _skip_undefined(data, offset, implicit)
+    return offset + length
+
+
+class _Header(dict[str, Any]):
+    """Decoded top-level values by keyword: the little of ``Dataset`` that is needed."""
+
+    def get(self, keyword: str, default: Any = None) -> Any:  # type: ignore[override]
+        return super().get(keyword, default)
+
+
+def _decode(raw: bytes, vr: str, encodings: list[str]) -> str | list[str]:
+    if vr in _TEXT_VRS and encodings:
+        text = decode_bytes(raw, encodings, _DELIMITERS)
+    else:
+        text = raw.decode("latin-1")
+    text = text.rstrip("\0 ")
+    if vr not in ("LT", "ST", "UT") and "\\" in text:
+        return [part.strip() for part in text.split("\\")]
+    return text.strip()
+
+
+def _scan(head: bytes, transfer_syntax_uid: str) -> _Header:
+    """The wanted top-level values of a little endian dataset, decoded.
+
+    Walks the elements without building pydicom objects and stops after the last wanted
+    tag, so the pixel data is never reached; anything unusual goes to pydicom instead.
+    """
+    implicit = transfer_syntax_uid == "1.2.840.10008.1.2"
+    if not implicit and transfer_syntax_uid in _NOT_LITTLE_EXPLICIT:
+        raise _NeedsPydicom(transfer_syntax_uid)
+    found = _Header()
+    encodings: list[str] = []
+    offset, end = 0, len(head)
+    while offset + 8 <= end:
+        group, element = struct.unpack_from("<HH", head, offset)
+        tag = (group << 16) | element
+        if tag > _LAST_WANTED:
+            return found
+        if tag in _NESTED:
+            raise _NeedsPydicom("request attributes present")
+        start = offset
+        if not implicit and not head[offset + 4 : offset + 6].isupper():
+            # Not a VR: the data is not what the transfer syntax says; pydicom copes.
+            raise _NeedsPydicom("explicit VR expected")
+        offset = _skip_element(head, offset, implicit)
+        if offset > end:
+            break
+        keyword = _WANTED.get(tag)
+        if keyword is None:
+            continue
+        if implicit:
+            vr, header = _DICTIONARY_VR[tag], 8
+        else:
+            vr = head[start + 4 : start + 6].decode("ascii")
+            header = 12 if vr.encode() in _LONG_VRS else 8
+        raw = head[start + header : offset]
+        if keyword == "SpecificCharacterSet":
+            names = raw.decode("ascii").strip(" \0").split("\\")
+            encodings = convert_encodings([n.strip() for n in names])
+            continue
+        found[keyword] = _decode(raw, vr, encodings)
+    raise _NeedsPydicom("header runs past the kept bytes")
 
 
 def _read(meta_and_head: bytes) -> tuple[Dataset, bool]:
@@ -91,12 +235,16 @@ def parse_header(
         Whatever pydicom raises for a dataset it cannot parse; the caller maps it to a
         "cannot understand" status.
     """
-    ds, reached_pixels = _read(meta + head)
-    truncated = not (complete or reached_pixels)
-    if spooled_file is not None and (
-        truncated or (transfer_syntax_uid == _DEFLATED and not complete)
-    ):
-        ds = dcmread(spooled_file, stop_before_pixels=True, force=True)
+    ds: Dataset | _Header
+    try:
+        ds = _scan(head, transfer_syntax_uid)
+    except (_NeedsPydicom, struct.error, UnicodeDecodeError, LookupError):
+        ds, reached_pixels = _read(meta + head)
+        truncated = not (complete or reached_pixels)
+        if spooled_file is not None and (
+            truncated or (transfer_syntax_uid == _DEFLATED and not complete)
+        ):
+            ds = dcmread(spooled_file, stop_before_pixels=True, force=True)
     return InstanceHeader(
         study_uid=_str(ds.get("StudyInstanceUID")),
         series_uid=_str(ds.get("SeriesInstanceUID")),

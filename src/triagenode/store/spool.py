@@ -217,11 +217,12 @@ class IncomingInstance:
                 raise SpoolError(f"UID {uid!r} is not usable as a file name")
         if self._fd is not None:
             self.sync()
-        folder = self._spool.root / study_uid / series_uid
-        final = folder / f"{sop_uid}.dcm"
+        # Plain strings: this runs once per instance, pathlib's overhead shows.
+        folder = f"{self._spool.root_str}/{study_uid}/{series_uid}"
+        final = f"{folder}/{sop_uid}.dcm"
         try:
             self._spool.ensure_dir(folder)
-            replaced = final.exists()
+            replaced = os.path.exists(final)
             if replaced:
                 # Keep the older copy reachable until the database agrees (see revert()).
                 self._backup = self._path.with_suffix(".old")
@@ -235,9 +236,9 @@ class IncomingInstance:
                 self._backup.unlink(missing_ok=True)
                 self._backup = None
             raise SpoolError(f"spool commit failed: {exc.strerror}", exc.errno) from exc
-        self._final = final
+        self._final = Path(final)
         return StoredFile(
-            relative_path=final.relative_to(self._spool.data_dir).as_posix(),
+            relative_path=self.relative_path(study_uid, series_uid, sop_uid),
             size=self.size,
             dataset_size=self.dataset_size,
             sha256=self._hash.hexdigest(),
@@ -300,7 +301,8 @@ class Spool:
         self.data_dir = Path(data_dir).resolve()
         self.root = self.data_dir / "spool"
         self.incoming = self.root / INCOMING
-        self._durable_dirs: set[Path] = set()
+        self.root_str = str(self.root)
+        self._durable_dirs: set[str] = set()
         self._lock = threading.Lock()
 
     def prepare(self) -> int:
@@ -337,12 +339,13 @@ class Spool:
             raise SpoolError(f"spool not writable: {exc.strerror}", exc.errno) from exc
         return IncomingInstance(self, path, fd)
 
-    def ensure_dir(self, folder: Path) -> None:
+    def ensure_dir(self, folder: str | Path) -> None:
         """Create ``folder`` (and parents) so that their entries survive a crash."""
-        if folder in self._durable_dirs:
+        key = str(folder)
+        if key in self._durable_dirs:
             return
         missing = []
-        current = folder
+        current = Path(folder)
         while not current.is_dir():
             missing.append(current)
             if current == self.root:
@@ -357,10 +360,10 @@ class Spool:
             # A new directory's entry lives in its parent: fsync the parent.
             self.fsync_dir(path.parent)
         with self._lock:
-            self._durable_dirs.add(folder)
+            self._durable_dirs.add(key)
 
     @staticmethod
-    def fsync_dir(folder: Path) -> None:
+    def fsync_dir(folder: str | Path) -> None:
         fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
         try:
             os.fsync(fd)
