@@ -220,7 +220,7 @@ def test_every_pydicom_test_file_is_preprocessed_or_cleanly_refused() -> None:
     ],
 )
 def test_fused_linear_path_equals_the_stepwise_pipeline(attributes: dict) -> None:
-    from triagenode.inference.preprocess import _linear_display, _modality_lut, _voi
+    from triagenode.inference.display import _linear_display, _modality_lut, _voi
 
     raw = np.random.default_rng(1).integers(0, 4096, size=(16, 16))
     pixels, ds = _gray(raw.tolist(), stored=12, **attributes)
