@@ -148,3 +148,13 @@ def test_nothing_usable_is_an_error_naming_every_reason(loaded_demo, tmp_path):
         select_backend(
             _settings(backend="onnxruntime"), tmp_path, loaded_demo, machine=CPU_ONLY, build=refuse
         )
+
+
+def test_session_options_come_from_model_settings(loaded_demo, demo_onnx_dir):
+    import onnxruntime as ort
+
+    settings = _settings(backend="onnxruntime", precision="fp32", graph_optimization="basic")
+    encoder = select_backend(settings, demo_onnx_dir, loaded_demo, machine=CPU_ONLY)
+    options = encoder.session.get_session_options()
+    assert options.intra_op_num_threads == 1  # model.threads
+    assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC

@@ -200,6 +200,9 @@ class ModelSettings(Section):
     threads: int = Field(
         default=0, ge=0, le=256, description="CPU threads; 0 lets the backend choose"
     )
+    graph_optimization: Literal["disable", "basic", "extended", "all"] = Field(
+        default="all", description="ONNX Runtime graph optimisation level (onnxruntime backend)"
+    )
 
     @field_validator("source")
     @classmethod

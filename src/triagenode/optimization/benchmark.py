@@ -13,6 +13,7 @@ from __future__ import annotations
 import gc
 import importlib.util
 import logging
+import os
 import platform
 import resource
 import threading
@@ -86,9 +87,7 @@ class BenchmarkReport:
 
 
 def machine_info() -> dict[str, Any]:
-    """CPU, core count, library versions and the GPU when there is one."""
-    import os
-
+    """CPU, core count, library versions, load average and the GPU when there is one."""
     import onnxruntime as ort
     import torch
 
@@ -100,6 +99,9 @@ def machine_info() -> dict[str, Any]:
         "onnxruntime": ort.__version__,
         "ort_providers": ort.get_available_providers(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch_threads": torch.get_num_threads(),
+        # Other work on a shared machine shows here; compare runs only at similar load.
+        "load_average_start": list(os.getloadavg()),
     }
     return info
 
@@ -147,36 +149,60 @@ def _rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _time_batches(encoder: ImageEncoder, images: np.ndarray, batch: int, runs: int) -> list[float]:
-    chunk = (
-        images[:batch] if len(images) >= batch else np.resize(images, (batch, *images.shape[1:]))
-    )
-    encoder.encode(chunk)  # warm-up: allocations, CUDA graph capture, kernel selection
-    times = []
+def _chunk(images: np.ndarray, batch: int) -> np.ndarray:
+    if len(images) >= batch:
+        return images[:batch]
+    return np.resize(images, (batch, *images.shape[1:]))
+
+
+def _interleaved(encoders: list[ImageEncoder], chunk: np.ndarray, runs: int) -> list[list[float]]:
+    """Seconds per call for each encoder, taking turns call by call.
+
+    On a shared machine the load changes from second to second; taking turns exposes every
+    backend to the same load, so the ratios between them hold even when absolute figures
+    wander.
+    """
+    for encoder in encoders:
+        encoder.encode(chunk)  # warm-up: allocations, CUDA graph capture, kernel selection
+    times: list[list[float]] = [[] for _ in encoders]
     for _ in range(runs):
-        started = time.perf_counter()
-        encoder.encode(chunk)
-        times.append(time.perf_counter() - started)
+        for i, encoder in enumerate(encoders):
+            started = time.perf_counter()
+            encoder.encode(chunk)
+            times[i].append(time.perf_counter() - started)
     return times
 
 
-def _measure(
-    encoder: ImageEncoder,
-    images: np.ndarray,
-    batch_sizes: Sequence[int],
-    latency_runs: int,
-    throughput_images: int,
-) -> tuple[np.ndarray, dict[int, float], np.ndarray]:
-    lat = np.asarray(_time_batches(encoder, images, 1, latency_runs)) * 1000
-    by_batch = {}
-    for batch in batch_sizes:
-        runs = max(2, throughput_images // batch)
-        by_batch[batch] = float(batch / np.median(_time_batches(encoder, images, batch, runs)))
-    step = max(batch_sizes)
-    embeds = np.concatenate(
-        [encoder.encode(images[i : i + step]) for i in range(0, len(images), step)]
+@dataclass
+class _Opened:
+    name: str
+    encoder: ImageEncoder
+    open_s: float
+    peak: int
+    increase: int
+    device_peak: float | None
+    embeds: np.ndarray
+
+
+def _open_and_embed(name: str, factory: EncoderFactory, images: np.ndarray, step: int) -> _Opened:
+    import torch
+
+    gc.collect()
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    with _RssSampler() as sampler:
+        baseline = sampler.peak
+        started = time.perf_counter()
+        encoder = factory()
+        open_s = time.perf_counter() - started
+        embeds = np.concatenate(
+            [encoder.encode(images[i : i + step]) for i in range(0, len(images), step)]
+        )
+    device_peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
+    return _Opened(
+        name, encoder, open_s, sampler.peak, sampler.peak - baseline, device_peak, embeds
     )
-    return lat, by_batch, embeds
 
 
 def benchmark_backends(
@@ -191,6 +217,10 @@ def benchmark_backends(
     throughput_images: int = 64,
 ) -> BenchmarkReport:
     """Measure each backend; the first must be the PyTorch fp32 reference.
+
+    Each backend is opened in turn and encodes all ``images`` (agreement, and its memory
+    peak while opening and encoding); then the open backends take turns for the timed
+    batch-1 latency and throughput runs.
 
     Parameters
     ----------
@@ -209,55 +239,52 @@ def benchmark_backends(
     latency_runs : int
         Batch-1 repetitions for p50/p95.
     throughput_images : int
-        Roughly how many images each throughput measurement encodes.
+        Roughly how many images each throughput measurement encodes per backend.
 
     Returns
     -------
     BenchmarkReport
     """
-    import torch
-
     report = BenchmarkReport(model_name, len(images), len(text_embeds), machine_info())
-    reference: np.ndarray | None = None
-    for name, factory in backends:
-        gc.collect()
-        cuda = torch.cuda.is_available()
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        with _RssSampler() as sampler:
-            baseline = sampler.peak
+    opened: list[_Opened] = []
+    try:
+        for name, factory in backends:
             try:
-                started = time.perf_counter()
-                encoder = factory()
-                open_s = time.perf_counter() - started
+                opened.append(_open_and_embed(name, factory, images, max(batch_sizes)))
             except Exception as exc:
                 report.skipped[name] = f"{type(exc).__name__}: {exc}"
                 log.warning("benchmark: %s cannot be opened: %s", name, exc)
-                continue
-            try:
-                lat, by_batch, embeds = _measure(
-                    encoder, images, batch_sizes, latency_runs, throughput_images
-                )
-            finally:
-                encoder.close()
-        if reference is None:
-            reference = embeds
-        agreement = parity.compare_embeddings(reference, embeds, text_embeds, logit_scale)
-        best = max(by_batch, key=lambda b: by_batch[b])
+        encoders = [o.encoder for o in opened]
+        if not encoders:
+            return report
+        latency = _interleaved(encoders, _chunk(images, 1), latency_runs)
+        by_batch: list[dict[int, float]] = [{} for _ in opened]
+        for batch in batch_sizes:
+            runs = max(2, throughput_images // batch)
+            for i, times in enumerate(_interleaved(encoders, _chunk(images, batch), runs)):
+                by_batch[i][batch] = float(batch / np.median(times))
+    finally:
+        for o in opened:
+            o.encoder.close()
+        report.machine["load_average_end"] = list(os.getloadavg())
+    for o, lat_s, rates in zip(opened, latency, by_batch, strict=True):
+        lat = np.asarray(lat_s) * 1000
+        agreement = parity.compare_embeddings(opened[0].embeds, o.embeds, text_embeds, logit_scale)
+        best = max(rates, key=lambda b: rates[b])
         row = BackendResult(
-            name=name,
-            backend=encoder.backend,
-            device=encoder.device,
-            precision=encoder.precision,
-            open_s=round(open_s, 3),
+            name=o.name,
+            backend=o.encoder.backend,
+            device=o.encoder.device,
+            precision=o.encoder.precision,
+            open_s=round(o.open_s, 3),
             latency_p50_ms=float(np.percentile(lat, 50)),
             latency_p95_ms=float(np.percentile(lat, 95)),
-            throughput_ips=by_batch[best],
+            throughput_ips=rates[best],
             best_batch=best,
-            throughput_by_batch=by_batch,
-            peak_host_mib=round(sampler.peak / 2**20, 1),
-            host_increase_mib=round((sampler.peak - baseline) / 2**20, 1),
-            peak_device_mib=round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else None,
+            throughput_by_batch=rates,
+            peak_host_mib=round(o.peak / 2**20, 1),
+            host_increase_mib=round(o.increase / 2**20, 1),
+            peak_device_mib=None if o.device_peak is None else round(o.device_peak, 1),
             top1_agreement=agreement.top1_agreement,
             max_prob_diff=agreement.max_prob_diff,
             cosine_min=agreement.cosine_min,
@@ -269,7 +296,7 @@ def benchmark_backends(
         report.results.append(row)
         log.info(
             "benchmark %s: p50 %.1f ms, %.1f img/s (batch %d), top-1 %.3f",
-            name,
+            o.name,
             row.latency_p50_ms,
             row.throughput_ips,
             best,
@@ -330,6 +357,7 @@ def format_table(report: BenchmarkReport) -> str:
             else ""
         )
         + f"; {report.machine.get('cpu')} x{report.machine.get('cpu_count')}"
+        + f", load {report.machine.get('load_average_start', ['?'])[0]}"
         + (f"; GPU {report.machine['gpu']}" if report.machine.get("gpu") else "")
     )
     for name, why in report.skipped.items():

@@ -159,6 +159,7 @@ def _build(
             candidate.artifact,  # type: ignore[arg-type]
             device=candidate.device,
             threads=settings.threads,
+            graph_optimization=getattr(settings, "graph_optimization", "all"),
             max_batch=settings.max_batch,
         )
     if candidate.backend == "tensorrt":
