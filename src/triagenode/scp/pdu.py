@@ -167,10 +167,11 @@ def accept_pdu(
     for proposed in request.presentation_context_definition_list:
         context = PresentationContext()
         context.context_id = proposed.context_id
-        context.abstract_syntax = proposed.abstract_syntax
+        abstract = str(proposed.abstract_syntax)
+        context.abstract_syntax = abstract
         offered = [str(ts) for ts in proposed.transfer_syntax]
         chosen = next((ts for ts in offered if ts in transfer_syntaxes), None)
-        if str(proposed.abstract_syntax) not in abstract_syntaxes:
+        if abstract not in abstract_syntaxes:
             context.result = 0x03  # abstract-syntax-not-supported
             context.transfer_syntax = offered[:1] or ["1.2.840.10008.1.2"]
         elif chosen is None:
@@ -179,7 +180,7 @@ def accept_pdu(
         else:
             context.result = 0x00
             context.transfer_syntax = [chosen]
-            accepted[proposed.context_id] = (str(proposed.abstract_syntax), chosen)
+            accepted[proposed.context_id] = (abstract, chosen)
         results.append(context)
     primitive = A_ASSOCIATE()
     primitive.application_context_name = APPLICATION_CONTEXT

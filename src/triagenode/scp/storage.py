@@ -8,11 +8,9 @@ file is durable at its final path and the rows are committed (rules of the house
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from triagenode.audit.events import AuditEventId, AuditLog, Outcome
@@ -78,14 +76,10 @@ class InstanceStorage:
         self.spool = spool
         self.ingest = ingest
         self.audit = audit
-        self.fsync_pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="spool-fsync")
 
     def close(self) -> None:
-        """Finish queued work and stop the helper threads."""
+        """Finish queued work and stop the writer thread (it restarts on next use)."""
         self.ingest.close()
-        self.fsync_pool.shutdown(wait=True)
-        # Ready for another start(); threads are only made when needed.
-        self.fsync_pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="spool-fsync")
 
     def begin(
         self,
@@ -146,12 +140,6 @@ class InstanceStorage:
 def _spool_status(exc: SpoolError) -> tuple[StoreStatus, str]:
     name = errno.errorcode.get(exc.errno or 0, "error")
     return StoreStatus.out_of_resources_spool, f"spool: {name}"
-
-
-def _wait_quietly(future: Future[None]) -> None:
-    """Let a background fsync finish before the temp file is removed."""
-    with contextlib.suppress(Exception):
-        future.result()
 
 
 def _check(
@@ -266,9 +254,6 @@ class PendingInstance:
             status, reason = _spool_status(self._error or SpoolError("spool"))
             return self._refuse(status, reason)
         info = self._info
-        # fsync the temp file in the background while the header is parsed and the rows are
-        # written: both wait on the disk, neither needs the other until the commit.
-        synced = self._storage.fsync_pool.submit(incoming.sync)
         try:
             header = parse_header(
                 self._meta,
@@ -280,13 +265,11 @@ class PendingInstance:
                 info.calling_ae,
             )
         except Exception as exc:
-            _wait_quietly(synced)
             return self._refuse(
                 StoreStatus.cannot_understand_unparsable, f"header unreadable: {type(exc).__name__}"
             )
         problem = _check(header, self.sop_class_uid, self.sop_instance_uid)
         if problem is not None:
-            _wait_quietly(synced)
             return self._refuse(*problem, header)
         assert header.study_uid and header.series_uid and header.sop_instance_uid
         patient_ref = self._storage.audit.patient_ref(header.patient_id)
@@ -310,9 +293,11 @@ class PendingInstance:
             number_of_frames=header.number_of_frames,
             triage_inputs=header.triage_inputs,
         )
+        # The writer thread stages the rows while this thread waits for the disk; the rows
+        # are committed only once file_durable(True) says the file is safe.
         pending = self._storage.ingest.submit(record)
         try:
-            synced.result()
+            incoming.sync()
             stored = incoming.commit(header.study_uid, header.series_uid, header.sop_instance_uid)
         except SpoolError as exc:
             pending.file_durable(False)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, select, update
+from sqlalchemy import BigInteger, Connection, Integer, bindparam, select, update
 
 from triagenode.dicom_attrs import merge_triage_inputs
 from triagenode.domain import Priority, StudyState
@@ -32,6 +32,20 @@ _STUDIES = Study.__table__
 _SERIES = Series.__table__
 _INSTANCES = Instance.__table__
 _EVENTS = StudyEvent.__table__
+_INSTANCE_COLUMNS = (
+    "sop_instance_uid",
+    "replaced_count",
+    "series_id",
+    "sop_class_uid",
+    "transfer_syntax_uid",
+    "size",
+    "sha256",
+    "calling_ae",
+    "received_at",
+    "file_path",
+    "instance_number",
+    "number_of_frames",
+)
 
 
 @dataclass(frozen=True)
@@ -96,6 +110,30 @@ class StudyIngest:
         self._studies: dict[str, _KnownStudy] = {}
         self._series: dict[str, int] = {}
         self._lock = threading.Lock()
+        # Built once: the hot statements then hit SQLAlchemy's compiled cache every time.
+        self._insert_instance = (
+            _insert(db, _INSTANCES)
+            .values(
+                {
+                    name: bindparam(f"p_{name}", type_=_INSTANCES.c[name].type)
+                    for name in _INSTANCE_COLUMNS
+                }
+            )
+            .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
+            .returning(_INSTANCES.c.id)
+        )
+        self._touch_study = (
+            update(_STUDIES)
+            .where(
+                _STUDIES.c.id == bindparam("p_id"),
+                _STUDIES.c.state == StudyState.receiving.value,
+            )
+            .values(
+                instance_count=_STUDIES.c.instance_count + bindparam("p_count", type_=Integer),
+                byte_count=_STUDIES.c.byte_count + bindparam("p_bytes", type_=BigInteger),
+                last_received_at=bindparam("p_now", type_=_STUDIES.c.last_received_at.type),
+            )
+        )
         self._committer: GroupCommitter[InstanceRecord, IngestOutcome] = GroupCommitter(
             db, self._record, on_failure=self.forget, name="ingest-writer"
         )
@@ -141,13 +179,8 @@ class StudyIngest:
         reopened_from = None
         # Row-locks the study (PostgreSQL) so the triage-input merge below cannot race.
         result = conn.execute(
-            update(_STUDIES)
-            .where(_STUDIES.c.id == study.id, _STUDIES.c.state == StudyState.receiving.value)
-            .values(
-                instance_count=_STUDIES.c.instance_count + count_delta,
-                byte_count=_STUDIES.c.byte_count + byte_delta,
-                last_received_at=now,
-            )
+            self._touch_study,
+            {"p_id": study.id, "p_count": count_delta, "p_bytes": byte_delta, "p_now": now},
         )
         if result.rowcount == 0:
             reopened_from = self._reopen(conn, study.id, now, count_delta, byte_delta)
@@ -252,10 +285,15 @@ class StudyIngest:
             number_of_frames=item.number_of_frames,
         )
         inserted = conn.execute(
-            _insert(self._db, _INSTANCES)
-            .values(sop_instance_uid=item.sop_instance_uid, replaced_count=0, **values)
-            .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
-            .returning(_INSTANCES.c.id)
+            self._insert_instance,
+            {
+                f"p_{k}": v
+                for k, v in (
+                    *values.items(),
+                    ("sop_instance_uid", item.sop_instance_uid),
+                    ("replaced_count", 0),
+                )
+            },
         ).first()
         if inserted is not None:
             return False, 1, item.size
