@@ -76,15 +76,19 @@ def measure_encoder(
     return rows
 
 
-def _configurations(devices: list[str]) -> list[tuple[str, str, bool]]:
+def _configurations(devices: list[str]) -> list[tuple[str, str, bool, int]]:
+    """(device, precision, CUDA graphs, CPU threads: 1 or 0 for all cores)."""
     configs = []
     for device in devices:
         if device == "cpu":
-            configs.append(("cpu", "fp32", False))
+            # one thread as well: on a shared machine all-core runs suffer from neighbours
+            configs.append(("cpu", "fp32", False, 0))
+            if (os.cpu_count() or 1) > 1:
+                configs.append(("cpu", "fp32", False, 1))
         else:
             for precision in ("fp16", "bf16", "fp32"):
-                configs.append((device, precision, False))
-                configs.append((device, precision, True))
+                configs.append((device, precision, False, 0))
+                configs.append((device, precision, True, 0))
     return configs
 
 
@@ -178,14 +182,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not args.skip_encoder:
         torch.set_num_threads(os.cpu_count() or 1)
+        report["load_average_1m_before_encoder"] = round(os.getloadavg()[0], 2)
         started = time.perf_counter()
         model = build_biomedclip(random_weights=True)
         print(f"built BiomedCLIP architecture in {time.perf_counter() - started:.1f} s")
-        for device, precision, graphs in _configurations(devices):
+        for device, precision, graphs, variant_threads in _configurations(devices):
             default_batches = "1,4" if device == "cpu" else "1,8,32,64,128,256,512"
             batches = [int(b) for b in (args.batch_sizes or default_batches).split(",")]
             iterations = args.iterations or (3 if device == "cpu" else 30)
             warmup = args.warmup if args.warmup is not None else (1 if device == "cpu" else 5)
+            threads = 1 if variant_threads == 1 else (os.cpu_count() or 1)
+            torch.set_num_threads(threads)
             encoder = TorchImageEncoder(
                 model,
                 device=device,
@@ -196,11 +203,14 @@ def main(argv: list[str] | None = None) -> int:
             rows = measure_encoder(encoder, batches, iterations, warmup)
             encoder.close()
             variant = "cuda-graphs" if graphs else "eager"
+            if device == "cpu":
+                variant = f"eager-{threads}t"
             entry = {
                 "backend": "torch",
                 "device": device,
                 "precision": precision,
                 "variant": variant,
+                "threads": threads,
                 "results": rows,
             }
             report["encoder"].append(entry)
