@@ -8,7 +8,11 @@ DCMTK ``storescu`` (``TCP_NODELAY=1``) over one association and over 4 concurren
   fsynced, renamed, its directory fsynced and its rows committed before success), and
 - DCMTK ``storescp`` writing to a temp folder (no fsync),
 
-and prints seconds, MB/s and the ratio of throughputs node / DCMTK.
+and prints seconds, MB/s and the ratio of throughputs node / DCMTK. It also times the
+"durability floor": the same files written with the node's fsync/rename/commit sequence by a
+bare loop, with no network and no Python receive logic, i.e. what the house rules alone cost
+on this disk. DCMTK ``storescp`` never fsyncs, so on a slow or busy disk the floor, not the
+receiver's code, decides the ratio.
 
 Usage::
 
@@ -162,6 +166,42 @@ def run_node(groups: list[list[Path]], work: Path, database_url: str | None) -> 
     return seconds
 
 
+def run_floor(files: list[Path], work: Path) -> float:
+    """The disk's price of the house rules alone, no network and no Python logic.
+
+    For each file: write it to a temp file, fsync, rename, fsync the folder, then commit a
+    row to SQLite (WAL, synchronous=FULL): the three ordered flushes every acknowledged
+    instance costs. No receiver can be faster than this on the same disk.
+    """
+    import sqlite3
+
+    folder = work / "floor"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    db = sqlite3.connect(folder / "floor.sqlite3", isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.execute("CREATE TABLE t (path TEXT)")
+    blobs = [p.read_bytes() for p in files]
+    started = time.perf_counter()
+    for i, blob in enumerate(blobs):
+        temp, final = folder / f"{i}.part", folder / f"{i}.dcm"
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        os.write(fd, blob)
+        os.fsync(fd)
+        os.close(fd)
+        os.replace(temp, final)
+        dir_fd = os.open(folder, os.O_RDONLY)
+        os.fsync(dir_fd)
+        os.close(dir_fd)
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("INSERT INTO t VALUES (?)", (str(final),))
+        db.execute("COMMIT")
+    seconds = time.perf_counter() - started
+    db.close()
+    return seconds
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slices", type=int, default=200)
@@ -181,12 +221,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"study: {len(files)} files, {megabytes:.1f} MB; runs: {args.runs}")
         k = args.senders
         layouts = {"1 association": [files], f"{k} concurrent": [files[i::k] for i in range(k)]}
-        results = {}
+        results: dict[str, dict[str, object]] = {}
+        floor: list[float] = []
         for layout, groups in layouts.items():
             dcmtk, node = [], []
-            for _ in range(args.runs):  # interleaved so drifts in machine load hit both
+            for _ in range(args.runs):  # interleaved so drifts in machine load hit all
                 dcmtk.append(run_dcmtk(groups, work))
                 node.append(run_node(groups, work, args.database_url))
+                if len(groups) == 1:
+                    floor.append(run_floor(files, work))
             ratio = statistics.median(dcmtk) / statistics.median(node)
             results[layout] = {"dcmtk_s": dcmtk, "node_s": node, "ratio": ratio, "mb": megabytes}
             for name, times in (("DCMTK storescp", dcmtk), ("triagenode", node)):
@@ -197,6 +240,12 @@ def main(argv: list[str] | None = None) -> int:
                     + f"   MB/s: {speeds}"
                 )
             print(f"{layout:>14} throughput node / DCMTK (medians): {ratio:.2f}x")
+            if len(groups) == 1:
+                results["durability floor"] = {"seconds": floor}
+                print(
+                    f"{layout:>14} durability floor (bare write, fsync, rename, dir fsync, "
+                    "SQLite commit per file) s: " + ", ".join(f"{t:.3f}" for t in floor)
+                )
         if args.json:
             args.json.write_text(json.dumps(results, indent=2))
     return 0
