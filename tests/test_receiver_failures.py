@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 import socket
 import struct
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -173,3 +174,48 @@ def test_garbage_is_aborted_and_node_keeps_serving(node: Node) -> None:
         answer = sock.recv(10)
     assert answer[:1] == b"\x07"  # A-ABORT
     assert echoscu(node.port).returncode == 0
+
+
+@sqlite_only
+def test_small_max_pdu_reassembles_fragments(node_factory: object, tmp_path: Path) -> None:
+    node = node_factory(scp={"max_pdu": 4096})
+    _, paths = factory.ct_study(tmp_path / "in", slices=3, size=64)  # ~9 KB: 3+ PDUs each
+    assert storescu(node.port, paths).returncode == 0
+    assert len(node.instances()) == 3
+    for row in node.instances():
+        stored = node.data_dir / row.file_path
+        assert stored.stat().st_size == row.size
+
+
+@sqlite_only
+def test_tls_association(node_factory: object, tmp_path: Path) -> None:
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    made = subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        capture_output=True,
+    )
+    assert made.returncode == 0, made.stderr
+    node = node_factory(scp={"tls_enabled": True, "tls_cert": str(cert), "tls_key": str(key)})
+    _, path = ct(tmp_path)
+    # storescu presents the same certificate and trusts it as the node's.
+    sent = storescu(node.port, [path], "+tls", str(key), str(cert), "+cf", str(cert))
+    assert sent.returncode == 0, sent.stderr
+    assert len(node.instances()) == 1
+    plain = storescu(node.port, [path])  # no TLS: the handshake fails, nothing stored
+    assert plain.returncode != 0
+    assert echoscu(node.port, "+tls", str(key), str(cert), "+cf", str(cert)).returncode == 0
