@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -94,6 +95,8 @@ class ZeroShotClassifier:
         self.cache_dir = Path(cache_dir) / "text-embeddings" if cache_dir is not None else None
         self.batcher = batcher
         self._text: dict[tuple[str, str, str], np.ndarray] = {}
+        # workers classify studies concurrently; the text tower runs once per set
+        self._text_lock = threading.Lock()
         # where text embeddings came from: "memory", "disk" or "computed" (tests, metrics)
         self.text_cache_stats: Counter[str] = Counter()
 
@@ -132,6 +135,10 @@ class ZeroShotClassifier:
     def text_embeddings(self, name: str) -> np.ndarray:
         """Unit text embeddings ``(labels, embed_dim)`` of a label set, cached."""
         label_set = self.label_set(name)
+        with self._text_lock:
+            return self._text_embeddings(name, label_set)
+
+    def _text_embeddings(self, name: str, label_set: LabelSet) -> np.ndarray:
         key = (name, self.model.identity.weights_sha256, _set_digest(label_set))
         cached = self._text.get(key)
         if cached is not None:
