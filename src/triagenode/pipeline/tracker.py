@@ -11,8 +11,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from typing import Any, cast
 
-from sqlalchemy import select, update
+from sqlalchemy import CursorResult, Table, select, update
 
 from triagenode.audit.events import AuditLog
 from triagenode.config.settings import Settings
@@ -27,8 +28,8 @@ log = logging.getLogger(__name__)
 # (triage inputs) -> (priority, rule name, label set name)
 Prioritizer = Callable[[dict[str, str]], tuple[Priority, str | None, str | None]]
 
-_STUDIES = Study.__table__
-_EVENTS = StudyEvent.__table__
+_STUDIES = cast(Table, Study.__table__)
+_EVENTS = cast(Table, StudyEvent.__table__)
 
 
 class StudyTracker:
@@ -103,10 +104,8 @@ class StudyTracker:
                         "label_set": label_set,
                     }
             quiet = self._settings.study.quiet_period(priority)
-            last = Study.__table__.c.last_received_at.type.process_result_value(
-                row.last_received_at, None
-            )
-            is_quiet = last + timedelta(seconds=quiet) <= now
+            # The column's UtcDateTime type makes this timezone-aware on every backend.
+            is_quiet = row.last_received_at + timedelta(seconds=quiet) <= now
             if not (triaged or is_quiet):
                 continue
             with self._db.write_session() as session:
@@ -119,7 +118,7 @@ class StudyTracker:
                         stable_at=now,
                     )
                 # Only if nothing arrived since we looked: a newer instance keeps it open.
-                result = session.execute(
+                result: CursorResult[Any] = session.execute(  # type: ignore[assignment]
                     update(_STUDIES)
                     .where(
                         _STUDIES.c.id == row.id,

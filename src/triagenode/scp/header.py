@@ -11,7 +11,7 @@ import io
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pydicom import dcmread
 from pydicom.charset import convert_encodings, decode_bytes
@@ -255,5 +255,6 @@ def parse_header(
         body_part=_str(ds.get("BodyPartExamined")),
         instance_number=_int(ds.get("InstanceNumber")),
         number_of_frames=_int(ds.get("NumberOfFrames")),
-        triage_inputs=triage_inputs(ds, request_priority, calling_ae),
+        # _Header offers the .get() that triage_inputs uses.
+        triage_inputs=triage_inputs(cast(Dataset, ds), request_priority, calling_ae),
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable
 
+from pydicom.uid import UID
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ
 from pynetdicom.pdu_primitives import (
     A_ASSOCIATE,
@@ -166,11 +167,12 @@ def accept_pdu(
     accepted: dict[int, tuple[str, str]] = {}
     for proposed in request.presentation_context_definition_list:
         context = PresentationContext()
-        context.context_id = proposed.context_id
+        context_id = int(proposed.context_id or 0)
+        context.context_id = context_id
         abstract = str(proposed.abstract_syntax)
         context.abstract_syntax = abstract
-        offered = [str(ts) for ts in proposed.transfer_syntax]
-        chosen = next((ts for ts in offered if ts in transfer_syntaxes), None)
+        offered: list[str | bytes | UID] = [str(ts) for ts in proposed.transfer_syntax]
+        chosen = next((str(ts) for ts in offered if ts in transfer_syntaxes), None)
         if abstract not in abstract_syntaxes:
             context.result = 0x03  # abstract-syntax-not-supported
             context.transfer_syntax = offered[:1] or ["1.2.840.10008.1.2"]
@@ -180,7 +182,7 @@ def accept_pdu(
         else:
             context.result = 0x00
             context.transfer_syntax = [chosen]
-            accepted[proposed.context_id] = (abstract, chosen)
+            accepted[context_id] = (abstract, chosen)
         results.append(context)
     primitive = A_ASSOCIATE()
     primitive.application_context_name = APPLICATION_CONTEXT

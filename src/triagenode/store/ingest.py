@@ -14,9 +14,18 @@ import logging
 import threading
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import BigInteger, Connection, Integer, bindparam, select, update
+from sqlalchemy import (
+    BigInteger,
+    Connection,
+    CursorResult,
+    Integer,
+    Table,
+    bindparam,
+    select,
+    update,
+)
 
 from triagenode.dicom_attrs import merge_triage_inputs
 from triagenode.domain import Priority, StudyState
@@ -28,10 +37,10 @@ __all__ = ["IngestOutcome", "InstanceRecord", "StudyIngest"]
 
 log = logging.getLogger(__name__)
 
-_STUDIES = Study.__table__
-_SERIES = Series.__table__
-_INSTANCES = Instance.__table__
-_EVENTS = StudyEvent.__table__
+_STUDIES = cast(Table, Study.__table__)
+_SERIES = cast(Table, Series.__table__)
+_INSTANCES = cast(Table, Instance.__table__)
+_EVENTS = cast(Table, StudyEvent.__table__)
 _INSTANCE_COLUMNS = (
     "sop_instance_uid",
     "replaced_count",
@@ -85,12 +94,15 @@ class _KnownStudy:
     triage_inputs: dict[str, str]
 
 
-def _insert(db: Database, table: Any) -> Any:
+def _insert(db: Database, table: Table) -> Any:
+    """The dialect's INSERT, which has ON CONFLICT DO NOTHING (both dialects spell it alike)."""
     if db.dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
-    return insert(table)
+        from sqlalchemy.dialects import postgresql
+
+        return postgresql.insert(table)
+    from sqlalchemy.dialects import sqlite
+
+    return sqlite.insert(table)
 
 
 class StudyIngest:
@@ -178,7 +190,7 @@ class StudyIngest:
         replaced, count_delta, byte_delta = self._instance(conn, item, series_id)
         reopened_from = None
         # Row-locks the study (PostgreSQL) so the triage-input merge below cannot race.
-        result = conn.execute(
+        result: CursorResult[Any] = conn.execute(
             self._touch_study,
             {"p_id": study.id, "p_count": count_delta, "p_bytes": byte_delta, "p_now": now},
         )
