@@ -59,6 +59,8 @@ class Node:
         self.classifier: Any = None
         self.receiver: Any = None
         self.api_server: Any = None
+        self._api_thread: threading.Thread | None = None
+        self._forwarder: Any = None
 
     # Start-up ------------------------------------------------------------------------
 
@@ -114,6 +116,8 @@ class Node:
             self._parts.append(part)
         if settings.api.enabled:
             self._start_api()
+        if settings.audit.syslog.enabled:
+            self._start_audit_forwarder()
         self.receiver.start()
         self._parts.append(self.receiver)
         self.audit.record(
@@ -132,28 +136,29 @@ class Node:
         )
 
     def _start_api(self) -> None:
-        import uvicorn
-
         from triagenode.api.app import ApiServices, create_app
+        from triagenode.cli.api import build_server
+        from triagenode.inference.predictor import ClassifierPredictor
 
         services = ApiServices(
-            predictor=self.classifier,
+            predictor=ClassifierPredictor(self.classifier),
             model_loaded=lambda: self.classifier is not None,
         )
         app = create_app(self.settings, self.db, self.audit, services)
-        config = uvicorn.Config(
-            app,
-            host=self.settings.api.host,
-            port=self.settings.api.port,
-            log_level="warning",
-            access_log=False,
-        )
-        server = uvicorn.Server(config)
+        server = build_server(app, self.settings.api.host, self.settings.api.port)
         server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         thread = threading.Thread(target=server.run, name="api", daemon=True)
         thread.start()
         self.api_server = server
+        self._api_thread = thread
         log.info("admin API on http://%s:%d", self.settings.api.host, self.settings.api.port)
+
+    def _start_audit_forwarder(self) -> None:
+        from triagenode.audit.syslog import AuditForwarder
+
+        forwarder = AuditForwarder.from_settings(self.settings, self.db)
+        forwarder.start()
+        self._forwarder = forwarder
 
     # Shut-down -----------------------------------------------------------------------
 
@@ -169,6 +174,8 @@ class Node:
                 log.exception("error stopping %s", type(part).__name__)
         if self.api_server is not None:
             self.api_server.should_exit = True
+            if self._api_thread is not None:
+                self._api_thread.join(10)
         if getattr(self, "notifier", None) is not None:
             self.notifier.close(5.0)
         batcher = getattr(self.classifier, "batcher", None)
@@ -183,6 +190,8 @@ class Node:
             )
         except Exception:
             log.exception("could not record the stop event")
+        if self._forwarder is not None:
+            self._forwarder.stop()
         self.db.dispose()
         log.info("triagenode stopped")
 

@@ -178,7 +178,10 @@ class ZeroShotClassifier:
         text = self.text_embeddings(label_set)
         return softmax(embeddings @ text.T * np.float32(self.model.logit_scale))
 
-    def _encode(self, images: np.ndarray, priority: Priority) -> list[np.ndarray | BaseException]:
+    def encode_images(
+        self, images: np.ndarray, priority: Priority
+    ) -> list[np.ndarray | BaseException]:
+        """Unit embeddings of preprocessed images, or the error of each image that failed."""
         if self.batcher is not None:
             futures = [self.batcher.submit(image, priority) for image in images]
             results: list[np.ndarray | BaseException] = []
@@ -208,7 +211,7 @@ class ZeroShotClassifier:
         Raises the first encoder error when any image fails (use :meth:`classify_study`
         for per-image failure handling).
         """
-        encoded = self._encode(images, priority)
+        encoded = self.encode_images(images, priority)
         for item in encoded:
             if isinstance(item, BaseException):
                 raise item
@@ -295,7 +298,7 @@ class ZeroShotClassifier:
         used: list[ImageRef] = []
         embeddings: list[np.ndarray] = []
         if arrays:
-            for ref, item in zip(refs, self._encode(np.stack(arrays), priority), strict=True):
+            for ref, item in zip(refs, self.encode_images(np.stack(arrays), priority), strict=True):
                 if isinstance(item, BaseException):
                     failed.append((ref, f"encoder failed ({item})"))
                 else:
