@@ -60,3 +60,23 @@ def test_duplicate_updates_the_one_row(db: Database) -> None:
         study = session.execute(select(Study)).scalar_one()
     assert (row.size, row.replaced_count) == (30, 1)
     assert (study.instance_count, study.byte_count) == (1, 30)
+
+
+def test_stale_cached_series_is_recovered(db: Database) -> None:
+    from sqlalchemy import text
+
+    ingest = StudyIngest(db)
+    try:
+        ingest.record(record("1.9.3.1", study="1.9.3"))
+        with db.engine.begin() as connection:  # an operator removed the series meanwhile
+            connection.execute(text("DELETE FROM instances"))
+            connection.execute(
+                text("INSERT INTO series (study_id, series_uid) SELECT id, 'x' FROM studies")
+            )
+            connection.execute(text("DELETE FROM series WHERE series_uid <> 'x'"))
+        outcome = ingest.record(record("1.9.3.2", study="1.9.3"))
+    finally:
+        ingest.close()
+    with db.session() as session:
+        [row] = session.execute(select(Instance)).scalars().all()
+    assert row.series_id == outcome.series_id

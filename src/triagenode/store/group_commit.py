@@ -150,12 +150,15 @@ class GroupCommitter(Generic[T, R]):
 
     def _commit(self, batch: list[PendingWrite[T, R]]) -> None:
         try:
-            with self._db.engine.connect() as connection:
-                if self._db.is_sqlite:
-                    connection.execution_options(begin_immediate=True)
-                with connection.begin():
-                    for pending in batch:
-                        self._stage(connection, pending)
+            if len(batch) == 1:
+                try:
+                    self._run(batch, alone=True)
+                except IntegrityError:
+                    # e.g. a cached id pointing at a row that is gone: again, uncached.
+                    self._on_failure()
+                    self._run(batch, alone=False)
+            else:
+                self._run(batch, alone=False)
         except SQLAlchemyError as exc:
             self._on_failure()
             error = StorageError(f"database did not commit: {type(exc).__name__}")
@@ -164,6 +167,24 @@ class GroupCommitter(Generic[T, R]):
             return
         for pending in batch:
             pending.finish()
+
+    def _run(self, batch: list[PendingWrite[T, R]], alone: bool) -> None:
+        with self._db.engine.connect() as connection:
+            if self._db.is_sqlite:
+                connection.execution_options(begin_immediate=True)
+            with connection.begin() as transaction:
+                if alone:
+                    # The only item: the transaction itself serves as its savepoint.
+                    outcome = self._stage_item(connection, batch[0].item)
+                    if batch[0].wait_file():
+                        batch[0].outcome = outcome
+                    else:
+                        transaction.rollback()
+                        self._on_failure()
+                        batch[0].fail(StorageError("the file was not stored"))
+                else:
+                    for pending in batch:
+                        self._stage(connection, pending)
 
     def _stage(self, connection: Connection, pending: PendingWrite[T, R]) -> None:
         for attempt in (1, 2):
