@@ -219,3 +219,14 @@ def test_tls_association(node_factory: object, tmp_path: Path) -> None:
     plain = storescu(node.port, [path])  # no TLS: the handshake fails, nothing stored
     assert plain.returncode != 0
     assert echoscu(node.port, "+tls", str(key), str(cert), "+cf", str(cert)).returncode == 0
+
+
+@sqlite_only
+def test_port_in_use_is_a_clear_error(node: Node) -> None:
+    from triagenode.errors import ConfigError
+    from triagenode.scp.receiver import DicomReceiver
+
+    second = DicomReceiver(node.settings, node.db, node.audit)
+    with pytest.raises(ConfigError, match=r"scp\.port"):
+        second.start()
+    assert echoscu(node.port).returncode == 0

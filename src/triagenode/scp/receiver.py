@@ -21,6 +21,7 @@ from pynetdicom.sop_class import _STORAGE_CLASSES
 
 from triagenode.audit.events import AuditEventId, AuditLog, Outcome
 from triagenode.config.settings import Settings
+from triagenode.errors import ConfigError
 from triagenode.metrics import ASSOCIATIONS
 from triagenode.scp.association import Association
 from triagenode.scp.pdu import APPLICATION_CONTEXT
@@ -98,7 +99,13 @@ class DicomReceiver:
         scp = self.settings.scp
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind((scp.host, scp.port))
+        try:
+            listener.bind((scp.host, scp.port))
+        except OSError as exc:
+            listener.close()
+            raise ConfigError(
+                f"scp.port: cannot listen on {scp.host}:{scp.port} ({exc.strerror})"
+            ) from None
         listener.listen(max(64, scp.max_associations * 2))
         listener.settimeout(0.2)
         self._listener = listener
