@@ -38,10 +38,10 @@ def node_settings(
         "host": "127.0.0.1",
         "port": pacs.dicom_port if pacs else pacs_port,
     }
+    sections.setdefault("api", {"enabled": False})
     return make_settings(
         destinations=[destination],
         export={"backoff_initial_s": 0.2, "backoff_max_s": 1.0, "max_attempts": 50},
-        api={"enabled": False},
         **sections,
     )
 
@@ -179,7 +179,7 @@ def test_study_whose_images_all_fail_gets_failed_state_and_no_sr(
             paths.append(factory.write(ds, tmp_path / f"bad{index}.dcm", JPEGBaseline8Bit))
         sent = run_tool(
             "storescu",
-            "-xs",
+            "-xy",
             "-aec",
             settings.scp.ae_title,
             "127.0.0.1",

@@ -93,7 +93,7 @@ class StudyProcessor:
                     series_uid=series.series_uid,
                     modality=series.modality,
                     instance_number=instance.instance_number,
-                    number_of_frames=instance.number_of_frames,
+                    number_of_frames=instance.number_of_frames or 1,
                     path=data_dir / instance.file_path,
                 )
                 for instance, series in rows
