@@ -17,7 +17,7 @@ from pathlib import Path
 import pydicom
 from sqlalchemy import select
 
-from triagenode.audit.events import AuditEventId, AuditLog, Outcome
+from triagenode.audit.events import AuditEventId, AuditLog
 from triagenode.config.settings import Settings
 from triagenode.domain import Priority, StudyResult, StudyState
 from triagenode.errors import TriageNodeError
@@ -26,12 +26,12 @@ from triagenode.inference.select import InstanceRecord, select_images
 from triagenode.metrics import STUDIES_PROCESSED
 from triagenode.pipeline.notify import CriticalFindingNotifier
 from triagenode.pipeline.queue import ClaimedJob, JobQueue
-from triagenode.store.study_state import set_study_state
 from triagenode.reports.result_json import result_to_json
 from triagenode.reports.sr import build_sr, write_sr
 from triagenode.scp.exporter import ExportOutbox
 from triagenode.store.db import Database
 from triagenode.store.models import Instance, Result, Series, Study
+from triagenode.store.study_state import set_study_state
 
 __all__ = ["NothingToClassify", "StudyProcessor", "WorkerPool"]
 
