@@ -16,7 +16,6 @@ import errno
 import hashlib
 import logging
 import os
-import re
 import struct
 import threading
 import uuid
@@ -43,7 +42,8 @@ IMPLEMENTATION_CLASS_UID = "2.25.227380536453410727383297467049118702409"
 IMPLEMENTATION_VERSION_NAME = f"TRIAGENODE_{__version__}"[:16]
 INCOMING = ".incoming"
 log = logging.getLogger(__name__)
-_UID_PATH = re.compile(r"^[0-9][0-9.]{0,63}$")
+_DIGITS = frozenset("0123456789")
+_UID_CHARS = frozenset("0123456789.")
 _OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 
 
@@ -82,7 +82,9 @@ _WRITEBACK_STEP = 256 * 1024
 
 def is_path_safe_uid(uid: str) -> bool:
     """True when ``uid`` is digits and dots only (so it cannot escape the spool folder)."""
-    return bool(_UID_PATH.match(uid)) and ".." not in uid
+    return (
+        0 < len(uid) <= 64 and uid[0] in _DIGITS and ".." not in uid and _UID_CHARS.issuperset(uid)
+    )
 
 
 def _element(tag: tuple[int, int], vr: bytes, value: bytes) -> bytes:
@@ -222,11 +224,13 @@ class IncomingInstance:
         final = f"{folder}/{sop_uid}.dcm"
         try:
             self._spool.ensure_dir(folder)
-            replaced = os.path.exists(final)
-            if replaced:
-                # Keep the older copy reachable until the database agrees (see revert()).
-                self._backup = self._path.with_suffix(".old")
-                os.link(final, self._backup)
+            # A duplicate: keep the older copy reachable until the database agrees (revert()).
+            backup = self._path.with_suffix(".old")
+            try:
+                os.link(final, backup)
+                self._backup, replaced = backup, True
+            except FileNotFoundError:
+                replaced = False
             os.replace(self._path, final)
             self._spool.fsync_dir(folder)
         except OSError as exc:
