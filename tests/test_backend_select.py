@@ -41,6 +41,7 @@ def _int8(folder: Path, loaded) -> Path:
         text_embeds=loaded.encode_text(label_prompts()),
         logit_scale=loaded.logit_scale,
         thresholds=ParityThresholds(min_cosine=0.99, min_top1_agreement=0.5),
+        keep_fp32="none",
     ).path
 
 

@@ -107,3 +107,18 @@ def test_biomedclip_architecture_exports_with_parity(tmp_path: Path):
     meta = read_onnx_metadata(result.image_path)
     assert meta["embed_dim"] == 512 and meta["preprocess"]["image_size"] == 224
     assert elapsed < 240
+
+
+def test_centred_agreement_sees_what_a_shared_component_hides():
+    rng = np.random.default_rng(0)
+    shared = np.zeros(16)
+    shared[0] = 10.0  # every image mostly points the same way, as with random weights
+    detail = rng.normal(size=(50, 16))
+    ref = shared + detail
+    noisy = ref + rng.normal(scale=2.0, size=ref.shape)
+    text = rng.normal(size=(8, 16))
+    ref /= np.linalg.norm(ref, axis=1, keepdims=True)
+    noisy /= np.linalg.norm(noisy, axis=1, keepdims=True)
+    report = compare_embeddings(ref, noisy, text, 1.0)
+    assert report.centred_top1_agreement < 0.8
+    assert compare_embeddings(ref, ref, text, 1.0).centred_top1_agreement == 1.0

@@ -22,6 +22,7 @@ from triagenode.optimization.quantize import (
     DicomCalibrationReader,
     dicom_files,
     quantize_image_tower,
+    sensitive_nodes,
 )
 
 # The demo model's label probabilities are nearly tied (tiny random towers), so a 1e-4
@@ -52,6 +53,7 @@ def test_dynamic_int8_writes_model_and_report(loaded_demo, demo_onnx_dir: Path):
         text_embeds=loaded_demo.encode_text(label_prompts()),
         logit_scale=loaded_demo.logit_scale,
         thresholds=DEMO_INT8,
+        keep_fp32="none",  # the demo has 2 blocks: "edges" would keep every GEMM fp32
     )
     assert result.path == demo_onnx_dir / "image.int8-dynamic.onnx" and result.path.is_file()
     assert "MatMulInteger" in _ops(result.path) or "DynamicQuantizeMatMul" in _ops(result.path)
@@ -85,6 +87,7 @@ def test_static_int8_calibrates_on_dicom_files(
         logit_scale=loaded_demo.logit_scale,
         calibration=reader,
         thresholds=DEMO_INT8,
+        keep_fp32="none",  # the demo has 2 blocks: "edges" would keep every GEMM fp32
     )
     assert result.path.name == "image.int8-static.onnx"
     assert {"QuantizeLinear", "DequantizeLinear"} <= _ops(result.path)  # QDQ for TensorRT
@@ -102,6 +105,7 @@ def test_int8_below_threshold_is_refused(loaded_demo, demo_onnx_dir: Path):
             text_embeds=loaded_demo.encode_text(label_prompts()),
             logit_scale=loaded_demo.logit_scale,
             thresholds=strict,
+            keep_fp32="none",
         )
     assert caught.value.report.cosine_min < 0.999999
     assert sorted(p.name for p in demo_onnx_dir.iterdir()) == ["image.onnx", "text.onnx"]
@@ -124,3 +128,15 @@ def test_static_needs_calibration_and_bad_files_are_skipped(tmp_path: Path, demo
     reader = DicomCalibrationReader(tmp_path, lambda p: preprocess_file(p, None))
     with pytest.raises(ValueError, match="none of the DICOM files"):
         reader.images()
+
+
+def test_edges_keep_first_and_last_block_and_head_in_fp32(demo_onnx_dir: Path):
+    names = sensitive_nodes(demo_onnx_dir / "image.onnx")
+    gemms = [
+        n.name
+        for n in onnx.load(str(demo_onnx_dir / "image.onnx")).graph.node
+        if n.op_type in ("MatMul", "Gemm")
+    ]
+    assert any("blocks.0/" in n for n in names) and any("blocks.1/" in n for n in names)
+    assert names[-1] == gemms[-1]  # the projection head
+    assert set(names) <= set(gemms)

@@ -70,6 +70,13 @@ def register(subparsers: argparse._SubParsersAction, parent: argparse.ArgumentPa
         "--calibrate-method", choices=["minmax", "percentile", "entropy"], default="minmax"
     )
     quant.add_argument(
+        "--keep-fp32",
+        choices=["none", "edges"],
+        default="none",
+        help="edges: the first and last transformer block and the head stay fp32 "
+        "(slower; default none: every MatMul/Gemm is quantised)",
+    )
+    quant.add_argument(
         "--per-tensor",
         action="store_true",
         help="one weight scale per tensor (default: per output channel)",
@@ -149,6 +156,7 @@ def _quantize(args: argparse.Namespace) -> int:
         logit_scale=float(loaded.logit_scale),
         calibration=calibration,
         per_channel=not args.per_tensor,
+        keep_fp32=args.keep_fp32,
         calibrate_method=args.calibrate_method,
     )
     print(json.dumps(result.to_dict(), indent=2))

@@ -63,6 +63,7 @@ class BackendResult:
     max_prob_diff: float
     cosine_min: float
     reference_top1_labels: int
+    centred_top1_agreement: float
     speedup_vs_torch_fp32: float = 1.0
     latency_ratio_vs_torch_fp32: float = 1.0
     error: str | None = None
@@ -289,6 +290,7 @@ def benchmark_backends(
             max_prob_diff=agreement.max_prob_diff,
             cosine_min=agreement.cosine_min,
             reference_top1_labels=agreement.reference_top1_labels,
+            centred_top1_agreement=agreement.centred_top1_agreement,
         )
         base = report.results[0] if report.results else row
         row.speedup_vs_torch_fp32 = row.throughput_ips / base.throughput_ips
@@ -318,6 +320,7 @@ def format_table(report: BenchmarkReport) -> str:
         "+MiB",
         "dev MiB",
         "top-1",
+        "ctr top-1",
         "max dP",
         "cos min",
     )
@@ -335,6 +338,7 @@ def format_table(report: BenchmarkReport) -> str:
                 f"{r.host_increase_mib:.0f}",
                 "-" if r.peak_device_mib is None else f"{r.peak_device_mib:.0f}",
                 f"{r.top1_agreement:.3f}",
+                f"{r.centred_top1_agreement:.3f}",
                 f"{r.max_prob_diff:.4f}",
                 f"{r.cosine_min:.5f}",
             )
@@ -410,6 +414,12 @@ def machine_backends(
     for file, label in cpu_files:
         if (folder / file).is_file():
             out.append((f"onnxruntime-cpu-{label}", ort(folder / file, "CPUExecutionProvider")))
+    # Variants saved beside them by hand (image.int8-dynamic-<variant>.onnx) are compared too.
+    known = {f for f, _ in cpu_files} | {IMAGE_FP16}
+    for path in sorted(folder.glob("image.*.onnx")):
+        if path.name not in known:
+            label = path.name.removeprefix("image.").removesuffix(".onnx")
+            out.append((f"onnxruntime-cpu-{label}", ort(path, "CPUExecutionProvider")))
     if torch.cuda.is_available():
         for prec in ("fp16", "bf16"):
             out.append((f"torch-cuda-{prec}", _torch_factory(loaded, prec, max_batch)))

@@ -1,10 +1,15 @@
 """``model.backend = auto``: the fastest backend this machine has, with artefacts that fit.
 
-Order, from measurements (README, "Backends"):
+Order (README, "Backends"):
 
-- GPU: TensorRT engine > ONNX Runtime (TensorRT EP, then CUDA EP) > PyTorch CUDA.
-- CPU: ONNX Runtime INT8 (about 5x PyTorch fp32 on a 2-core AVX-512 VNNI Xeon, 100 % top-1
-  agreement on 100 phantom images) > PyTorch fp32 > ONNX Runtime fp32.
+- GPU: TensorRT engine > ONNX Runtime (TensorRT EP, then CUDA EP) > PyTorch CUDA (bf16,
+  then fp16). Not measured here (no GPU on this workplace's machines): it follows the
+  usual ranking of these runtimes and is to be confirmed with ``benchmarks/gpu_suite.py``.
+- CPU, measured on the 2-core AVX-512 VNNI/AMX Xeon of this workplace, BiomedCLIP
+  architecture: ONNX Runtime dynamic INT8 (batch-1 latency 44 ms idle, 85 ms at load 3;
+  2.5-4x PyTorch fp32; top-1 agreement with fp32 100 % on 100 phantoms) > PyTorch fp32 >
+  ONNX Runtime fp32 (faster than PyTorch at batch 1, equal at batch 8, but only a copy of
+  the reference numerics that needs an artefact).
 
 A candidate whose artefact is missing is skipped (logged at INFO: that is the normal state of
 a fresh node); an artefact exported from other weights is refused as stale; a candidate that
