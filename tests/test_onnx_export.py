@@ -20,6 +20,7 @@ from triagenode.optimization.onnx_export import (
     TextTower,
     export_onnx,
     label_prompts,
+    make_fp16_variant,
     run_onnx,
 )
 from triagenode.optimization.parity import ParityError, ParityThresholds, compare_embeddings
@@ -122,3 +123,15 @@ def test_centred_agreement_sees_what_a_shared_component_hides():
     report = compare_embeddings(ref, noisy, text, 1.0)
     assert report.centred_top1_agreement < 0.8
     assert compare_embeddings(ref, ref, text, 1.0).centred_top1_agreement == 1.0
+
+
+def test_fp16_variant_is_checked_half_precision_with_float_io(demo_onnx_dir: Path):
+    fp16 = make_fp16_variant(demo_onnx_dir / "image.onnx")
+    model = onnx.load(str(fp16))
+    onnx.checker.check_model(model, full_check=True)
+    assert {t.data_type for t in model.graph.initializer} == {onnx.TensorProto.FLOAT16}
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert read_onnx_metadata(fp16)["precision"] == "fp16"
+    images = demo_images(4)
+    full, half = run_onnx(demo_onnx_dir / "image.onnx", images), run_onnx(fp16, images)
+    assert compare_embeddings(full, half, np.eye(full.shape[1]), 1.0).cosine_min > 0.999
