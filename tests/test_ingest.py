@@ -80,3 +80,67 @@ def test_stale_cached_series_is_recovered(db: Database) -> None:
     with db.session() as session:
         [row] = session.execute(select(Instance)).scalars().all()
     assert row.series_id == outcome.series_id
+
+
+def _finish(db: Database, study_uid: str) -> None:
+    """Mark a study reported, as the pipeline does after its SR."""
+    with db.session() as session:
+        study = session.execute(select(Study).where(Study.study_uid == study_uid)).scalar_one()
+        study.state = "reported"
+
+
+def test_identical_resend_does_not_reopen_a_reported_study(db: Database) -> None:
+    ingest = StudyIngest(db)
+    try:
+        ingest.record(record("1.9.4.1", study="1.9.4"))
+        _finish(db, "1.9.4")
+        again = ingest.record(record("1.9.4.1", study="1.9.4"))  # same bytes from the PACS
+        assert again.replaced and again.reopened_from is None
+        changed = record("1.9.4.1", study="1.9.4")
+        changed = InstanceRecord(**{**changed.__dict__, "sha256": "b" * 64})
+        reopened = ingest.record(changed)  # new content: the work must be redone
+    finally:
+        ingest.close()
+    assert reopened.reopened_from == "reported"
+    with db.session() as session:
+        study = session.execute(select(Study)).scalar_one()
+    assert (study.state, study.run, study.instance_count) == ("receiving", 2, 1)
+
+
+def test_own_sr_coming_back_does_not_reopen_the_study(db: Database) -> None:
+    from triagenode.store.models import Result
+
+    ingest = StudyIngest(db)
+    try:
+        ingest.record(record("1.9.5.1", study="1.9.5"))
+        _finish(db, "1.9.5")
+        with db.session() as session:
+            study_id = session.execute(select(Study.id)).scalar_one()
+            session.add(
+                Result(
+                    study_id=study_id,
+                    run=1,
+                    model_name="demo",
+                    model_version="1",
+                    weights_sha256="c" * 64,
+                    backend="torch",
+                    label_set="ct",
+                    findings={},
+                    sr_sop_instance_uid="1.9.5.99.1",
+                )
+            )
+        sr = record("1.9.5.99.1", study="1.9.5")
+        sr = InstanceRecord(
+            **{
+                **sr.__dict__,
+                "series_uid": "1.9.5.99",
+                "sop_class_uid": "1.2.840.10008.5.1.4.1.1.88.34",
+            }
+        )
+        outcome = ingest.record(sr)
+    finally:
+        ingest.close()
+    assert outcome.reopened_from is None
+    with db.session() as session:
+        study = session.execute(select(Study)).scalar_one()
+    assert (study.state, study.run, study.instance_count) == ("reported", 1, 2)

@@ -31,7 +31,7 @@ from triagenode.dicom_attrs import merge_triage_inputs
 from triagenode.domain import Priority, StudyState
 from triagenode.store.db import Database
 from triagenode.store.group_commit import GroupCommitter, PendingWrite
-from triagenode.store.models import Instance, Series, Study, StudyEvent
+from triagenode.store.models import Instance, Result, Series, Study, StudyEvent
 
 __all__ = ["IngestOutcome", "InstanceRecord", "StudyIngest"]
 
@@ -41,6 +41,9 @@ _STUDIES = cast(Table, Study.__table__)
 _SERIES = cast(Table, Series.__table__)
 _INSTANCES = cast(Table, Instance.__table__)
 _EVENTS = cast(Table, StudyEvent.__table__)
+_RESULTS = cast(Table, Result.__table__)
+# Structured Report storage SOP classes (PS3.4 B.5): 1.2.840.10008.5.1.4.1.1.88.x
+_SR_SOP_CLASS_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
 _INSTANCE_COLUMNS = (
     "sop_instance_uid",
     "replaced_count",
@@ -187,7 +190,7 @@ class StudyIngest:
         now = item.received_at
         study, created = self._study(conn, item, now)
         series_id = self._series_id(conn, item, study.id)
-        replaced, count_delta, byte_delta = self._instance(conn, item, series_id)
+        replaced, count_delta, byte_delta, identical = self._instance(conn, item, series_id)
         reopened_from = None
         # Row-locks the study (PostgreSQL) so the triage-input merge below cannot race.
         result: CursorResult[Any] = conn.execute(
@@ -195,7 +198,20 @@ class StudyIngest:
             {"p_id": study.id, "p_count": count_delta, "p_bytes": byte_delta, "p_now": now},
         )
         if result.rowcount == 0:
-            reopened_from = self._reopen(conn, study.id, now, count_delta, byte_delta)
+            if identical or self._is_own_report(conn, item):
+                # The same bytes again (a PACS resending a study) or the node's own SR
+                # coming back: stored and acknowledged, but the study's work is unchanged,
+                # so it is not reopened and no second SR is made.
+                conn.execute(
+                    update(_STUDIES)
+                    .where(_STUDIES.c.id == study.id)
+                    .values(
+                        instance_count=_STUDIES.c.instance_count + count_delta,
+                        byte_count=_STUDIES.c.byte_count + byte_delta,
+                    )
+                )
+            else:
+                reopened_from = self._reopen(conn, study.id, now, count_delta, byte_delta)
         new_inputs = item.triage_inputs or {}
         if merge_triage_inputs(study.triage_inputs, new_inputs) != study.triage_inputs:
             stored = conn.execute(
@@ -282,8 +298,12 @@ class StudyIngest:
 
     def _instance(
         self, conn: Connection, item: InstanceRecord, series_id: int
-    ) -> tuple[bool, int, int]:
-        """Insert the instance row; on a duplicate update it. Returns (replaced, +count, +bytes)."""
+    ) -> tuple[bool, int, int, bool]:
+        """Insert the instance row; on a duplicate update it.
+
+        Returns (replaced, +count, +bytes, identical): ``identical`` when the duplicate has
+        the same content as the stored copy and stays in the same study.
+        """
         values = dict(
             series_id=series_id,
             sop_class_uid=item.sop_class_uid,
@@ -308,9 +328,11 @@ class StudyIngest:
             },
         ).first()
         if inserted is not None:
-            return False, 1, item.size
+            return False, 1, item.size, False
         old = conn.execute(
-            select(_INSTANCES.c.size, _INSTANCES.c.series_id, _SERIES.c.study_id)
+            select(
+                _INSTANCES.c.size, _INSTANCES.c.sha256, _INSTANCES.c.series_id, _SERIES.c.study_id
+            )
             .join(_SERIES, _SERIES.c.id == _INSTANCES.c.series_id)
             .where(_INSTANCES.c.sop_instance_uid == item.sop_instance_uid)
         ).one()
@@ -336,8 +358,18 @@ class StudyIngest:
                     byte_count=_STUDIES.c.byte_count - old.size,
                 )
             )
-            return True, 1, item.size
-        return True, 0, item.size - old.size
+            return True, 1, item.size, False
+        return True, 0, item.size - old.size, old.sha256 == item.sha256
+
+    @staticmethod
+    def _is_own_report(conn: Connection, item: InstanceRecord) -> bool:
+        """True for an SR this node made (its UID is in the results table)."""
+        if not item.sop_class_uid.startswith(_SR_SOP_CLASS_PREFIX):
+            return False
+        found = conn.execute(
+            select(_RESULTS.c.id).where(_RESULTS.c.sr_sop_instance_uid == item.sop_instance_uid)
+        ).first()
+        return found is not None
 
     def _reopen(
         self, conn: Connection, study_id: int, now: datetime, count_delta: int, byte_delta: int
