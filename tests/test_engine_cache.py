@@ -89,3 +89,11 @@ def test_ensure_engine_hits_the_cache_and_rebuilds_when_onnx_changes(tmp_path, m
     third = ensure_engine(onnx_file, cache, precision="int8", gpu=H100)
     assert len({first, second, third}) == 3
     assert [p for _, p in builds] == ["fp16", "fp16", "int8"]
+
+
+def test_ensure_engine_without_build_reports_the_missing_engine(tmp_path, monkeypatch):
+    onnx_file = tmp_path / "image.onnx"
+    onnx_file.write_bytes(b"graph")
+    monkeypatch.setattr(tensorrt_build, "build_engine", lambda *a, **k: pytest.fail("built"))
+    with pytest.raises(FileNotFoundError, match="optimize build-trt"):
+        ensure_engine(onnx_file, tmp_path / "trt", gpu=H100, build=False)

@@ -211,6 +211,7 @@ def ensure_engine(
     max_batch: int = 32,
     image_size: int = 224,
     gpu: GpuInfo | None = None,
+    build: bool = True,
 ) -> Path:
     """The cached engine for this GPU, ONNX file and precision; built when missing.
 
@@ -224,11 +225,18 @@ def ensure_engine(
         As for :func:`build_engine`.
     gpu : GpuInfo, optional
         Defaults to :func:`current_gpu`.
+    build : bool
+        When False, a missing engine raises instead of being built (a build takes minutes).
 
     Returns
     -------
     pathlib.Path
         The engine file.
+
+    Raises
+    ------
+    FileNotFoundError
+        When ``build`` is False and no engine matches.
     """
     from triagenode.optimization.onnx_export import file_sha256
 
@@ -238,6 +246,11 @@ def ensure_engine(
     if path.exists():
         log.info("TensorRT engine cache hit: %s", path.name)
         return path
+    if not build:
+        raise FileNotFoundError(
+            f"no TensorRT engine {path.name} for this GPU, ONNX file and precision; "
+            "run `triagenode optimize build-trt`"
+        )
     cc = "".join(map(str, gpu.compute_capability))
     timing = Path(cache_dir) / f"timing-sm{cc}-trt{gpu.tensorrt_version}.cache"
     build_engine(

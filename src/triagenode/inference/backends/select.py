@@ -179,6 +179,8 @@ def _build(
             precision=candidate.precision,
             max_batch=settings.max_batch,
             image_size=size,
+            # auto never starts a minutes-long build at start-up; an explicit choice does.
+            build=settings.backend == "tensorrt",
         )
         return TensorRTImageEncoder(
             engine, precision=candidate.precision, max_batch=settings.max_batch, image_size=size
