@@ -11,6 +11,7 @@ PyTorch ViT-B/16 on an H100, see DESIGN.md).
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +108,8 @@ class TensorRTImageEncoder:
         self._out_dtype = _torch_dtype(torch, trt, self.engine.get_tensor_dtype(self._output))
         self.embed_dim = int(self.engine.get_tensor_shape(self._output)[-1])
         self._buckets: dict[int, _Bucket] = {}
+        # One execution context and one set of bucket buffers: calls must not interleave.
+        self._lock = threading.Lock()
         log.info(
             "tensorrt encoder %s (%s, batch <= %d, cuda graphs %s)",
             Path(engine_path).name,
@@ -159,8 +162,13 @@ class TensorRTImageEncoder:
 
     def encode(self, images: np.ndarray) -> np.ndarray:
         """Unit-norm embeddings ``(N, embed_dim)`` of preprocessed ``(N,3,H,W)`` images."""
-        torch = self._torch
         out = np.empty((len(images), self.embed_dim), dtype=np.float32)
+        with self._lock:
+            self._encode_into(images, out)
+        return out
+
+    def _encode_into(self, images: np.ndarray, out: np.ndarray) -> None:
+        torch = self._torch
         for start in range(0, len(images), self.max_batch):
             chunk = np.ascontiguousarray(images[start : start + self.max_batch], np.float32)
             n = len(chunk)
@@ -175,7 +183,6 @@ class TensorRTImageEncoder:
             self.stream.synchronize()
             emb = result.cpu().numpy()
             out[start : start + n] = emb / np.linalg.norm(emb, axis=1, keepdims=True)
-        return out
 
     def close(self) -> None:
         self._buckets.clear()
