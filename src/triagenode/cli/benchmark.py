@@ -70,7 +70,8 @@ def run_backends_benchmark(
 
     from triagenode.inference.backends.artifacts import IMAGE_FP32, IMAGE_INT8_DYNAMIC
     from triagenode.optimization import parity
-    from triagenode.optimization.benchmark import benchmark_backends, machine_backends
+    from triagenode.optimization.benchmark import benchmark_backends
+    from triagenode.optimization.machine import machine_backends
     from triagenode.optimization.onnx_export import export_onnx, label_prompts
     from triagenode.optimization.parity import ParityError
     from triagenode.optimization.quantize import quantize_image_tower
