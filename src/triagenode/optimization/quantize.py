@@ -161,7 +161,7 @@ def sensitive_nodes(model_path: Path) -> list[str]:
 
     Measured on the BiomedCLIP architecture (random weights, the same 100 phantoms, one
     run): keeping these 13 of 73 GEMMs in fp32 raised the minimum cosine with fp32 from
-    0.9991 to 0.9996 but cost 25-45 % more batch-1 latency, and the centred top-1
+    0.9991 to 0.9996 but cost 20-45 % more batch-1 latency, and the centred top-1
     agreement (see :class:`~triagenode.optimization.parity.ParityReport`) did not improve
     (0.84 vs 0.87 with every GEMM quantised). Hence the default is ``none``; ``edges`` is
     there for trained weights where the parity report says it is needed. Blocks are found

@@ -6,8 +6,9 @@ Order (README, "Backends"):
   then fp16). Not measured here (no GPU on this workplace's machines): it follows the
   usual ranking of these runtimes and is to be confirmed with ``benchmarks/gpu_suite.py``.
 - CPU, measured on the 2-core AVX-512 VNNI/AMX Xeon of this workplace, BiomedCLIP
-  architecture: ONNX Runtime dynamic INT8 (batch-1 latency 46 ms idle, 85-93 ms at load
-  2-3; 2.35-2.5x PyTorch fp32; top-1 agreement with fp32 100 % on 100 phantoms) > PyTorch fp32 >
+  architecture: ONNX Runtime dynamic INT8 (batch-1 latency 46 ms idle, 75 ms at load 1-2;
+  3.0x PyTorch fp32 at batch 1, 3.7x at batch 8; top-1 agreement with fp32 100 % on 100
+  phantoms) > PyTorch fp32 >
   ONNX Runtime fp32 (faster than PyTorch at batch 1, equal at batch 8, but only a copy of
   the reference numerics that needs an artefact).
 
