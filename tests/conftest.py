@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,33 @@ from triagenode.store import migrate
 from triagenode.store.db import Database
 
 POSTGRES_ENV = "TRIAGENODE_TEST_POSTGRES_URL"
+
+
+_LOCAL_PREFIXES = ("127.", "::1", "0.0.0.0", "localhost")
+_real_connect = socket.socket.connect
+_real_connect_ex = socket.socket.connect_ex
+
+
+def _local_only(address: Any) -> None:
+    if isinstance(address, tuple) and not str(address[0]).startswith(_LOCAL_PREFIXES):
+        raise ConnectionRefusedError(f"tests may not reach the network ({address[0]})")
+
+
+def _guarded_connect(self: socket.socket, address: Any) -> None:
+    _local_only(address)
+    return _real_connect(self, address)
+
+
+def _guarded_connect_ex(self: socket.socket, address: Any) -> int:
+    _local_only(address)
+    return _real_connect_ex(self, address)
+
+
+@pytest.fixture(autouse=True)
+def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only loopback: model weights and data are never downloaded in tests."""
+    monkeypatch.setattr(socket.socket, "connect", _guarded_connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", _guarded_connect_ex)
 
 
 @pytest.fixture(autouse=True)

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 from pydicom import dcmread
-from pydicom.data import get_testdata_file, get_testdata_files
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from tests.factory import ct_slice, write
+from tests.factory import pydicom_test_file as get_testdata_file
+from tests.factory import pydicom_test_files as get_testdata_files
 from triagenode.errors import PreprocessError
 from triagenode.inference.preprocess import (
     PreprocessConfig,

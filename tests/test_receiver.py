@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.data import get_testdata_file
 from sqlalchemy import select
 
 from tests import factory
+from tests.factory import pydicom_test_file as get_testdata_file
 from tests.peers import wait_for
 from tests.receiver_fixtures import (
     Node,
