@@ -126,7 +126,10 @@ def test_centred_agreement_sees_what_a_shared_component_hides():
 
 
 def test_fp16_variant_is_checked_half_precision_with_float_io(demo_onnx_dir: Path):
-    fp16 = make_fp16_variant(demo_onnx_dir / "image.onnx")
+    fp16, report = make_fp16_variant(
+        demo_onnx_dir / "image.onnx", images=demo_images(6), text_embeds=np.eye(32)
+    )
+    assert report is not None and report.passed and report.cosine_min > 0.999
     model = onnx.load(str(fp16))
     onnx.checker.check_model(model, full_check=True)
     assert {t.data_type for t in model.graph.initializer} == {onnx.TensorProto.FLOAT16}
@@ -135,3 +138,13 @@ def test_fp16_variant_is_checked_half_precision_with_float_io(demo_onnx_dir: Pat
     images = demo_images(4)
     full, half = run_onnx(demo_onnx_dir / "image.onnx", images), run_onnx(fp16, images)
     assert compare_embeddings(full, half, np.eye(full.shape[1]), 1.0).cosine_min > 0.999
+
+
+def test_fp16_variant_below_threshold_is_refused(demo_onnx_dir: Path):
+    impossible = ParityThresholds(min_cosine=1.5, min_top1_agreement=1.0)
+    with pytest.raises(ParityError):
+        make_fp16_variant(
+            demo_onnx_dir / "image.onnx", images=demo_images(2), thresholds=impossible
+        )
+    assert not (demo_onnx_dir / "image.fp16.onnx").exists()
+    assert not list(demo_onnx_dir.glob(".*.tmp"))

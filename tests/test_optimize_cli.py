@@ -21,11 +21,23 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def test_export_then_static_quantize_on_dicom_then_build_trt_needs_tensorrt(workdir, capsys):
     out = workdir / "artifacts"
     assert (
-        main(["optimize", "export-onnx", "--out", str(out), "--demo-model", "--parity-images", "4"])
+        main(
+            [
+                "optimize",
+                "export-onnx",
+                "--out",
+                str(out),
+                "--demo-model",
+                "--parity-images",
+                "4",
+                "--fp16",
+            ]
+        )
         == 0
     )
     exported = json.loads(capsys.readouterr().out)
     assert exported["image_parity"]["passed"] and Path(exported["text_path"]).is_file()
+    assert exported["fp16_parity"]["passed"] and Path(exported["fp16_path"]).is_file()
 
     assert (
         main(["optimize", "quantize", "--mode", "static", "--out", str(out), "--demo-model"]) == 2

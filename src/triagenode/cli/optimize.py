@@ -111,7 +111,20 @@ def _export(args: argparse.Namespace) -> int:
     )
     data = result.to_dict()
     if args.fp16:
-        data["fp16_path"] = str(make_fp16_variant(result.image_path))
+        import numpy as np
+
+        from triagenode.optimization import parity
+        from triagenode.optimization.onnx_export import label_prompts
+
+        pre = loaded.preprocess
+        fp16_path, report = make_fp16_variant(
+            result.image_path,
+            images=parity.synthetic_images(args.parity_images, pre.image_size, pre.mean, pre.std),
+            text_embeds=np.asarray(loaded.encode_text(label_prompts())),
+            logit_scale=float(loaded.logit_scale),
+        )
+        data["fp16_path"] = str(fp16_path)
+        data["fp16_parity"] = report.to_dict() if report else None
     print(json.dumps(data, indent=2))
     return 0
 

@@ -304,12 +304,42 @@ def _sort_nodes(graph: Any) -> None:
     graph.node.extend(copies)
 
 
-def make_fp16_variant(fp32_path: Path, out_path: Path | None = None) -> Path:
+def make_fp16_variant(
+    fp32_path: Path,
+    out_path: Path | None = None,
+    *,
+    images: np.ndarray | None = None,
+    text_embeds: np.ndarray | None = None,
+    logit_scale: float = 100.0,
+    thresholds: ParityThresholds = parity.FP16,
+) -> tuple[Path, ParityReport | None]:
     """Write a half-precision copy of an ONNX model for GPUs, inputs and outputs kept fp32.
 
     Keeping float32 I/O lets every backend feed the same arrays. The metadata is copied with
-    ``precision`` set to ``fp16``. ONNX Runtime's CPU provider runs it too (that is where the
-    tests check its parity here); its speed only matters on a GPU.
+    ``precision`` set to ``fp16``. ONNX Runtime's CPU provider runs it too, so parity with the
+    fp32 model is checked here, on ``images`` (when given), before the file is kept.
+
+    Parameters
+    ----------
+    fp32_path : pathlib.Path
+        The exported fp32 image tower.
+    out_path : pathlib.Path, optional
+        Default ``image.fp16.onnx`` beside it.
+    images, text_embeds : numpy.ndarray, optional
+        Parity sample and label embeddings; no parity check without ``images``.
+    logit_scale : float
+        Zero-shot temperature for the top-1 agreement.
+    thresholds : ParityThresholds
+        What the fp16 model must reach.
+
+    Returns
+    -------
+    (pathlib.Path, ParityReport or None)
+
+    Raises
+    ------
+    ParityError
+        When parity is below ``thresholds``; nothing is written.
     """
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
@@ -322,5 +352,15 @@ def make_fp16_variant(fp32_path: Path, out_path: Path | None = None) -> Path:
     metadata[METADATA_PREFIX + "precision"] = json.dumps("fp16")
     tmp = out_path.with_name(f".{out_path.name}.tmp")
     _write_checked(half, tmp, metadata)
+    report = None
+    if images is not None:
+        reference = run_onnx(Path(fp32_path), images)
+        labels = text_embeds if text_embeds is not None else np.eye(reference.shape[1])
+        report = parity.compare_embeddings(
+            reference, run_onnx(tmp, images), labels, logit_scale, thresholds
+        )
+        if not report.passed:
+            tmp.unlink(missing_ok=True)
+            raise ParityError(report, str(out_path))
     os.replace(tmp, out_path)
-    return out_path
+    return out_path, report
