@@ -21,7 +21,6 @@ __all__ = [
     "METADATA_PREFIX",
     "TEXT_FP32",
     "engines_dir",
-    "image_onnx_name",
     "read_onnx_metadata",
 ]
 
@@ -31,30 +30,6 @@ IMAGE_INT8_DYNAMIC = "image.int8-dynamic.onnx"
 IMAGE_INT8_STATIC = "image.int8-static.onnx"
 TEXT_FP32 = "text.onnx"
 METADATA_PREFIX = "triagenode."
-
-_BY_PRECISION = {
-    "fp32": (IMAGE_FP32,),
-    "fp16": (IMAGE_FP16,),
-    # Static QDQ first: it is what TensorRT and CUDA consume; on CPU both are measured.
-    "int8": (IMAGE_INT8_STATIC, IMAGE_INT8_DYNAMIC),
-}
-
-
-def image_onnx_name(precision: str) -> tuple[str, ...]:
-    """File names of the image tower for ``precision``, preferred first.
-
-    Raises
-    ------
-    ValueError
-        For a precision without ONNX artefacts (``bf16``).
-    """
-    try:
-        return _BY_PRECISION[precision]
-    except KeyError:
-        raise ValueError(
-            f"no ONNX image tower for precision {precision!r}; "
-            f"available: {', '.join(_BY_PRECISION)}"
-        ) from None
 
 
 def engines_dir(artifacts_dir: Path) -> Path:
