@@ -89,9 +89,10 @@ def merge_triage_inputs(old: dict[str, str] | None, new: dict[str, str]) -> dict
     Values already known are kept (the first instance describes the study) except the
     request priority, which keeps the most urgent one seen.
     """
+    old = old or {}
     merged = dict(new)
-    merged.update(old or {})
-    if "RequestPriority" in new and "RequestPriority" in (old or {}):
+    merged.update(old)
+    if "RequestPriority" in new and "RequestPriority" in old:
         merged["RequestPriority"] = max(
             new["RequestPriority"], old["RequestPriority"], key=_PRIORITY_RANK.__getitem__
         )

@@ -341,7 +341,7 @@ class Settings(BaseSettings):
         return f"sqlite:///{(self.node.data_dir / 'triagenode.sqlite3').resolve()}"
 
 
-def _describe(error: dict[str, Any]) -> str:
+def _describe(error: Any) -> str:
     location = ".".join(str(part) for part in error["loc"]) or "settings"
     if error["type"] == "extra_forbidden":
         return f"{location}: unknown key"

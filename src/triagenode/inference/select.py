@@ -87,7 +87,7 @@ class InstanceRecord:
     sop_class_uid: str
     sop_instance_uid: str
     series_uid: str
-    modality: str
+    modality: str | None
     instance_number: int | None
     number_of_frames: int
     path: Path
