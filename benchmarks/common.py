@@ -52,6 +52,18 @@ def wait_for(predicate: Callable[[], T], timeout: float = 60.0, what: str = "con
         time.sleep(0.005)
 
 
+def send(ae_title: str, port: int, paths: list[Path]) -> float:
+    """Send ``paths`` with DCMTK ``storescu`` over one association; returns the moment the
+    last instance was acknowledged (``time.perf_counter``)."""
+    subprocess.run(
+        [STORESCU, "-aec", ae_title, "127.0.0.1", str(port), *map(str, paths)],
+        env=DCMTK_ENV,
+        check=True,
+        capture_output=True,
+    )
+    return time.perf_counter()
+
+
 def _write(ds: Dataset, path: Path) -> Path:
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID

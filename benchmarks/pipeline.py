@@ -23,19 +23,17 @@ import argparse
 import json
 import logging
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from common import (
-    DCMTK_ENV,
-    STORESCU,
     Destination,
     free_port,
     make_cr_study,
     make_ct_study,
+    send,
     wait_for,
 )
 from sqlalchemy import select
@@ -49,14 +47,7 @@ def run_study(node: Node, destination: Destination, paths: list[Path], study_uid
     settings = node.settings
     before = destination.count()
     started = time.perf_counter()
-    subprocess.run(
-        [STORESCU, "-aec", settings.scp.ae_title, "127.0.0.1", str(settings.scp.port)]
-        + [str(p) for p in paths],
-        env=DCMTK_ENV,
-        check=True,
-        capture_output=True,
-    )
-    acknowledged = time.perf_counter()
+    acknowledged = send(settings.scp.ae_title, settings.scp.port, paths)
     wait_for(lambda: destination.count() > before, timeout=600, what="SR in destination")
     arrived = time.perf_counter()
     with node.db.session() as session:

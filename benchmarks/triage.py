@@ -26,7 +26,6 @@ import json
 import logging
 import math
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,12 +33,11 @@ from pathlib import Path
 
 import pydicom
 from common import (
-    DCMTK_ENV,
-    STORESCU,
     Destination,
     free_port,
     make_cr_study,
     make_ct_study,
+    send,
     wait_for,
 )
 from sqlalchemy import func, select
@@ -53,16 +51,8 @@ STAT_QUIET_S = 0.5
 ROUTINE_QUIET_S = 1.0
 
 
-def send(node: Node, paths: list[Path]) -> float:
-    """Send ``paths`` over one association; returns the time the last one was acknowledged."""
-    subprocess.run(
-        [STORESCU, "-aec", node.settings.scp.ae_title, "127.0.0.1", str(node.settings.scp.port)]
-        + [str(p) for p in paths],
-        env=DCMTK_ENV,
-        check=True,
-        capture_output=True,
-    )
-    return time.perf_counter()
+def send_to(node: Node, paths: list[Path]) -> float:
+    return send(node.settings.scp.ae_title, node.settings.scp.port, paths)
 
 
 class SrWatcher:
@@ -88,7 +78,7 @@ class SrWatcher:
 
 
 def process_alone(node: Node, watcher: SrWatcher, paths: list[Path], uid: str) -> float:
-    acknowledged = send(node, paths)
+    acknowledged = send_to(node, paths)
     wait_for(lambda: watcher.has(uid), timeout=600, what="SR of a single study")
     return time.perf_counter() - acknowledged
 
@@ -137,7 +127,7 @@ def main() -> int:
             for index in range(count):
                 uid, paths = make_cr_study(work / f"cr{index}", args.cr_size, seed=index)
                 backlog.append((uid, paths[0]))
-            send(node, [p for _, p in backlog])
+            send_to(node, [p for _, p in backlog])
 
             def queued_enough() -> bool:
                 with node.db.session() as session:
@@ -150,7 +140,7 @@ def main() -> int:
             stat_uid, stat_paths = make_ct_study(
                 work / "stat", args.ct_slices, args.ct_size, **stroke
             )
-            acknowledged = send(node, stat_paths)
+            acknowledged = send_to(node, stat_paths)
             with node.db.session() as session:
                 routine_waiting = session.scalar(
                     select(func.count())
