@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,58 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-
-STORESCU = "/usr/bin/storescu"
-STORESCP = "/usr/bin/storescp"
-ENV = {**os.environ, "TCP_NODELAY": "1"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_port(port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.02)
-    raise RuntimeError(f"port {port} did not open")
-
-
-def make_study(folder: Path, slices: int, size: int) -> list[Path]:
-    """Write a synthetic CT series; pixels are random so nothing compresses by accident."""
-    folder.mkdir(parents=True, exist_ok=True)
-    study, series = generate_uid(), generate_uid()
-    rng = np.random.default_rng(0)
-    paths = []
-    for i in range(slices):
-        ds = Dataset()
-        ds.SOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = generate_uid()
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-        ds.Modality, ds.PatientID, ds.PatientName = "CT", "BENCH-1", "Bench^Mark"
-        ds.InstanceNumber, ds.SeriesNumber = i + 1, 1
-        ds.BodyPartExamined = "CHEST"
-        ds.ImagePositionPatient = [0.0, 0.0, i * 1.25]
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.Rows = ds.Columns = size
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-        ds.PixelData = rng.integers(0, 4096, size=(size, size), dtype=np.uint16).tobytes()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        path = folder / f"{i:04d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
-    return paths
+from common import DCMTK_ENV, STORESCP, STORESCU, free_port, make_ct_study, wait_port
 
 
 def send(port: int, groups: list[list[Path]]) -> float:
@@ -93,7 +41,7 @@ def send(port: int, groups: list[list[Path]]) -> float:
     procs = [
         subprocess.Popen(
             [STORESCU, "-aet", "BENCH", "127.0.0.1", str(port), *map(str, files)],
-            env=ENV,
+            env=DCMTK_ENV,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
@@ -113,7 +61,7 @@ def run_dcmtk(groups: list[list[Path]], work: Path) -> float:
     port = free_port()
     server = subprocess.Popen(
         [STORESCP, "-od", str(out), str(port)],
-        env=ENV,
+        env=DCMTK_ENV,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -216,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="tn-bench-") as tmp:
         work = Path(tmp)
-        files = make_study(work / "study", args.slices, args.size)
+        _, files = make_ct_study(work / "study", args.slices, args.size)
         megabytes = sum(p.stat().st_size for p in files) / 1e6
         print(f"study: {len(files)} files, {megabytes:.1f} MB; runs: {args.runs}")
         k = args.senders
