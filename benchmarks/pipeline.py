@@ -56,7 +56,7 @@ def run_study(node: Node, destination: Destination, paths: list[Path], study_uid
         timings = result.findings.get("timings_ms", {})
         priority = study.priority
     quiet = settings.study.stable_after_s
-    model_s = (timings.get("encode_images", 0.0) + timings.get("encode_text", 0.0)) / 1000
+    model_s = (timings.get("encode", 0.0) + timings.get("text", 0.0)) / 1000
     preprocess_s = timings.get("preprocess", 0.0) / 1000
     latency = arrived - acknowledged
     return {

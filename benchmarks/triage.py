@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import pydicom
 from common import (
@@ -45,7 +46,7 @@ from sqlalchemy import func, select
 from triagenode.config.settings import load_settings
 from triagenode.domain import Priority
 from triagenode.node import Node
-from triagenode.store.models import Job, Study
+from triagenode.store.models import Export, Job, Result, Study, StudyEvent
 
 STAT_QUIET_S = 0.5
 ROUTINE_QUIET_S = 1.0
@@ -75,6 +76,21 @@ class SrWatcher:
 
     def has(self, study_uid: str) -> bool:
         return study_uid in self.study_of_new_files().values()
+
+
+def stat_timeline(session: Any, study: Study) -> dict[str, float]:
+    """Seconds from the study's last instance to each later step, from the database."""
+    start = study.last_received_at
+    steps = {"stable": study.stable_at}
+    for event in session.execute(
+        select(StudyEvent).where(StudyEvent.study_id == study.id).order_by(StudyEvent.id)
+    ).scalars():
+        if event.at >= start and event.to_state not in steps:
+            steps[event.to_state] = event.at
+    result = session.execute(select(Result).where(Result.study_id == study.id)).scalar_one()
+    steps["result_written"] = result.created_at
+    steps["sr_sent"] = session.scalar(select(Export.sent_at).where(Export.result_id == result.id))
+    return {k: round((v - start).total_seconds(), 3) for k, v in steps.items() if v is not None}
 
 
 def process_alone(node: Node, watcher: SrWatcher, paths: list[Path], uid: str) -> float:
@@ -153,9 +169,11 @@ def main() -> int:
             wait_for(lambda: watcher.has(stat_uid), timeout=900, what="stat SR")
             stat_latency = time.perf_counter() - acknowledged
             with node.db.session() as session:
-                stat_priority = session.scalar(
-                    select(Study.priority).where(Study.study_uid == stat_uid)
-                )
+                stat = session.execute(
+                    select(Study).where(Study.study_uid == stat_uid)
+                ).scalar_one()
+                stat_priority = stat.priority
+                timeline = stat_timeline(session, stat)
         finally:
             node.stop()
     finally:
@@ -175,6 +193,7 @@ def main() -> int:
         "stat_latency_in_arrival_order_s": round(arrival_order, 1),
         "goal_s": round(goal, 3),
         "goal_met": stat_latency <= goal,
+        "stat_timeline_s": timeline,
     }
     for key, value in figures.items():
         print(f"{key:<36} {value}")

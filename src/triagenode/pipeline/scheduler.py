@@ -18,7 +18,7 @@ from triagenode.domain import StudyState
 from triagenode.pipeline.queue import JobQueue
 from triagenode.pipeline.tracker import StudyTracker
 from triagenode.store.db import Database
-from triagenode.store.models import Study
+from triagenode.store.models import Study, utcnow
 from triagenode.store.study_state import set_study_state
 
 __all__ = ["StudyScheduler"]
@@ -74,10 +74,18 @@ class StudyScheduler:
         if self._thread is not None:
             self._thread.join(timeout)
 
+    def _pause(self) -> float:
+        """Seconds until the next tick: the tick interval, or sooner when a study's quiet
+        period ends before it (a stat study should not wait for the tick)."""
+        due = self.tracker.next_stable_at
+        if due is None:
+            return self.interval_s
+        return min(self.interval_s, max(0.005, (due - utcnow()).total_seconds()))
+
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
                 self.tick()
             except Exception:  # the database may be briefly away; try again next tick
                 log.exception("scheduler tick failed")
-            self._stop.wait(self.interval_s)
+            self._stop.wait(self._pause())

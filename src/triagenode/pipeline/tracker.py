@@ -59,6 +59,9 @@ class StudyTracker:
         self._db = db
         self._audit = audit
         self._prioritizer = prioritizer
+        # When the next receiving study's quiet period ends, as of the last poll: the
+        # scheduler polls again right then instead of waiting for its next tick.
+        self.next_stable_at: datetime | None = None
 
     def poll(self, now: datetime | None = None) -> list[int]:
         """Mark every receiving study whose quiet period has passed as stable.
@@ -88,6 +91,7 @@ class StudyTracker:
                 ).where(_STUDIES.c.state == StudyState.receiving.value)
             ).all()
         stable: list[int] = []
+        self.next_stable_at = None
         for row in rows:
             priority = Priority(row.priority)
             triaged: dict[str, object] = {}
@@ -105,7 +109,10 @@ class StudyTracker:
                     }
             quiet = self._settings.study.quiet_period(priority)
             # The column's UtcDateTime type makes this timezone-aware on every backend.
-            is_quiet = row.last_received_at + timedelta(seconds=quiet) <= now
+            due = row.last_received_at + timedelta(seconds=quiet)
+            is_quiet = due <= now
+            if not is_quiet and (self.next_stable_at is None or due < self.next_stable_at):
+                self.next_stable_at = due
             if not (triaged or is_quiet):
                 continue
             with self._db.write_session() as session:

@@ -113,11 +113,11 @@ class StudyProcessor:
         """Classify the job's study and queue its SR; returns None when there was nothing
         to classify (the study is then marked ignored, not failed)."""
         snapshot = self._snapshot(job.study_id)
-        with self.db.session() as session:
+        with self.db.write_session() as session:
             set_study_state(session, snapshot.study_id, StudyState.processing, "worker claimed job")
         selected = select_images(snapshot.records, self.settings.model.slices_per_series)
         if not selected:
-            with self.db.session() as session:
+            with self.db.write_session() as session:
                 set_study_state(
                     session, snapshot.study_id, StudyState.ignored, "no classifiable images"
                 )
@@ -275,7 +275,7 @@ class WorkerPool:
                 exc_info=not isinstance(exc, TriageNodeError),
             )
             state = self.queue.fail(job.id, worker_id, reason, retry=True)
-            with self.processor.db.session() as session:
+            with self.processor.db.write_session() as session:
                 final = state == "failed"
                 set_study_state(
                     session,
