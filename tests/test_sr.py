@@ -182,13 +182,16 @@ def test_critical_and_priority_are_coded(make_settings) -> None:
     summary = summarize_sr(build_sr(result, source, settings, run=1))
     assert summary.critical is True and summary.priority is Priority.stat
     assert "Critical finding suspected: Hemorrhage" in (summary.summary or "")
+    assert f"STAT (rule {result.priority_rule})" in (summary.summary or "")
     calm = replace(
         result,
         findings=tuple(replace(f, critical=False) for f in result.findings),
         priority=Priority.low,
+        priority_rule=None,
     )
     calm_summary = summarize_sr(build_sr(calm, source, settings, run=1))
     assert calm_summary.critical is False and calm_summary.priority is Priority.low
+    assert "LOW (no rule matched)" in (calm_summary.summary or "")
 
 
 def test_refuses_result_without_findings_or_source_of_other_study(make_settings) -> None:

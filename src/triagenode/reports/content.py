@@ -285,7 +285,8 @@ def summary_text(result: StudyResult) -> str:
     parts = []
     if result.model.is_demo:
         parts.append(f"{DEMO_WARNING}.")
-    parts.append(f"AI triage priority: {result.priority.name.upper()}.")
+    rule = f"rule {result.priority_rule}" if result.priority_rule else "no rule matched"
+    parts.append(f"AI triage priority: {result.priority.name.upper()} ({rule}).")
     if critical:
         names = ", ".join(f"{f.code_meaning} ({f.probability:.2f})" for f in critical)
         parts.append(f"Critical finding suspected: {names}.")
