@@ -106,6 +106,7 @@ def main() -> int:
     parser.add_argument("--ct-slices", type=int, default=40)
     parser.add_argument("--ct-size", type=int, default=512)
     parser.add_argument("--max-studies", type=int, default=3000)
+    parser.add_argument("--workers", type=int, default=1, help="classification workers")
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -128,7 +129,7 @@ def main() -> int:
             model={"source": "demo"},
             destinations=[destination.as_setting()],
         )
-        node = Node(settings)
+        node = Node(settings, workers=args.workers)
         node.start()
         try:
             uid, paths = make_cr_study(work / "warm", args.cr_size, seed=7)
