@@ -287,3 +287,12 @@ def test_export_over_mutual_tls_to_storescp(
     finally:
         process.terminate()
         process.wait(10)
+
+
+def test_echo_destinations_tells_which_answer(
+    tmp_path: Path, sqlite_db: Database, make_settings, pacs: OrthancServer
+) -> None:
+    down = {"name": "down", "ae_title": "NOBODY", "host": "127.0.0.1", "port": peers.free_port()}
+    settings = _settings(make_settings, _destination("pacs", pacs), down)
+    _, exporter = _parts(sqlite_db, settings)
+    assert exporter.echo_destinations(timeout=2) == {"pacs": True, "down": False}

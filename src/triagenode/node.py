@@ -109,6 +109,7 @@ class Node:
         self.tracker = tracker
         self.queue = queue
         self.outbox = outbox
+        self.exporter = exporter
 
         # Consumers first, the receiver last: nothing arrives before it can be handled.
         for part in (exporter, pool, scheduler):
@@ -143,6 +144,7 @@ class Node:
         services = ApiServices(
             predictor=ClassifierPredictor(self.classifier),
             model_loaded=lambda: self.classifier is not None,
+            destinations_reachable=self.exporter.echo_destinations,
         )
         app = create_app(self.settings, self.db, self.audit, services)
         server = build_server(app, self.settings.api.host, self.settings.api.port)

@@ -21,6 +21,7 @@ from pathlib import Path
 import pydicom
 from pynetdicom import AE, build_context
 from pynetdicom.association import Association
+from pynetdicom.sop_class import Verification
 
 from triagenode.audit.events import AuditEventId, AuditLog, Outcome
 from triagenode.config.settings import Destination, Settings
@@ -146,14 +147,21 @@ class Exporter:
         )
 
     def _associate(
-        self, destination: Destination, items: Sequence[_Prepared]
+        self,
+        destination: Destination,
+        items: Sequence[_Prepared],
+        timeout: float | None = None,
     ) -> tuple[Association | None, str | None]:
-        timeout = self.settings.export.timeout_s
+        """Open an association for ``items`` (or for C-ECHO when there are none)."""
+        timeout = timeout or self.settings.export.timeout_s
         ae = AE(ae_title=self.settings.scp.ae_title)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
         ae.connection_timeout = timeout
         contexts = {(p.sop_class_uid, p.transfer_syntax_uid) for p in items}
-        ae.requested_contexts = [build_context(sop, [ts]) for sop, ts in sorted(contexts)]
+        if items:
+            ae.requested_contexts = [build_context(sop, [ts]) for sop, ts in sorted(contexts)]
+        else:
+            ae.requested_contexts = [build_context(Verification)]
         tls_args = None
         if destination.tls:
             tls_args = (client_context(destination), destination.host)
@@ -301,6 +309,21 @@ class Exporter:
     def wake(self) -> None:
         """Start the next pass now (e.g. right after an SR was enqueued)."""
         self._wake.set()
+
+    def echo_destinations(self, timeout: float = 3.0) -> dict[str, bool]:
+        """C-ECHO every destination: name -> answered with success (for ``/readyz``)."""
+        reachable: dict[str, bool] = {}
+        for destination in self.settings.destinations:
+            assoc, _ = self._associate(destination, (), timeout)
+            ok = False
+            if assoc is not None:
+                try:
+                    status = assoc.send_c_echo()
+                    ok = bool(status) and status.get("Status") == 0
+                finally:
+                    assoc.release()
+            reachable[destination.name] = ok
+        return reachable
 
     def run_forever(self, stop_event: threading.Event) -> None:
         """Pass after pass until ``stop_event`` is set; sleeps only while nothing is due."""
