@@ -21,7 +21,7 @@ from pathlib import Path
 import pydicom
 from pynetdicom import AE, build_context
 from pynetdicom.association import Association
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from triagenode.audit.events import AuditEventId, AuditLog, Outcome
 from triagenode.config.settings import Destination, Settings
