@@ -53,13 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"triagenode {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"triagenode.cli.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"triagenode.cli.{name}":
-                continue  # subcommand not built yet
-            raise
-        module.register(subparsers, parent)
+        importlib.import_module(f"triagenode.cli.{name}").register(subparsers, parent)
     return parser
 
 
