@@ -104,3 +104,22 @@ def test_example_config_is_valid_and_documents_every_section(
     text = example.read_text(encoding="utf-8")
     for section in type(settings).model_fields:
         assert f"[{section}" in text or f"[[{section}" in text or f"# [{section}" in text, section
+
+
+def test_command_line_flags_win_over_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import argparse
+
+    from triagenode.cli.common import settings_from_args
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TRIAGENODE_MODEL__SOURCE", "local-dir:/models/biomedclip")
+    args = argparse.Namespace(config=None)
+    assert settings_from_args(args).model.source == "local-dir:/models/biomedclip"
+    assert settings_from_args(args, model={"source": "demo"}).model.source == "demo"
+    with pytest.raises(ConfigError, match=r"scp\.port: "):
+        settings_from_args(args, scp={"port": 0})
+    monkeypatch.setenv("TRIAGENODE_NODE__ENVIRONMENT", "production")
+    with pytest.raises(ConfigError, match="'demo' is refused"):
+        settings_from_args(args, model={"source": "demo"})

@@ -8,7 +8,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from triagenode.config.settings import Settings, load_settings
+from triagenode.errors import ConfigError
 from triagenode.store.db import Database
 
 __all__ = ["open_database", "print_json", "print_table", "settings_from_args"]
@@ -16,12 +19,27 @@ __all__ = ["open_database", "print_json", "print_table", "settings_from_args"]
 DEFAULT_CONFIG = Path("triagenode.toml")
 
 
-def settings_from_args(args: argparse.Namespace, **overrides: Any) -> Settings:
-    """Settings from ``--config`` (or ./triagenode.toml when present) and the environment."""
+def settings_from_args(args: argparse.Namespace, **overrides: dict[str, Any]) -> Settings:
+    """Settings from ``--config`` (or ./triagenode.toml when present) and the environment,
+    then ``overrides`` from command-line flags (``model={"source": "demo"}``), which win
+    over both: a flag typed now is what the operator means."""
     path = args.config
     if path is None and DEFAULT_CONFIG.exists():
         path = DEFAULT_CONFIG
-    return load_settings(path, **overrides)
+    settings = load_settings(path)
+    for section, values in overrides.items():
+        for key, value in values.items():
+            try:
+                setattr(getattr(settings, section), key, value)
+            except ValidationError as exc:
+                message = exc.errors()[0]["msg"]
+                raise ConfigError(f"{section}.{key}: {message} (got {value!r})") from None
+    if overrides:
+        try:
+            settings.check_consistency()
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    return settings
 
 
 def open_database(settings: Settings, *, migrate: bool = True) -> Database:

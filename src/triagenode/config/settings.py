@@ -297,6 +297,10 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Settings:
+        return self.check_consistency()
+
+    def check_consistency(self) -> Settings:
+        """Checks across sections; raises ValueError naming the key at fault."""
         names = [d.name for d in self.destinations]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
