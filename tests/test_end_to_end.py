@@ -22,6 +22,7 @@ from tests.peers import free_port, run_tool, wait_for
 from triagenode.config.settings import Settings
 from triagenode.domain import DEMO_WARNING
 from triagenode.node import Node
+from triagenode.reports import summarize_sr
 from triagenode.store.models import Export, Result, Study
 
 pytestmark = pytest.mark.slow
@@ -107,6 +108,16 @@ def test_orthanc_sends_study_and_receives_sr(make_settings, tmp_path: Path, runn
             assert result.sr_sop_instance_uid == sr.SOPInstanceUID
             assert result.is_demo
             assert result.findings["warning"] == DEMO_WARNING
+            stored_findings = result.findings["findings"]
+        # The SR Orthanc holds says what the node decided: same labels, codes, probabilities,
+        # present/absent, and image references among the images sent.
+        summary = summarize_sr(sr)
+        assert [f.name for f in summary.findings] == [f["name"] for f in stored_findings]
+        for in_sr, decided in zip(summary.findings, stored_findings, strict=True):
+            assert in_sr.code_value == decided["code"]["value"]
+            assert in_sr.present == decided["present"]
+            assert in_sr.probability == pytest.approx(decided["probability"], abs=1e-6)
+            assert {uid for uid, _ in in_sr.images} <= sent
         # dsrdump reads the SR Orthanc holds without complaint
         sr_file = tmp_path / "sr.dcm"
         sr.save_as(sr_file)
