@@ -230,6 +230,9 @@ class Destination(Section):
 
 class ExportSettings(Section):
     max_attempts: int = Field(default=8, ge=1, le=1000)
+    senders: int = Field(
+        default=2, ge=1, le=32, description="Threads sending SRs; more let stat SRs overtake"
+    )
     backoff_initial_s: float = Field(default=2.0, gt=0)
     backoff_max_s: float = Field(default=300.0, gt=0)
     timeout_s: float = Field(default=30.0, gt=0)

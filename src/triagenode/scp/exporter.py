@@ -101,7 +101,7 @@ class Exporter:
         self.poll_interval_s = 0.5
         self._stop = threading.Event()
         self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
 
     # One pass -------------------------------------------------------------------------------
 
@@ -326,8 +326,14 @@ class Exporter:
         return reachable
 
     def run_forever(self, stop_event: threading.Event) -> None:
-        """Pass after pass until ``stop_event`` is set; sleeps only while nothing is due."""
+        """Pass after pass until ``stop_event`` is set; sleeps only while nothing is due.
+
+        Rows a crashed process left in ``sending`` are released first.
+        """
         self.outbox.requeue_sending()
+        self._passes(stop_event)
+
+    def _passes(self, stop_event: threading.Event) -> None:
         while not stop_event.is_set():
             try:
                 attempted = self.send_due()
@@ -349,22 +355,33 @@ class Exporter:
         return max(0.0, min(self.poll_interval_s, (next_due - utcnow()).total_seconds()))
 
     def start(self) -> None:
-        """Run :meth:`run_forever` in a daemon thread."""
-        if self._thread is not None and self._thread.is_alive():
+        """Release rows left in ``sending``, then run ``export.senders`` sending threads.
+
+        Claims are atomic, so the threads never send the same row; with more than one, an
+        SR queued while another thread is in the middle of a pass (a stat result behind a
+        routine one, or a slow destination) is sent at once instead of after that pass.
+        """
+        if self._threads:
             return
         self._stop.clear()
-        self._thread = threading.Thread(
-            target=self.run_forever, args=(self._stop,), name="triagenode-exporter", daemon=True
-        )
-        self._thread.start()
+        self.outbox.requeue_sending()
+        for index in range(self.settings.export.senders):
+            thread = threading.Thread(
+                target=self._passes,
+                args=(self._stop,),
+                name=f"triagenode-exporter-{index}",
+                daemon=True,
+            )
+            thread.start()
+            self._threads.append(thread)
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Stop the thread after its current pass."""
+        """Stop the threads after their current passes."""
         self._stop.set()
         self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+        for thread in self._threads:
+            thread.join(timeout)
+        self._threads.clear()
 
 
 def _peer(destination: Destination) -> str:
