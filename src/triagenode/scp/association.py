@@ -23,6 +23,7 @@ from triagenode.scp.storage import AssociationInfo
 if TYPE_CHECKING:
     from triagenode.scp.receiver import DicomReceiver
     from triagenode.scp.storage import PendingInstance
+    from triagenode.store.spool import IncomingInstance
 
 __all__ = ["Association", "ProtocolError"]
 
@@ -66,6 +67,7 @@ class Association:
         self._command = bytearray()
         self._pending: PendingInstance | None = None
         self._pending_context = 0
+        self._spare: IncomingInstance | None = None  # temp file for the next instance
 
     # I/O ----------------------------------------------------------------------------------
 
@@ -116,7 +118,13 @@ class Association:
             if self._pending is not None:
                 self._pending.abandon()
                 self._pending = None
+            self._discard_spare()
             self._close()
+
+    def _discard_spare(self) -> None:
+        if self._spare is not None:
+            self._spare.discard()
+            self._spare = None
 
     def _try_send(self, data: bytes) -> None:
         with contextlib.suppress(OSError):
@@ -174,6 +182,7 @@ class Association:
             elif pdu_type == pdu.A_RELEASE_RQ:
                 self._read(length)
                 self.info.outcome = "released"
+                self._discard_spare()  # before the reply: the peer may look at the spool
                 self._send(pdu.release_rp_pdu())
                 self._linger()
                 return
@@ -219,6 +228,7 @@ class Association:
                 if control & 0x02:
                     pending, self._pending = self._pending, None
                     status, comment = pending.finish()
+                    self._spare, pending.spare = pending.spare, None
                     self._respond(
                         context_id,
                         pending.message_id,
@@ -267,7 +277,9 @@ class Association:
                 sop_instance_uid=sop_instance or "",
                 transfer_syntax_uid=transfer_syntax,
                 priority=pdu.command_us(elements, pdu.PRIORITY),
+                spare=self._spare,
             )
+            self._spare = None
         elif field_ == pdu.C_STORE_RQ:
             self.info.failures += 1
             self._respond(

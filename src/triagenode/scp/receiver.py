@@ -29,6 +29,7 @@ from triagenode.scp.status import RejectReason
 from triagenode.scp.storage import AssociationInfo, InstanceStorage
 from triagenode.store.db import Database
 from triagenode.store.ingest import StudyIngest
+from triagenode.store.recovery import RunMarker, remove_rows_without_files
 from triagenode.store.spool import Spool
 
 __all__ = ["ACCEPTED_TRANSFER_SYNTAXES", "VERIFICATION_SOP_CLASS", "DicomReceiver"]
@@ -72,6 +73,7 @@ class DicomReceiver:
         self._lock = threading.Lock()
         self._active: dict[threading.Thread, socket.socket] = {}
         self._tls: ssl.SSLContext | None = None
+        self._marker = RunMarker(self.storage.spool.data_dir)
 
     @property
     def port(self) -> int:
@@ -92,6 +94,12 @@ class DicomReceiver:
         removed = self.storage.spool.prepare()
         if removed:
             log.info("spool: removed %d unacknowledged temp files from a previous run", removed)
+        # Rows of new instances commit in parallel with their file's fsync: after a crash,
+        # rows whose file never arrived (never acknowledged) are taken back before serving.
+        unclean, since = self._marker.unclean_since()
+        if unclean:
+            remove_rows_without_files(self.db, self.storage.spool.data_dir, since)
+        self._marker.mark_running()
         if self.settings.scp.tls_enabled:
             from triagenode.scp.tls import server_context
 
@@ -138,6 +146,8 @@ class DicomReceiver:
         for thread in active:
             thread.join(max(0.0, deadline - time.monotonic()))
         self.storage.close()
+        if not any(thread.is_alive() for thread in active):
+            self._marker.mark_stopped()  # nothing in flight any more
         log.info("DICOM receiver stopped")
 
     # Threads ------------------------------------------------------------------------------

@@ -2,9 +2,14 @@
 
 Each caller submits an item and gets a :class:`PendingWrite`. The writer stages every item
 that is waiting in one transaction, each in its own savepoint, and commits once, so a burst
-of instances from several associations costs one database fsync instead of one each. An
-item's savepoint is released only after its caller reports that the item's file is durable,
-so nothing is committed for a file that might not exist after a crash.
+of instances from several associations costs one database fsync instead of one each.
+
+An item's savepoint is normally released only after its caller reports that the item's file
+is durable. Items submitted with ``may_commit_early`` that the ``early`` predicate accepts
+(for the receiver: a new instance of a study that already has one) are committed without
+waiting, in parallel with the file's fsync, and :attr:`PendingWrite.committed_early` tells
+the caller that a file that then fails must have its rows taken back; a crash in between is
+repaired at the next start (:mod:`triagenode.store.recovery`).
 """
 
 from __future__ import annotations
@@ -34,11 +39,13 @@ MAX_BATCH = 32
 class PendingWrite(Generic[T, R]):
     """One submitted item on its way to the database."""
 
-    def __init__(self, item: T) -> None:
+    def __init__(self, item: T, may_commit_early: bool = False) -> None:
         self.item = item
+        self.may_commit_early = may_commit_early
         self.outcome: R | None = None
         self._error: StorageError | None = None
         self._file_ok = False
+        self.committed_early = False  # committed without waiting for file_durable()
         self._file_known = threading.Event()
         self._done = threading.Event()
 
@@ -94,8 +101,10 @@ class GroupCommitter(Generic[T, R]):
         stage: Callable[[Connection, T], R],
         on_failure: Callable[[], None] = lambda: None,
         name: str = "group-commit",
+        early: Callable[[R], bool] = lambda outcome: False,
     ) -> None:
         self._db = db
+        self._early = early
         self._stage_item = stage
         self._on_failure = on_failure
         self._name = name
@@ -103,9 +112,13 @@ class GroupCommitter(Generic[T, R]):
         self._writer: threading.Thread | None = None
         self._lock = threading.Lock()
 
-    def submit(self, item: T) -> PendingWrite[T, R]:
-        """Queue ``item`` and return at once; the writer thread starts on first use."""
-        pending: PendingWrite[T, R] = PendingWrite(item)
+    def submit(self, item: T, may_commit_early: bool = False) -> PendingWrite[T, R]:
+        """Queue ``item`` and return at once; the writer thread starts on first use.
+
+        With ``may_commit_early``, an item the ``early`` predicate accepts is committed
+        without waiting for :meth:`PendingWrite.file_durable`.
+        """
+        pending: PendingWrite[T, R] = PendingWrite(item, may_commit_early)
         with self._lock:
             if self._writer is None or not self._writer.is_alive():
                 self._writer = threading.Thread(
@@ -176,7 +189,10 @@ class GroupCommitter(Generic[T, R]):
                 if alone:
                     # The only item: the transaction itself serves as its savepoint.
                     outcome = self._stage_item(connection, batch[0].item)
-                    if batch[0].wait_file():
+                    if batch[0].may_commit_early and self._early(outcome):
+                        batch[0].outcome = outcome
+                        batch[0].committed_early = True
+                    elif batch[0].wait_file():
                         batch[0].outcome = outcome
                     else:
                         transaction.rollback()
@@ -199,7 +215,11 @@ class GroupCommitter(Generic[T, R]):
                     pending.fail(StorageError(f"database refused the rows: {exc.orig}"))
                     return
                 continue
-            if pending.wait_file():
+            if pending.may_commit_early and self._early(outcome):
+                savepoint.commit()
+                pending.outcome = outcome
+                pending.committed_early = True
+            elif pending.wait_file():
                 savepoint.commit()
                 pending.outcome = outcome
             else:

@@ -1,8 +1,10 @@
 """Recording received instances: the studies, series and instances rows.
 
 A single writer thread commits the rows of every association in groups (one commit, so one
-fsync, for all instances that arrived meanwhile), and each instance's rows are committed only
-after its file is durable and before its C-STORE success is sent. The common case (another
+fsync, for all instances that arrived meanwhile), before the C-STORE success is sent. A new
+instance of a known study is committed in parallel with its file's fsync (taken back if the
+file fails, see :mod:`triagenode.store.recovery`); any other rows only after the file is
+durable. The common case (another
 instance of a study already receiving) is three short statements; the ids of known studies
 and series are cached so no lookups are needed. Duplicates and reopened studies take
 a slower path that also writes a :class:`~triagenode.store.models.StudyEvent`.
@@ -19,7 +21,6 @@ from typing import Any, cast
 from sqlalchemy import (
     BigInteger,
     Connection,
-    CursorResult,
     Integer,
     Table,
     bindparam,
@@ -30,8 +31,10 @@ from sqlalchemy import (
 from triagenode.dicom_attrs import merge_triage_inputs
 from triagenode.domain import Priority, StudyState
 from triagenode.store.db import Database
+from triagenode.store.fast_sql import FastStatement
 from triagenode.store.group_commit import GroupCommitter, PendingWrite
 from triagenode.store.models import Instance, Result, Series, Study, StudyEvent
+from triagenode.store.recovery import remove_instance_row
 
 __all__ = ["IngestOutcome", "InstanceRecord", "StudyIngest"]
 
@@ -108,6 +111,16 @@ def _insert(db: Database, table: Table) -> Any:
     return sqlite.insert(table)
 
 
+def _plain_new(outcome: IngestOutcome) -> bool:
+    """Rows that may commit before the file is durable: a new instance of a known study.
+
+    Taking such rows back (:meth:`StudyIngest.unrecord`, or the recovery check after a
+    crash) restores exactly the previous state; a replacement, a new study or a reopened
+    one waits for its file instead.
+    """
+    return not (outcome.created_study or outcome.replaced or outcome.reopened_from)
+
+
 class StudyIngest:
     """Writes the rows for received instances.
 
@@ -149,8 +162,11 @@ class StudyIngest:
                 last_received_at=bindparam("p_now", type_=_STUDIES.c.last_received_at.type),
             )
         )
+        # The two statements of the common case, run on the driver's cursor.
+        self._fast_insert_instance = FastStatement(self._insert_instance, db.engine.dialect)
+        self._fast_touch_study = FastStatement(self._touch_study, db.engine.dialect)
         self._committer: GroupCommitter[InstanceRecord, IngestOutcome] = GroupCommitter(
-            db, self._record, on_failure=self.forget, name="ingest-writer"
+            db, self._record, on_failure=self.forget, name="ingest-writer", early=_plain_new
         )
 
     def forget(self) -> None:
@@ -171,14 +187,35 @@ class StudyIngest:
         pending.file_durable(True)
         return pending.wait()
 
-    def submit(self, item: InstanceRecord) -> PendingWrite[InstanceRecord, IngestOutcome]:
+    def submit(
+        self, item: InstanceRecord, *, commit_early: bool = False
+    ) -> PendingWrite[InstanceRecord, IngestOutcome]:
         """Queue an instance's rows for the next group commit and return at once.
 
         The rows are written while the caller makes the file durable; the caller then
         calls :meth:`PendingWrite.file_durable` and the commit happens only after that, so
         a row never exists for a file that is not safe on disk.
+
+        With ``commit_early``, a new instance of a known study is committed without
+        waiting (:attr:`PendingWrite.committed_early`); if its file then fails the caller
+        must call :meth:`unrecord`, and a crash in between is repaired at the next start
+        by :func:`~triagenode.store.recovery.remove_rows_without_files`.
         """
-        return self._committer.submit(item)
+        return self._committer.submit(item, commit_early)
+
+    def unrecord(self, item: InstanceRecord) -> None:
+        """Take back the rows of an instance committed early whose file then failed.
+
+        If the database refuses, the row stays until the next start's recovery check
+        removes it (its file does not exist); the instance was never acknowledged.
+        """
+        try:
+            remove_instance_row(self._db, item.sop_instance_uid, item.sha256)
+        except Exception as exc:
+            log.error(
+                "rows of an unstored instance not taken back (removed at next start): %s",
+                type(exc).__name__,
+            )
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the writer thread after the queued records."""
@@ -193,11 +230,10 @@ class StudyIngest:
         replaced, count_delta, byte_delta, identical = self._instance(conn, item, series_id)
         reopened_from = None
         # Row-locks the study (PostgreSQL) so the triage-input merge below cannot race.
-        result: CursorResult[Any] = conn.execute(
-            self._touch_study,
-            {"p_id": study.id, "p_count": count_delta, "p_bytes": byte_delta, "p_now": now},
+        touched = self._fast_touch_study.execute(
+            conn, {"p_id": study.id, "p_count": count_delta, "p_bytes": byte_delta, "p_now": now}
         )
-        if result.rowcount == 0:
+        if touched.rowcount == 0:
             if identical or self._is_own_report(conn, item):
                 # The same bytes again (a PACS resending a study) or the node's own SR
                 # coming back: stored and acknowledged, but the study's work is unchanged,
@@ -316,8 +352,8 @@ class StudyIngest:
             instance_number=item.instance_number,
             number_of_frames=item.number_of_frames,
         )
-        inserted = conn.execute(
-            self._insert_instance,
+        inserted = self._fast_insert_instance.execute(
+            conn,
             {
                 f"p_{k}": v
                 for k, v in (
@@ -326,7 +362,7 @@ class StudyIngest:
                     ("replaced_count", 0),
                 )
             },
-        ).first()
+        ).fetchone()
         if inserted is not None:
             return False, 1, item.size, False
         old = conn.execute(

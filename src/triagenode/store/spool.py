@@ -20,6 +20,7 @@ import struct
 import threading
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,6 +79,10 @@ def _writeback_function() -> Callable[[int, int, int], None]:
 _start_writeback = _writeback_function()
 _PAGE = 4096
 _WRITEBACK_STEP = 256 * 1024
+# Received bytes kept for a deferred hash; beyond this an instance is hashed as it arrives.
+_DEFERRED_HASH_LIMIT = 16 * 1024 * 1024
+# Helper threads that fsync and rename: at most one per association is busy at a time.
+_SYNC_THREADS = 32
 
 
 def is_path_safe_uid(uid: str) -> bool:
@@ -145,6 +150,11 @@ class IncomingInstance:
         self._path = path
         self._fd: int | None = fd
         self._hash = hashlib.sha256()
+        # Fragments not hashed yet: hashing is deferred to digest(), which the receiver
+        # runs while another thread waits for fsync, so it costs no time on the
+        # critical path. Large instances are hashed as they arrive (bounded memory).
+        self._unhashed: list[bytes] = []
+        self._unhashed_size = 0
         self.size = 0
         self.dataset_size = 0
         self._meta_size = 0
@@ -166,7 +176,14 @@ class IncomingInstance:
         except OSError as exc:
             self.discard()
             raise SpoolError(f"spool write failed: {exc.strerror}", exc.errno) from exc
-        self._hash.update(data)
+        if isinstance(data, bytes):  # immutable: safe to hash later
+            self._unhashed.append(data)
+            self._unhashed_size += len(data)
+            if self._unhashed_size > _DEFERRED_HASH_LIMIT:
+                self._hash_pending()
+        else:
+            self._hash_pending()
+            self._hash.update(data)
         self.size += len(data)
         # Whole pages only, in large steps: a page still under writeback would make the
         # next write to it wait.
@@ -174,6 +191,23 @@ class IncomingInstance:
             end = self.size & ~(_PAGE - 1)
             _start_writeback(self._fd, self._written_back, end - self._written_back)
             self._written_back = end
+
+    def _hash_pending(self) -> None:
+        update = self._hash.update
+        for chunk in self._unhashed:
+            update(chunk)  # releases the GIL for large buffers
+        self._unhashed.clear()
+        self._unhashed_size = 0
+
+    def digest(self) -> str:
+        """SHA-256 (hex) of everything written so far.
+
+        Safe to call from the receiving thread while another thread runs :meth:`place`:
+        the two touch disjoint state.
+        """
+        if self._unhashed:
+            self._hash_pending()
+        return self._hash.hexdigest()
 
     def write_meta(self, meta: bytes) -> None:
         """Write the preamble and file meta group; call once, before any dataset bytes."""
@@ -213,6 +247,26 @@ class IncomingInstance:
         SpoolError
             When the file could not be made durable; the temp file is then removed.
         """
+        replaced = self.place(study_uid, series_uid, sop_uid)
+        return StoredFile(
+            relative_path=self.relative_path(study_uid, series_uid, sop_uid),
+            size=self.size,
+            dataset_size=self.dataset_size,
+            sha256=self.digest(),
+            replaced=replaced,
+        )
+
+    def place(self, study_uid: str, series_uid: str, sop_uid: str) -> bool:
+        """The durable half of :meth:`commit`: fsync, rename, fsync the folder.
+
+        Touches no hashing state, so it may run in another thread while the owner calls
+        :meth:`digest`. Returns True when an older copy of the instance was replaced.
+
+        Raises
+        ------
+        SpoolError
+            When the file could not be made durable; the temp file is then removed.
+        """
         for uid in (study_uid, series_uid, sop_uid):
             if not is_path_safe_uid(uid):
                 self.discard()
@@ -241,17 +295,11 @@ class IncomingInstance:
                 self._backup = None
             raise SpoolError(f"spool commit failed: {exc.strerror}", exc.errno) from exc
         self._final = Path(final)
-        return StoredFile(
-            relative_path=self.relative_path(study_uid, series_uid, sop_uid),
-            size=self.size,
-            dataset_size=self.dataset_size,
-            sha256=self._hash.hexdigest(),
-            replaced=replaced,
-        )
+        return replaced
 
     @property
     def sha256(self) -> str:
-        return self._hash.hexdigest()
+        return self.digest()
 
     def relative_path(self, study_uid: str, series_uid: str, sop_uid: str) -> str:
         """Where :meth:`commit` will place the file, relative to the data folder."""
@@ -308,6 +356,7 @@ class Spool:
         self.root_str = str(self.root)
         self._durable_dirs: set[str] = set()
         self._lock = threading.Lock()
+        self._syncer: ThreadPoolExecutor | None = None
 
     def prepare(self) -> int:
         """Create the folders and remove temp files a crash left behind; return how many.
@@ -342,6 +391,28 @@ class Spool:
         except OSError as exc:
             raise SpoolError(f"spool not writable: {exc.strerror}", exc.errno) from exc
         return IncomingInstance(self, path, fd)
+
+    def place_async(
+        self, incoming: IncomingInstance, study_uid: str, series_uid: str, sop_uid: str
+    ) -> Future[bool]:
+        """Run :meth:`IncomingInstance.place` in a helper thread; the caller's thread
+        meanwhile hashes the data and stages its rows, so the disk's latency overlaps them.
+
+        Each association has at most one instance in flight, so the pool's size only
+        bounds how many associations' fsyncs overlap.
+        """
+        with self._lock:
+            if self._syncer is None:
+                self._syncer = ThreadPoolExecutor(_SYNC_THREADS, thread_name_prefix="spool-sync")
+            syncer = self._syncer
+        return syncer.submit(incoming.place, study_uid, series_uid, sop_uid)
+
+    def close(self) -> None:
+        """Stop the helper threads (they restart on next use)."""
+        with self._lock:
+            syncer, self._syncer = self._syncer, None
+        if syncer is not None:
+            syncer.shutdown(wait=True)
 
     def ensure_dir(self, folder: str | Path) -> None:
         """Create ``folder`` (and parents) so that their entries survive a crash."""

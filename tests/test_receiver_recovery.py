@@ -1,0 +1,120 @@
+"""Rows committed in parallel with their file's fsync: taken back when the file fails or never
+arrived (a crash in between), never for an acknowledged instance; SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from tests import factory
+from tests.receiver_fixtures import Node, node, node_factory, storescu
+from triagenode.scp.receiver import DicomReceiver
+from triagenode.store import recovery
+from triagenode.store.db import Database
+from triagenode.store.ingest import InstanceRecord, StudyIngest
+from triagenode.store.models import Instance, Study, utcnow
+from triagenode.store.spool import IncomingInstance, SpoolError
+
+__all__ = ["node", "node_factory"]  # fixtures used here
+
+
+def _record(sop: str, size: int = 10) -> InstanceRecord:
+    return InstanceRecord(
+        study_uid="1.9.2",
+        series_uid="1.9.2.1",
+        sop_instance_uid=sop,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        size=size,
+        sha256=sop.replace(".", "0").ljust(64, "0"),
+        file_path=f"spool/1.9.2/1.9.2.1/{sop}.dcm",
+        calling_ae="CT1",
+        received_at=utcnow(),
+    )
+
+
+def _counts(db: Database) -> tuple[list[str], int, int]:
+    with db.session() as session:
+        sops = sorted(session.execute(select(Instance.sop_instance_uid)).scalars())
+        study = session.execute(select(Study)).scalar_one()
+        return sops, study.instance_count, study.byte_count
+
+
+def test_early_rows_of_a_failed_file_are_taken_back(db: Database) -> None:
+    ingest = StudyIngest(db)
+    try:
+        first = ingest.submit(_record("1.9.2.1.1"), commit_early=True)
+        first.file_durable(True)
+        assert first.wait().created_study and not first.committed_early  # new study waits
+        second = ingest.submit(_record("1.9.2.1.2", size=7), commit_early=True)
+        assert second.wait() is not None and second.committed_early  # before the file
+        second.file_durable(False)
+        ingest.unrecord(second.item)
+    finally:
+        ingest.close()
+    assert _counts(db) == (["1.9.2.1.1"], 1, 10)
+
+
+def test_file_failing_after_early_commit_is_refused_without_rows(
+    node: Node, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, paths = factory.ct_study(tmp_path / "in", slices=3)
+    original = IncomingInstance.place
+    calls = []
+
+    def place(self: IncomingInstance, study: str, series: str, sop: str) -> bool:
+        calls.append(sop)
+        if len(calls) == 2:  # the second instance: its rows commit early, then the disk fails
+            self.discard()
+            raise SpoolError("injected fsync failure", 5)
+        return original(self, study, series, sop)
+
+    monkeypatch.setattr(IncomingInstance, "place", place)
+    result = storescu(node.port, paths, "-v", "--no-halt")
+    assert "Refused: OutOfResources" in result.stderr  # 0xA700
+    instances = node.instances()
+    assert len(instances) == 2 and calls[1] not in {i.sop_instance_uid for i in instances}
+    (study,) = node.studies()
+    assert study.instance_count == 2
+    assert study.byte_count == sum(i.size for i in instances)
+    assert sorted(p.name for p in node.spool_files()) == sorted(
+        f"{i.sop_instance_uid}.dcm" for i in instances
+    )
+
+
+def test_restart_after_a_crash_removes_rows_whose_file_never_arrived(
+    node: Node, tmp_path: Path
+) -> None:
+    _, paths = factory.ct_study(tmp_path / "in", slices=4)
+    assert storescu(node.port, paths).returncode == 0
+    node.receiver.stop()
+    # The crash window: the last instance's rows were committed, its rename never became
+    # durable (so it was never acknowledged), and the run did not stop cleanly.
+    lost = node.instances()[-1]
+    (node.data_dir / lost.file_path).unlink()
+    recovery.RunMarker(node.data_dir).mark_running()
+    node.receiver = DicomReceiver(node.settings, node.db, node.audit)
+    node.receiver.start()
+
+    kept = node.instances()
+    assert len(kept) == 3 and lost.sop_instance_uid not in {i.sop_instance_uid for i in kept}
+    assert all((node.data_dir / i.file_path).is_file() for i in kept)
+    (study,) = node.studies()
+    assert (study.instance_count, study.byte_count) == (3, sum(i.size for i in kept))
+    # The instance can simply be sent again.
+    assert storescu(node.port, paths[-1:]).returncode == 0
+    assert len(node.instances()) == 4
+
+
+def test_clean_stop_needs_no_check_and_unreadable_marker_checks_all(tmp_path: Path) -> None:
+    marker = recovery.RunMarker(tmp_path)
+    assert marker.unclean_since() == (False, None)
+    marker.mark_running()
+    unclean, since = marker.unclean_since()
+    assert unclean and since is not None and since < utcnow()
+    marker.mark_stopped()
+    assert marker.unclean_since() == (False, None)
+    (tmp_path / recovery.RUNNING_MARKER).write_text("garbage")
+    assert marker.unclean_since() == (True, None)
