@@ -11,6 +11,7 @@ import contextlib
 import logging
 import socket
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from pynetdicom.pdu import A_ASSOCIATE_RQ
@@ -68,6 +69,7 @@ class Association:
         self._pending: PendingInstance | None = None
         self._pending_context = 0
         self._spare: IncomingInstance | None = None  # temp file for the next instance
+        self._hasher: ThreadPoolExecutor | None = None  # hashes fragments as they arrive
 
     # I/O ----------------------------------------------------------------------------------
 
@@ -119,6 +121,8 @@ class Association:
                 self._pending.abandon()
                 self._pending = None
             self._discard_spare()
+            if self._hasher is not None:
+                self._hasher.shutdown(wait=False)
             self._close()
 
     def _discard_spare(self) -> None:
@@ -269,6 +273,8 @@ class Association:
             self.info.echoes += 1
             self._respond(context_id, message_id, field_, StoreStatus.success, sop_class, None)
         elif field_ == pdu.C_STORE_RQ and has_dataset:
+            if self._hasher is None:
+                self._hasher = ThreadPoolExecutor(1, thread_name_prefix="scp-hash")
             self._pending_context = context_id
             self._pending = self._receiver.storage.begin(
                 self.info,
@@ -278,6 +284,7 @@ class Association:
                 transfer_syntax_uid=transfer_syntax,
                 priority=pdu.command_us(elements, pdu.PRIORITY),
                 spare=self._spare,
+                hasher=self._hasher,
             )
             self._spare = None
         elif field_ == pdu.C_STORE_RQ:

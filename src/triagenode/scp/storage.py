@@ -14,7 +14,7 @@ from __future__ import annotations
 import errno
 import logging
 import time
-from concurrent.futures import Future
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 
 from triagenode.audit.events import AuditEventId, AuditLog, Outcome
@@ -97,11 +97,14 @@ class InstanceStorage:
         transfer_syntax_uid: str,
         priority: int | None,
         spare: IncomingInstance | None = None,
+        hasher: Executor | None = None,
     ) -> PendingInstance:
         """Start receiving the dataset of a C-STORE request.
 
         ``spare`` is an empty temp file opened earlier (see
-        :attr:`PendingInstance.spare`), so opening one is off the critical path.
+        :attr:`PendingInstance.spare`), so opening one is off the critical path;
+        ``hasher`` a one-thread pool that hashes the bytes while they arrive
+        (:meth:`IncomingInstance.hash_with`).
         """
         return PendingInstance(
             self,
@@ -112,6 +115,7 @@ class InstanceStorage:
             transfer_syntax_uid,
             priority,
             spare,
+            hasher,
         )
 
     def record_failure(
@@ -204,6 +208,7 @@ class PendingInstance:
         transfer_syntax_uid: str,
         priority: int | None,
         spare: IncomingInstance | None = None,
+        hasher: Executor | None = None,
     ) -> None:
         self._storage = storage
         self._info = info
@@ -223,6 +228,8 @@ class PendingInstance:
         )
         try:
             self._incoming = spare if spare is not None else storage.spool.open_instance()
+            if hasher is not None:
+                self._incoming.hash_with(hasher)
             self._incoming.write_meta(self._meta)
         except SpoolError as exc:
             self._error = exc

@@ -20,7 +20,7 @@ import struct
 import threading
 import uuid
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,8 +79,8 @@ def _writeback_function() -> Callable[[int, int, int], None]:
 _start_writeback = _writeback_function()
 _PAGE = 4096
 _WRITEBACK_STEP = 256 * 1024
-# Received bytes kept for a deferred hash; beyond this an instance is hashed as it arrives.
-_DEFERRED_HASH_LIMIT = 16 * 1024 * 1024
+# Bytes queued for the hashing helper before the writer waits for it to catch up.
+_HASH_BACKLOG_LIMIT = 32 * 1024 * 1024
 # Helper threads that fsync and rename: at most one per association is busy at a time.
 _SYNC_THREADS = 32
 
@@ -150,11 +150,10 @@ class IncomingInstance:
         self._path = path
         self._fd: int | None = fd
         self._hash = hashlib.sha256()
-        # Fragments not hashed yet: hashing is deferred to digest(), which the receiver
-        # runs while another thread waits for fsync, so it costs no time on the
-        # critical path. Large instances are hashed as they arrive (bounded memory).
-        self._unhashed: list[bytes] = []
-        self._unhashed_size = 0
+        # See hash_with(): fragments may be hashed in a helper thread as they arrive.
+        self._hasher: Executor | None = None
+        self._hashed: Future[None] | None = None  # the last fragment queued for hashing
+        self._hash_backlog = 0
         self.size = 0
         self.dataset_size = 0
         self._meta_size = 0
@@ -176,13 +175,13 @@ class IncomingInstance:
         except OSError as exc:
             self.discard()
             raise SpoolError(f"spool write failed: {exc.strerror}", exc.errno) from exc
-        if isinstance(data, bytes):  # immutable: safe to hash later
-            self._unhashed.append(data)
-            self._unhashed_size += len(data)
-            if self._unhashed_size > _DEFERRED_HASH_LIMIT:
-                self._hash_pending()
+        if self._hasher is not None and isinstance(data, bytes):  # immutable: hash later
+            if self._hash_backlog > _HASH_BACKLOG_LIMIT:
+                self._wait_hashed()  # the helper fell behind: bound the memory held
+            self._hashed = self._hasher.submit(self._hash.update, data)
+            self._hash_backlog += len(data)
         else:
-            self._hash_pending()
+            self._wait_hashed()
             self._hash.update(data)
         self.size += len(data)
         # Whole pages only, in large steps: a page still under writeback would make the
@@ -192,12 +191,22 @@ class IncomingInstance:
             _start_writeback(self._fd, self._written_back, end - self._written_back)
             self._written_back = end
 
-    def _hash_pending(self) -> None:
-        update = self._hash.update
-        for chunk in self._unhashed:
-            update(chunk)  # releases the GIL for large buffers
-        self._unhashed.clear()
-        self._unhashed_size = 0
+    def hash_with(self, hasher: Executor) -> None:
+        """Hash the bytes written from now on in ``hasher``, which must run one task at a
+        time in order (a one-thread pool).
+
+        SHA-256 costs about as much CPU as receiving the bytes; done by a helper thread
+        (hashlib releases the GIL) on the other core it is finished by the time the last
+        fragment has arrived, instead of delaying each write or the rows.
+        """
+        self._wait_hashed()
+        self._hasher = hasher
+
+    def _wait_hashed(self) -> None:
+        if self._hashed is not None:
+            self._hashed.result()  # FIFO: every earlier fragment is hashed too
+            self._hashed = None
+        self._hash_backlog = 0
 
     def digest(self) -> str:
         """SHA-256 (hex) of everything written so far.
@@ -205,8 +214,7 @@ class IncomingInstance:
         Safe to call from the receiving thread while another thread runs :meth:`place`:
         the two touch disjoint state.
         """
-        if self._unhashed:
-            self._hash_pending()
+        self._wait_hashed()
         return self._hash.hexdigest()
 
     def write_meta(self, meta: bytes) -> None:
