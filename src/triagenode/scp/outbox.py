@@ -299,16 +299,20 @@ class ExportOutbox:
 
     # Outcomes -------------------------------------------------------------------------------
 
-    def mark_sent(self, export_id: int, now: datetime | None = None) -> ExportRow:
-        """The destination accepted the SR."""
+    def mark_sent(
+        self, export_id: int, now: datetime | None = None, session: Session | None = None
+    ) -> ExportRow:
+        """The destination accepted the SR; in ``session``'s transaction when given."""
         now = now or utcnow()
-        with self.db.write_session() as session:
-            row = session.get_one(Export, export_id)
-            row.state = ExportState.sent.value
-            row.attempts += 1
-            row.sent_at = now
-            row.last_error = None
-            return ExportRow.of(row)
+        if session is None:
+            with self.db.write_session() as own:
+                return self.mark_sent(export_id, now, own)
+        row = session.get_one(Export, export_id)
+        row.state = ExportState.sent.value
+        row.attempts += 1
+        row.sent_at = now
+        row.last_error = None
+        return ExportRow.of(row)
 
     def mark_failed(self, export_id: int, error: str, now: datetime | None = None) -> ExportRow:
         """An attempt failed: back to ``pending`` after a backoff, or ``dead`` at the limit."""
