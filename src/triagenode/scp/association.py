@@ -14,12 +14,10 @@ import struct
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
-from pynetdicom.pdu import A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import A_ASSOCIATE
-
-from triagenode.scp import pdu
+from triagenode.scp import negotiation, pdu
 from triagenode.scp.status import AbortReason, StoreStatus
 from triagenode.scp.storage import AssociationInfo
+from triagenode.store.spool import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
 if TYPE_CHECKING:
     from triagenode.scp.receiver import DicomReceiver
@@ -147,26 +145,26 @@ class Association:
         if length > 1 << 20:
             raise ProtocolError(AbortReason.invalid_pdu_parameter, "A-ASSOCIATE-RQ too long")
         raw = struct.pack(">BxI", pdu_type, length) + self._read(length)
-        rq = A_ASSOCIATE_RQ()
         try:
-            rq.decode(raw)
-            request: A_ASSOCIATE = rq.to_primitive()
-        except Exception as exc:
+            request = negotiation.parse_associate_rq(raw)
+        except (ValueError, UnicodeError) as exc:
             raise ProtocolError(AbortReason.invalid_pdu_parameter, "bad A-ASSOCIATE-RQ") from exc
-        self.info.calling_ae = str(request.calling_ae_title).strip()
-        self.info.called_ae = str(request.called_ae_title).strip()
+        self.info.calling_ae = request.calling_ae_title
+        self.info.called_ae = request.called_ae_title
         reason = self._receiver.admission(self.info, request)
         if reason is not None:
             self.info.outcome = "rejected"
-            self._send(pdu.reject_pdu(request, reason))
+            self._send(negotiation.reject_pdu(reason))
             self._receiver.association_rejected(self.info, reason)
             return False
-        self._peer_max_pdu = int(request.maximum_length_received or 0)
-        accept, self._contexts = pdu.accept_pdu(
+        self._peer_max_pdu = request.maximum_length_received
+        accept, self._contexts = negotiation.accept_pdu(
             request,
             self._receiver.abstract_syntaxes,
             self._receiver.transfer_syntaxes,
             self._receiver.settings.scp.max_pdu,
+            IMPLEMENTATION_CLASS_UID,
+            IMPLEMENTATION_VERSION_NAME,
         )
         self._send(accept)
         self._receiver.association_accepted(self.info)

@@ -1,8 +1,8 @@
 """The few PS3.8 PDUs and PS3.7 command sets the receiver reads and writes itself.
 
-Association negotiation uses pynetdicom's PDU classes (rarely run, many options). The data
-phase, where the time goes, is handled here: P-DATA-TF items are parsed straight off the
-socket and their payload streamed to the spool without building PDU objects.
+Association negotiation is in :mod:`triagenode.scp.negotiation`. The data phase, where the
+time goes, is handled here: P-DATA-TF items are parsed straight off the socket and their
+payload streamed to the spool without building PDU objects.
 """
 
 from __future__ import annotations
@@ -10,18 +10,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable
 
-from pydicom.uid import UID
-from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ
-from pynetdicom.pdu_primitives import (
-    A_ASSOCIATE,
-    ImplementationClassUIDNotification,
-    ImplementationVersionNameNotification,
-    MaximumLengthNotification,
-)
-from pynetdicom.presentation import PresentationContext
-
-from triagenode.scp.status import AbortReason, RejectReason
-from triagenode.store.spool import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from triagenode.scp.status import AbortReason
 
 __all__ = [
     "A_ABORT",
@@ -31,11 +20,9 @@ __all__ = [
     "C_STORE_RQ",
     "P_DATA_TF",
     "abort_pdu",
-    "accept_pdu",
     "decode_command",
     "encode_response",
     "p_data_pdus",
-    "reject_pdu",
     "release_rp_pdu",
 ]
 
@@ -43,7 +30,6 @@ A_ASSOCIATE_RQ_TYPE = 0x01
 P_DATA_TF = 0x04
 A_RELEASE_RQ = 0x05
 A_ABORT = 0x07
-APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 
 C_STORE_RQ = 0x0001
 C_ECHO_RQ = 0x0030
@@ -140,64 +126,3 @@ def release_rp_pdu() -> bytes:
 def abort_pdu(reason: AbortReason) -> bytes:
     # Source 2: the service provider (the node's DUL) aborts.
     return struct.pack(">BBIBBBB", A_ABORT, 0, 4, 0, 0, 0x02, int(reason))
-
-
-def reject_pdu(request: A_ASSOCIATE, reason: RejectReason) -> bytes:
-    primitive = A_ASSOCIATE()
-    primitive.result = reason.result
-    primitive.result_source = reason.source
-    primitive.diagnostic = reason.diagnostic
-    pdu = A_ASSOCIATE_RJ()
-    pdu.from_primitive(primitive)
-    return pdu.encode()
-
-
-def accept_pdu(
-    request: A_ASSOCIATE,
-    abstract_syntaxes: frozenset[str],
-    transfer_syntaxes: frozenset[str],
-    max_pdu: int,
-) -> tuple[bytes, dict[int, tuple[str, str]]]:
-    """The A-ASSOCIATE-AC for ``request`` and the accepted contexts ``{id: (sop, ts)}``.
-
-    A context is accepted with the first transfer syntax the requestor proposed that the
-    node knows, so the sender never has to convert its files.
-    """
-    results = []
-    accepted: dict[int, tuple[str, str]] = {}
-    for proposed in request.presentation_context_definition_list:
-        context = PresentationContext()
-        context_id = int(proposed.context_id or 0)
-        context.context_id = context_id
-        abstract = str(proposed.abstract_syntax)
-        context.abstract_syntax = abstract
-        offered: list[str | bytes | UID] = [str(ts) for ts in proposed.transfer_syntax]
-        chosen = next((str(ts) for ts in offered if ts in transfer_syntaxes), None)
-        if abstract not in abstract_syntaxes:
-            context.result = 0x03  # abstract-syntax-not-supported
-            context.transfer_syntax = offered[:1] or ["1.2.840.10008.1.2"]
-        elif chosen is None:
-            context.result = 0x04  # transfer-syntaxes-not-supported
-            context.transfer_syntax = offered[:1] or ["1.2.840.10008.1.2"]
-        else:
-            context.result = 0x00
-            context.transfer_syntax = [chosen]
-            accepted[context_id] = (abstract, chosen)
-        results.append(context)
-    primitive = A_ASSOCIATE()
-    primitive.application_context_name = APPLICATION_CONTEXT
-    primitive.calling_ae_title = request.calling_ae_title
-    primitive.called_ae_title = request.called_ae_title
-    primitive.result = 0x00
-    primitive.result_source = 0x01
-    primitive.presentation_context_definition_results_list = results
-    length = MaximumLengthNotification()
-    length.maximum_length_received = max_pdu
-    class_uid = ImplementationClassUIDNotification()
-    class_uid.implementation_class_uid = IMPLEMENTATION_CLASS_UID
-    version = ImplementationVersionNameNotification()
-    version.implementation_version_name = IMPLEMENTATION_VERSION_NAME
-    primitive.user_information = [length, class_uid, version]
-    pdu = A_ASSOCIATE_AC()
-    pdu.from_primitive(primitive)
-    return pdu.encode(), accepted

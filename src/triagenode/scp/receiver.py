@@ -16,7 +16,6 @@ import threading
 import time
 
 from pynetdicom._globals import ALL_TRANSFER_SYNTAXES
-from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.sop_class import _STORAGE_CLASSES
 
 from triagenode.audit.events import AuditEventId, AuditLog, Outcome
@@ -24,7 +23,7 @@ from triagenode.config.settings import Settings
 from triagenode.errors import ConfigError
 from triagenode.metrics import ASSOCIATIONS
 from triagenode.scp.association import Association
-from triagenode.scp.pdu import APPLICATION_CONTEXT
+from triagenode.scp.negotiation import APPLICATION_CONTEXT, AssociateRequest
 from triagenode.scp.status import RejectReason
 from triagenode.scp.storage import AssociationInfo, InstanceStorage
 from triagenode.store.db import Database
@@ -199,9 +198,9 @@ class DicomReceiver:
 
     # Policy and accounting, called by Association -----------------------------------------
 
-    def admission(self, info: AssociationInfo, request: A_ASSOCIATE) -> RejectReason | None:
+    def admission(self, info: AssociationInfo, request: AssociateRequest) -> RejectReason | None:
         """Why an association request is refused, or None to accept it."""
-        if str(request.application_context_name) != APPLICATION_CONTEXT:
+        if request.application_context_name != APPLICATION_CONTEXT:
             return RejectReason.application_context_not_supported
         if self._allowed and info.calling_ae not in self._allowed:
             return RejectReason.calling_ae_not_recognised
