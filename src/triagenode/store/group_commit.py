@@ -14,6 +14,7 @@ repaired at the next start (:mod:`triagenode.store.recovery`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -110,6 +111,7 @@ class GroupCommitter(Generic[T, R]):
         self._name = name
         self._queue: queue.Queue[PendingWrite[T, R] | None] = queue.Queue()
         self._writer: threading.Thread | None = None
+        self._connection: Connection | None = None  # owned by the writer thread
         self._lock = threading.Lock()
 
     def submit(self, item: T, may_commit_early: bool = False) -> PendingWrite[T, R]:
@@ -137,6 +139,12 @@ class GroupCommitter(Generic[T, R]):
             writer.join(timeout)
 
     def _write_loop(self) -> None:
+        try:
+            self._serve_queue()
+        finally:
+            self._drop_connection()
+
+    def _serve_queue(self) -> None:
         while True:
             first = self._queue.get()
             if first is None:
@@ -156,6 +164,7 @@ class GroupCommitter(Generic[T, R]):
                 self._commit(batch)
             except BaseException:  # never let the writer die with callers waiting
                 log.exception("%s failed", self._name)
+                self._drop_connection()
                 for pending in batch:
                     pending.fail(StorageError("database writer failed"))
             if stop:
@@ -174,6 +183,7 @@ class GroupCommitter(Generic[T, R]):
                 self._run(batch, alone=False)
         except SQLAlchemyError as exc:
             self._on_failure()
+            self._drop_connection()  # it may be broken (database gone): fresh one next time
             error = StorageError(f"database did not commit: {type(exc).__name__}")
             for pending in batch:
                 pending.fail(error)
@@ -181,26 +191,36 @@ class GroupCommitter(Generic[T, R]):
         for pending in batch:
             pending.finish()
 
+    def _drop_connection(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                connection.close()
+
     def _run(self, batch: list[PendingWrite[T, R]], alone: bool) -> None:
-        with self._db.engine.connect() as connection:
+        # The writer keeps one connection: a checkout per batch cost as much Python
+        # (pool events, reset) as staging an instance's rows.
+        if self._connection is None:
+            self._connection = self._db.engine.connect()
             if self._db.is_sqlite:
-                connection.execution_options(begin_immediate=True)
-            with connection.begin() as transaction:
-                if alone:
-                    # The only item: the transaction itself serves as its savepoint.
-                    outcome = self._stage_item(connection, batch[0].item)
-                    if batch[0].may_commit_early and self._early(outcome):
-                        batch[0].outcome = outcome
-                        batch[0].committed_early = True
-                    elif batch[0].wait_file():
-                        batch[0].outcome = outcome
-                    else:
-                        transaction.rollback()
-                        self._on_failure()
-                        batch[0].fail(StorageError("the file was not stored"))
+                self._connection.execution_options(begin_immediate=True)
+        connection = self._connection
+        with connection.begin() as transaction:
+            if alone:
+                # The only item: the transaction itself serves as its savepoint.
+                outcome = self._stage_item(connection, batch[0].item)
+                if batch[0].may_commit_early and self._early(outcome):
+                    batch[0].outcome = outcome
+                    batch[0].committed_early = True
+                elif batch[0].wait_file():
+                    batch[0].outcome = outcome
                 else:
-                    for pending in batch:
-                        self._stage(connection, pending)
+                    transaction.rollback()
+                    self._on_failure()
+                    batch[0].fail(StorageError("the file was not stored"))
+            else:
+                for pending in batch:
+                    self._stage(connection, pending)
 
     def _stage(self, connection: Connection, pending: PendingWrite[T, R]) -> None:
         for attempt in (1, 2):
