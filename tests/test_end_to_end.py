@@ -62,6 +62,20 @@ def start_node(settings: Settings, running: list[Node]) -> Node:
     return node
 
 
+def send_to_node(settings: Settings, paths: list[Path], *options: str) -> None:
+    """C-STORE ``paths`` to the node with DCMTK storescu over one association."""
+    sent = run_tool(
+        "storescu",
+        *options,
+        "-aec",
+        settings.scp.ae_title,
+        "127.0.0.1",
+        str(settings.scp.port),
+        *map(str, paths),
+    )
+    assert sent.returncode == 0, sent.stderr
+
+
 def sr_instances(pacs: OrthancServer, study_uid: str) -> list[pydicom.Dataset]:
     found = []
     for instance in pacs.study_instances(study_uid):
@@ -134,15 +148,7 @@ def test_destination_down_then_node_restarts_then_pacs_up(
     settings = node_settings(make_settings, None, pacs_port=pacs_port)
     node = start_node(settings, running)
     study_uid, paths = factory.ct_study(tmp_path / "ct", slices=4)
-    sent = run_tool(
-        "storescu",
-        "-aec",
-        settings.scp.ae_title,
-        "127.0.0.1",
-        str(settings.scp.port),
-        *map(str, paths),
-    )
-    assert sent.returncode == 0, sent.stderr
+    send_to_node(settings, paths)
 
     def export_failed_once() -> bool:
         with node.db.session() as session:
@@ -188,16 +194,7 @@ def test_study_whose_images_all_fail_gets_failed_state_and_no_sr(
             ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
             ds.PhotometricInterpretation = "MONOCHROME2"
             paths.append(factory.write(ds, tmp_path / f"bad{index}.dcm", JPEGBaseline8Bit))
-        sent = run_tool(
-            "storescu",
-            "-xy",
-            "-aec",
-            settings.scp.ae_title,
-            "127.0.0.1",
-            str(settings.scp.port),
-            *map(str, paths),
-        )
-        assert sent.returncode == 0, sent.stderr
+        send_to_node(settings, paths, "-xy")
 
         def failed_state() -> Study | None:
             with node.db.session() as session:
@@ -226,15 +223,7 @@ def test_no_phi_in_logs_or_metrics(make_settings, tmp_path: Path, running, caplo
         settings = node_settings(make_settings, pacs, api={"enabled": True, "port": free_port()})
         node = start_node(settings, running)
         study_uid, paths = factory.ct_study(tmp_path / "ct", slices=3)
-        sent = run_tool(
-            "storescu",
-            "-aec",
-            settings.scp.ae_title,
-            "127.0.0.1",
-            str(settings.scp.port),
-            *map(str, paths),
-        )
-        assert sent.returncode == 0, sent.stderr
+        send_to_node(settings, paths)
         wait_for(lambda: sr_instances(pacs, study_uid), timeout=120, what="SR in Orthanc")
         metrics = wait_for(
             lambda: _get(httpx, f"http://127.0.0.1:{settings.api.port}/metrics"),
