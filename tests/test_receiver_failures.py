@@ -25,7 +25,7 @@ from tests.receiver_fixtures import Node, dataset_part, echoscu, node, node_fact
 from triagenode.audit.events import AuditEventId
 from triagenode.scp.status import StoreStatus
 from triagenode.store.models import AuditEvent
-from triagenode.store.spool import file_meta_bytes
+from triagenode.store.part10 import file_meta_bytes
 
 __all__ = ["node", "node_factory"]
 

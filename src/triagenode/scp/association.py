@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from triagenode.scp import negotiation, pdu
 from triagenode.scp.status import AbortReason, StoreStatus
 from triagenode.scp.storage import AssociationInfo
-from triagenode.store.spool import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from triagenode.store.part10 import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
 if TYPE_CHECKING:
     from triagenode.scp.receiver import DicomReceiver

@@ -25,11 +25,11 @@ from triagenode.scp.status import StoreStatus
 from triagenode.store.group_commit import PendingWrite
 from triagenode.store.ingest import IngestOutcome, InstanceRecord, StudyIngest
 from triagenode.store.models import utcnow
+from triagenode.store.part10 import file_meta_bytes
 from triagenode.store.spool import (
     IncomingInstance,
     Spool,
     SpoolError,
-    file_meta_bytes,
     is_path_safe_uid,
 )
 
