@@ -12,7 +12,8 @@ from pydicom.filewriter import write_dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from tests import factory
-from triagenode.store.spool import Spool, SpoolError, file_meta_bytes, is_path_safe_uid
+from triagenode.store.part10 import file_meta_bytes
+from triagenode.store.spool import Spool, SpoolError, is_path_safe_uid
 
 
 def encoded(ds: pydicom.Dataset) -> bytes:
