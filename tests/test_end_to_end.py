@@ -23,7 +23,7 @@ from triagenode.config.settings import Settings
 from triagenode.domain import DEMO_WARNING
 from triagenode.node import Node
 from triagenode.reports import summarize_sr
-from triagenode.store.models import Export, Result, Study
+from triagenode.store.models import Export, Job, Result, Study
 
 pytestmark = pytest.mark.slow
 
@@ -182,7 +182,7 @@ def test_study_whose_images_all_fail_gets_failed_state_and_no_sr(
 ) -> None:
     pacs = OrthancServer(tmp_path / "orthanc").start()
     try:
-        settings = node_settings(make_settings, pacs, study={"max_attempts": 1})
+        settings = node_settings(make_settings, pacs)  # no retry: decoding fails every time
         node = start_node(settings, running)
         study_uid = pydicom.uid.generate_uid()
         paths = []
@@ -206,6 +206,7 @@ def test_study_whose_images_all_fail_gets_failed_state_and_no_sr(
         study = wait_for(failed_state, timeout=120, what="failed state")
         assert study.state_reason and "decode" in study.state_reason.lower()
         with node.db.session() as session:
+            assert session.execute(select(Job.attempts)).scalar_one() == 1  # not retried
             assert session.execute(select(Result)).first() is None
             assert session.execute(select(Export)).first() is None
         assert sr_instances(pacs, study_uid) == []

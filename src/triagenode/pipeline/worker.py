@@ -21,7 +21,7 @@ from triagenode.audit.events import AuditEventId, AuditLog
 from triagenode.config.settings import Settings
 from triagenode.domain import Priority, StudyResult, StudyState
 from triagenode.errors import TriageNodeError
-from triagenode.inference.classifier import ZeroShotClassifier
+from triagenode.inference.classifier import NoUsableImagesError, ZeroShotClassifier
 from triagenode.inference.select import InstanceRecord, select_images
 from triagenode.metrics import STUDIES_PROCESSED
 from triagenode.pipeline.notify import CriticalFindingNotifier
@@ -33,13 +33,9 @@ from triagenode.store.db import Database
 from triagenode.store.models import Instance, Result, Series, Study
 from triagenode.store.study_state import set_study_state
 
-__all__ = ["NothingToClassify", "StudyProcessor", "WorkerPool"]
+__all__ = ["StudyProcessor", "WorkerPool"]
 
 log = logging.getLogger(__name__)
-
-
-class NothingToClassify(TriageNodeError):
-    """The study holds no image the classifier can use (only SR/PR/KO objects, ...)."""
 
 
 @dataclass(frozen=True)
@@ -274,7 +270,9 @@ class WorkerPool:
                 reason,
                 exc_info=not isinstance(exc, TriageNodeError),
             )
-            state = self.queue.fail(job.id, worker_id, reason, retry=True)
+            # Images that cannot be decoded will not decode on the next attempt either.
+            retry = not isinstance(exc, NoUsableImagesError)
+            state = self.queue.fail(job.id, worker_id, reason, retry=retry)
             with self.processor.db.write_session() as session:
                 final = state == "failed"
                 set_study_state(
