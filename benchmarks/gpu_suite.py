@@ -3,6 +3,7 @@
 Measures the BiomedCLIP image tower (ViT-B/16, 224 px; random weights) with:
 
 - PyTorch eager fp32, fp16 and bf16 at batch 1, 64 and 256;
+- the node's own ``TorchImageEncoder`` (bf16, fp16; buckets and CUDA graphs) at those batches;
 - CUDA graphs (bf16, fp16) at the same batches;
 - ``torch.compile`` (bf16) at the same batches;
 - ONNX export on that machine, and ONNX Runtime with every provider it offers there;
@@ -12,6 +13,7 @@ Results go to ``$OUT/gpu_suite.json`` (``./gpu_suite.json`` without ``$OUT``), r
 every section, so a run cut short by its time limit still leaves what it measured::
 
     PYTHONPATH=src python benchmarks/gpu_suite.py [--budget-s 480] [--quick]
+    python benchmarks/gpu_suite.py --smoke     # check it on a CPU first (demo model)
 
 The model comes from ``triagenode.inference.model.build_biomedclip`` when open_clip is
 installed there, else from ``timm.create_model("vit_base_patch16_224", num_classes=512)``
@@ -35,7 +37,9 @@ from typing import Any
 import numpy as np
 import torch
 
-BATCHES = (1, 64, 256)
+BATCHES: tuple[int, ...] = (1, 64, 256)
+DEVICE = "cuda"
+SIZE = 224  # the model's input size; the demo model's in --smoke
 RESULTS: dict[str, Any] = {"sections": {}}
 STARTED = time.perf_counter()
 
@@ -49,30 +53,40 @@ def save() -> None:
     out_file().write_text(json.dumps(RESULTS, indent=2, default=str))
 
 
-def image_tower() -> tuple[torch.nn.Module, str]:
+def image_tower(smoke: bool) -> tuple[Any, torch.nn.Module, str]:
+    """(LoadedModel or None, image tower, where it came from)."""
     try:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-        from triagenode.inference.model import build_biomedclip
+        from triagenode.inference.model import build_biomedclip, build_demo_model
 
-        return build_biomedclip(random_weights=True).visual.eval(), "triagenode.build_biomedclip"
+        if smoke:
+            loaded = build_demo_model()
+            return loaded, loaded.visual.eval(), "triagenode.build_demo_model (smoke)"
+        loaded = build_biomedclip(random_weights=True)
+        return loaded, loaded.visual.eval(), "triagenode.build_biomedclip"
     except Exception as exc:  # open_clip or triagenode's dependencies missing there
         import timm
 
         RESULTS["model_fallback_reason"] = f"{type(exc).__name__}: {exc}"
         model = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=512)
-        return model.eval(), "timm vit_base_patch16_224 num_classes=512"
+        return None, model.eval(), "timm vit_base_patch16_224 num_classes=512"
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
 
 
 def timed(fn: Callable[[], Any], runs: int) -> dict[str, float]:
     """p50/p95 milliseconds of ``fn`` (synchronised), after 3 warm-up calls."""
     for _ in range(3):
         fn()
-    torch.cuda.synchronize()
+    sync()
     times = []
     for _ in range(runs):
         start = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        sync()
         times.append((time.perf_counter() - start) * 1000)
     return {"p50_ms": float(np.percentile(times, 50)), "p95_ms": float(np.percentile(times, 95))}
 
@@ -96,7 +110,7 @@ def eager(model: torch.nn.Module, quick: bool) -> None:
     for name, dtype in (("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16)):
         module = model.to(dtype)
         for batch in BATCHES:
-            x = torch.randn(batch, 3, 224, 224, device="cuda", dtype=dtype)
+            x = torch.randn(batch, 3, SIZE, SIZE, device=DEVICE, dtype=dtype)
             with torch.inference_mode():
                 record(
                     "eager", name, batch, timed(lambda m=module, x=x: m(x), runs_for(batch, quick))
@@ -108,7 +122,7 @@ def cuda_graphs(model: torch.nn.Module, quick: bool) -> None:
     for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
         module = model.to(dtype)
         for batch in BATCHES:
-            static = torch.randn(batch, 3, 224, 224, device="cuda", dtype=dtype)
+            static = torch.randn(batch, 3, SIZE, SIZE, device=DEVICE, dtype=dtype)
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side), torch.inference_mode():
@@ -127,11 +141,11 @@ def compiled(model: torch.nn.Module, quick: bool) -> None:
     for mode in ("default", "max-autotune"):
         fn = torch.compile(module, mode=mode, dynamic=False)
         for batch in BATCHES:
-            x = torch.randn(batch, 3, 224, 224, device="cuda", dtype=torch.bfloat16)
+            x = torch.randn(batch, 3, SIZE, SIZE, device=DEVICE, dtype=torch.bfloat16)
             start = time.perf_counter()
             with torch.inference_mode():
                 fn(x)
-                torch.cuda.synchronize()
+                sync()
                 compile_s = time.perf_counter() - start
                 stats = timed(lambda fn=fn, x=x: fn(x), runs_for(batch, quick))
             stats["compile_s"] = compile_s
@@ -148,7 +162,7 @@ def onnx_and_ort(model: torch.nn.Module, quick: bool, folder: Path) -> None:
     start = time.perf_counter()
     torch.onnx.export(
         model.float().cpu().eval(),
-        (torch.randn(2, 3, 224, 224),),
+        (torch.randn(2, 3, SIZE, SIZE),),
         str(path),
         input_names=["pixel_values"],
         output_names=["image_embeds"],
@@ -159,13 +173,13 @@ def onnx_and_ort(model: torch.nn.Module, quick: bool, folder: Path) -> None:
     RESULTS["onnx_export"] = {"seconds": time.perf_counter() - start, "bytes": path.stat().st_size}
     RESULTS["ort_providers"] = ort.get_available_providers()
     save()
-    model.cuda()
+    model.to(DEVICE)
     for provider in ort.get_available_providers():
         if provider in ("AzureExecutionProvider",):
             continue
         session = ort.InferenceSession(str(path), providers=[provider])
-        for batch in (1, 64) if provider == "CPUExecutionProvider" else BATCHES:
-            x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224), np.float32)
+        for batch in BATCHES[:2] if provider == "CPUExecutionProvider" else BATCHES:
+            x = np.random.default_rng(0).standard_normal((batch, 3, SIZE, SIZE), np.float32)
             runs = 3 if provider == "CPUExecutionProvider" else runs_for(batch, quick)
             record(
                 "onnxruntime",
@@ -175,17 +189,48 @@ def onnx_and_ort(model: torch.nn.Module, quick: bool, folder: Path) -> None:
             )
 
 
+def image_encoder(loaded: Any, quick: bool) -> None:
+    """Through the node's own ``TorchImageEncoder`` (numpy in, unit embeddings out, padded
+    batch buckets and CUDA graphs on a GPU): the figure the issues' goals are about."""
+    from triagenode.inference.backends.torch import TorchImageEncoder
+
+    if loaded is None:
+        raise RuntimeError("triagenode's model builder is not importable here")
+    for precision in ("bf16", "fp16") if DEVICE == "cuda" else ("fp32",):
+        encoder = TorchImageEncoder(
+            loaded, device=DEVICE, precision=precision, max_batch=max(BATCHES)
+        )
+        for batch in BATCHES:
+            x = np.random.default_rng(0).standard_normal((batch, 3, SIZE, SIZE), np.float32)
+            record(
+                "image_encoder",
+                f"torch-{precision}",
+                batch,
+                timed(lambda e=encoder, x=x: e.encode(x), runs_for(batch, quick)),
+            )
+        encoder.close()
+
+
 def tensorrt_engine(folder: Path, quick: bool) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     from triagenode.inference.backends.tensorrt import TensorRTImageEncoder
     from triagenode.optimization.tensorrt_build import ensure_engine
 
     start = time.perf_counter()
-    engine = ensure_engine(folder / "image.onnx", folder / "trt", precision="fp16", max_batch=256)
+    largest = max(BATCHES)
+    engine = ensure_engine(
+        folder / "image.onnx",
+        folder / "trt",
+        precision="fp16",
+        max_batch=largest,
+        image_size=SIZE,
+    )
     RESULTS["tensorrt_build_s"] = time.perf_counter() - start
-    encoder = TensorRTImageEncoder(engine, precision="fp16", max_batch=256, cuda_graphs=True)
+    encoder = TensorRTImageEncoder(
+        engine, precision="fp16", max_batch=largest, image_size=SIZE, cuda_graphs=True
+    )
     for batch in BATCHES:
-        x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224), np.float32)
+        x = np.random.default_rng(0).standard_normal((batch, 3, SIZE, SIZE), np.float32)
         # Includes the host->device copy and the device->host result: what the node pays.
         record(
             "tensorrt",
@@ -199,30 +244,45 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
     parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="run every section that can on the CPU with the demo model and tiny batches, to "
+        "check the script before spending GPU time on it",
+    )
+    parser.add_argument(
         "--budget-s",
         type=float,
         default=480.0,
         help="skip the remaining sections after this many seconds",
     )
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print("no CUDA device: this script is for a GPU machine", file=sys.stderr)
+    global DEVICE, BATCHES, SIZE
+    if args.smoke:
+        DEVICE, BATCHES = "cpu", (1, 2)
+    elif not torch.cuda.is_available():
+        print(
+            "no CUDA device: this script is for a GPU machine (--smoke checks it on a CPU)",
+            file=sys.stderr,
+        )
         return 2
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    if DEVICE == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     RESULTS.update(
         {
-            "device": torch.cuda.get_device_name(0),
-            "capability": torch.cuda.get_device_capability(0),
+            "device": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu (smoke)",
+            "capability": torch.cuda.get_device_capability(0) if DEVICE == "cuda" else None,
             "torch": torch.__version__,
             "cuda": torch.version.cuda,
             "python": platform.python_version(),
             "batches": BATCHES,
         }
     )
-    model, source = image_tower()
+    loaded, model, source = image_tower(args.smoke)
+    if loaded is not None:
+        SIZE = loaded.preprocess.image_size
     RESULTS["model"] = source
-    model = model.cuda()
+    model = model.to(DEVICE)
     for module in model.modules():
         if hasattr(module, "fused_attn"):
             module.fused_attn = True
@@ -230,11 +290,14 @@ def main() -> int:
     folder = Path(tempfile.mkdtemp(prefix="gpu-suite-"))
     sections: list[tuple[str, Callable[[], None]]] = [
         ("eager", lambda: eager(model, args.quick)),
+        ("image_encoder", lambda: image_encoder(loaded, args.quick)),
         ("cuda_graph", lambda: cuda_graphs(model, args.quick)),
         ("onnx", lambda: onnx_and_ort(model, args.quick, folder)),
         ("tensorrt", lambda: tensorrt_engine(folder, args.quick)),
         ("compile", lambda: compiled(model, args.quick)),
     ]
+    if DEVICE == "cpu":  # CUDA graphs need a GPU; compiling for the CPU only costs time
+        sections = [(n, f) for n, f in sections if n not in ("cuda_graph", "compile")]
     for name, run in sections:
         if time.perf_counter() - STARTED > args.budget_s:
             RESULTS.setdefault("skipped", {})[name] = "time budget spent"
