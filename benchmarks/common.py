@@ -126,6 +126,24 @@ def make_cr_study(
     return study, [_write(ds, folder / "cr.dcm")]
 
 
+def node_settings(
+    work: Path, destination: Destination, study: dict[str, Any], model_source: str = "demo"
+) -> Any:
+    """Settings of a benchmarked node: data in ``work/node``, a free port, no API, SRs to
+    ``destination``."""
+    from triagenode.config.settings import load_settings
+
+    return load_settings(
+        None,
+        node={"data_dir": str(work / "node")},
+        scp={"port": free_port(), "host": "127.0.0.1"},
+        api={"enabled": False},
+        study=study,
+        model={"source": model_source},
+        destinations=[destination.as_setting()],
+    )
+
+
 class Destination:
     """DCMTK ``storescp`` as the PACS that receives the node's SRs."""
 

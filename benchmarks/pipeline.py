@@ -30,15 +30,14 @@ from pathlib import Path
 
 from common import (
     Destination,
-    free_port,
     make_cr_study,
     make_ct_study,
+    node_settings,
     send,
     wait_for,
 )
 from sqlalchemy import select
 
-from triagenode.config.settings import load_settings
 from triagenode.node import Node
 from triagenode.store.models import Result, Study
 
@@ -87,14 +86,11 @@ def main() -> int:
     destination = Destination(work / "pacs")
     destination.start()
     try:
-        settings = load_settings(
-            None,
-            node={"data_dir": str(work / "node")},
-            scp={"port": free_port(), "host": "127.0.0.1"},
-            api={"enabled": False},
-            study={"stable_after_s": args.quiet, "stable_after_by_priority": {}},
-            model={"source": args.model_source},
-            destinations=[destination.as_setting()],
+        settings = node_settings(
+            work,
+            destination,
+            {"stable_after_s": args.quiet, "stable_after_by_priority": {}},
+            args.model_source,
         )
         node = Node(settings)
         node.start()

@@ -36,15 +36,14 @@ from typing import Any
 import pydicom
 from common import (
     Destination,
-    free_port,
     make_cr_study,
     make_ct_study,
+    node_settings,
     send,
     wait_for,
 )
 from sqlalchemy import func, select
 
-from triagenode.config.settings import load_settings
 from triagenode.domain import Priority
 from triagenode.node import Node
 from triagenode.store.models import Export, Job, Result, Study, StudyEvent
@@ -130,17 +129,10 @@ def main() -> int:
     watcher = SrWatcher(destination)
     stroke = {"StudyDescription": "CT HEAD CODE STROKE", "BodyPartExamined": "HEAD"}
     try:
-        settings = load_settings(
-            None,
-            node={"data_dir": str(work / "node")},
-            scp={"port": free_port(), "host": "127.0.0.1"},
-            api={"enabled": False},
-            study={
-                "stable_after_s": ROUTINE_QUIET_S,
-                "stable_after_by_priority": {"stat": STAT_QUIET_S},
-            },
-            model={"source": "demo"},
-            destinations=[destination.as_setting()],
+        settings = node_settings(
+            work,
+            destination,
+            {"stable_after_s": ROUTINE_QUIET_S, "stable_after_by_priority": {"stat": STAT_QUIET_S}},
         )
         node = Node(settings, workers=args.workers)
         node.start()

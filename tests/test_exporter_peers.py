@@ -130,13 +130,16 @@ def test_export_to_dcmtk_storescp(tmp_path: Path, sqlite_db: Database, make_sett
         _result, path, ids = _queue_sr(outbox, settings, case=demo_cr_result)
         assert exporter.send_due() == 1
         assert outbox.get(ids[0]).state == ExportState.sent.value  # type: ignore[union-attr]
-        files = peers.wait_for(
-            lambda: [f for f in received.iterdir() if f.is_file()], what="storescp file"
-        )
-        assert pydicom.dcmread(files[0]).SOPInstanceUID == path.stem
+        _assert_arrived(received, path)
     finally:
         process.terminate()
         process.wait(10)
+
+
+def _assert_arrived(received: Path, sr: Path) -> None:
+    """The SR written at ``sr`` is the file storescp wrote into ``received``."""
+    files = peers.wait_for(lambda: [f for f in received.iterdir() if f.is_file()], what="SR")
+    assert pydicom.dcmread(files[0]).SOPInstanceUID == sr.stem
 
 
 def test_destination_down_then_up_gets_every_sr_once(
@@ -280,10 +283,7 @@ def test_export_over_mutual_tls_to_storescp(
         outbox.retry(ids[0])
         assert exporter.send_due() == 1
         assert outbox.get(ids[0]).state == ExportState.sent.value  # type: ignore[union-attr]
-        files = peers.wait_for(
-            lambda: [f for f in received.iterdir() if f.is_file()], what="file over TLS"
-        )
-        assert pydicom.dcmread(files[0]).SOPInstanceUID == path.stem
+        _assert_arrived(received, path)
     finally:
         process.terminate()
         process.wait(10)
