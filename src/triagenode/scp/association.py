@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import socket
 import struct
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +30,7 @@ __all__ = ["Association", "ProtocolError"]
 log = logging.getLogger(__name__)
 
 _UNRECOGNISED_OPERATION = 0x0211  # PS3.7 C.4.5
+_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 class ProtocolError(Exception):
@@ -271,7 +273,9 @@ class Association:
             self.info.echoes += 1
             self._respond(context_id, message_id, field_, StoreStatus.success, sop_class, None)
         elif field_ == pdu.C_STORE_RQ and has_dataset:
-            if self._hasher is None:
+            # Helper threads only pay while a core is idle (InstanceStorage.begin).
+            helpers = self._receiver.active_associations < _CORES
+            if helpers and self._hasher is None:
                 self._hasher = ThreadPoolExecutor(1, thread_name_prefix="scp-hash")
             self._pending_context = context_id
             self._pending = self._receiver.storage.begin(
@@ -282,7 +286,7 @@ class Association:
                 transfer_syntax_uid=transfer_syntax,
                 priority=pdu.command_us(elements, pdu.PRIORITY),
                 spare=self._spare,
-                hasher=self._hasher,
+                hasher=self._hasher if helpers else None,
             )
             self._spare = None
         elif field_ == pdu.C_STORE_RQ:

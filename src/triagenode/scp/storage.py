@@ -102,9 +102,14 @@ class InstanceStorage:
         """Start receiving the dataset of a C-STORE request.
 
         ``spare`` is an empty temp file opened earlier (see
-        :attr:`PendingInstance.spare`), so opening one is off the critical path;
-        ``hasher`` a one-thread pool that hashes the bytes while they arrive
-        (:meth:`IncomingInstance.hash_with`).
+        :attr:`PendingInstance.spare`), so opening one is off the critical path.
+
+        ``hasher``, a one-thread pool, asks for the work to be spread over helper threads:
+        the bytes are hashed while they arrive (:meth:`IncomingInstance.hash_with`) and the
+        file is fsynced and renamed in another thread while this one stages the rows. That
+        shortens one instance's path when cores are idle; when every core is busy anyway
+        (more associations than cores), pass None: the handing over between threads then
+        costs more CPU than it saves, so the association's own thread does it all.
         """
         return PendingInstance(
             self,
@@ -211,6 +216,7 @@ class PendingInstance:
         hasher: Executor | None = None,
     ) -> None:
         self._storage = storage
+        self._helpers = hasher is not None
         self._info = info
         self.message_id = message_id
         self.sop_class_uid = sop_class_uid
@@ -301,12 +307,12 @@ class PendingInstance:
         if problem is not None:
             return self._refuse(*problem, header)
         assert header.study_uid and header.series_uid and header.sop_instance_uid
-        # fsync, rename and folder fsync run in a helper thread; meanwhile this thread
-        # hashes the bytes, stages the rows and opens the next temp file, all of which
-        # release the GIL or are short, so they overlap the disk's latency.
-        placed = self._storage.spool.place_async(
-            incoming, header.study_uid, header.series_uid, header.sop_instance_uid
-        )
+        # fsync, rename and folder fsync run in a helper thread (or, with every core busy,
+        # here after the rows are queued); meanwhile the database writer stages the rows
+        # and this thread opens the next temp file, so the disk's latencies overlap.
+        spool = self._storage.spool
+        uids = (header.study_uid, header.series_uid, header.sop_instance_uid)
+        placed = spool.place_async(incoming, *uids) if self._helpers else None
         self._incoming = None
         try:
             pending = self._storage.ingest.submit(self._record(header, incoming), commit_early=True)
@@ -316,8 +322,11 @@ class PendingInstance:
         # New instances of a known study commit now, in parallel with the disk; other rows
         # wait for file_durable(True). Success needs both either way.
         try:
+            if placed is None:
+                incoming.place(*uids)
             self._open_spare()
-            placed.result()
+            if placed is not None:
+                placed.result()
         except SpoolError as exc:
             pending.file_durable(False)
             self._take_back(pending)
@@ -397,10 +406,12 @@ class PendingInstance:
             self.spare = None  # the next instance opens its own and reports the error
 
 
-def _settle_failed(placed: Future[bool], incoming: IncomingInstance) -> None:
-    """After an unexpected error: wait for the helper, then take its file back."""
-    try:
-        placed.result()
-    except Exception:  # already cleaned up by place()
-        return
+def _settle_failed(placed: Future[bool] | None, incoming: IncomingInstance) -> None:
+    """After an unexpected error: wait for the helper, if any, then take the file back."""
+    if placed is not None:
+        try:
+            placed.result()
+        except Exception:  # already cleaned up by place()
+            return
+    incoming.discard()  # the temp file, when the file was never placed
     incoming.revert()
