@@ -85,6 +85,11 @@ _LONG_VRS = frozenset(
     (b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV")
 )
 _UNDEFINED = 0xFFFFFFFF
+# An element's first 8 bytes: tag, then VR and 2-byte length (explicit VR) or a 4-byte
+# length (implicit VR; the trailing field is then unused).
+_EXPLICIT_HEAD = struct.Struct("<HH2sH").unpack_from
+_IMPLICIT_HEAD = struct.Struct("<HHI0s").unpack_from
+_LENGTH = struct.Struct("<I").unpack_from
 _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 
 
@@ -157,6 +162,7 @@ def _scan(head: bytes, transfer_syntax_uid: str) -> _Header:
 
     Walks the elements without building pydicom objects and stops after the last wanted
     tag, so the pixel data is never reached; anything unusual goes to pydicom instead.
+    The loop runs once per element of every received instance, so it is written flat.
     """
     implicit = transfer_syntax_uid == "1.2.840.10008.1.2"
     if not implicit and transfer_syntax_uid in _NOT_LITTLE_EXPLICIT:
@@ -164,29 +170,33 @@ def _scan(head: bytes, transfer_syntax_uid: str) -> _Header:
     found = _Header()
     encodings: list[str] = []
     offset, end = 0, len(head)
+    element_head = _IMPLICIT_HEAD if implicit else _EXPLICIT_HEAD
     while offset + 8 <= end:
-        group, element = struct.unpack_from("<HH", head, offset)
+        group, element, vr_or_length, short_length = element_head(head, offset)
         tag = (group << 16) | element
         if tag > _LAST_WANTED:
             return found
         if tag in _NESTED:
             raise _NeedsPydicom("request attributes present")
-        start = offset
-        if not implicit and not head[offset + 4 : offset + 6].isupper():
-            # Not a VR: the data is not what the transfer syntax says; pydicom copes.
+        if implicit:
+            length, value_at = vr_or_length, offset + 8
+        elif vr_or_length in _LONG_VRS:
+            length, value_at = _LENGTH(head, offset + 8)[0], offset + 12
+        elif vr_or_length.isupper():
+            length, value_at = short_length, offset + 8
+        else:  # not a VR: the data is not what the transfer syntax says; pydicom copes
             raise _NeedsPydicom("explicit VR expected")
-        offset = _skip_element(head, offset, implicit)
+        if length == _UNDEFINED:
+            offset = _skip_undefined(head, value_at, implicit)
+        else:
+            offset = value_at + length
         if offset > end:
             break
         keyword = _WANTED.get(tag)
         if keyword is None:
             continue
-        if implicit:
-            vr, header = _DICTIONARY_VR[tag], 8
-        else:
-            vr = head[start + 4 : start + 6].decode("ascii")
-            header = 12 if vr.encode() in _LONG_VRS else 8
-        raw = head[start + header : offset]
+        vr = _DICTIONARY_VR[tag] if implicit else vr_or_length.decode("ascii")
+        raw = head[value_at:offset]
         if keyword == "SpecificCharacterSet":
             names = raw.decode("ascii").strip(" \0").split("\\")
             encodings = convert_encodings([n.strip() for n in names])

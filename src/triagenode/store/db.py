@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, inspect, text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from triagenode.errors import StorageError
@@ -112,4 +113,14 @@ def _disable_pysqlite_begin(dbapi_connection: Any, _record: Any) -> None:
 
 def _sqlite_begin(connection: Any) -> None:
     immediate = connection.get_execution_options().get("begin_immediate", False)
-    connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+    # On the driver's cursor: through exec_driver_sql the BEGIN cost as much Python as the
+    # receiver's whole insert (its writer begins a transaction per group commit).
+    sql = "BEGIN IMMEDIATE" if immediate else "BEGIN"
+    dbapi = connection.dialect.loaded_dbapi
+    cursor = connection.connection.dbapi_connection.cursor()
+    try:
+        cursor.execute(sql)
+    except dbapi.Error as exc:  # "database is locked" and the like, wrapped as usual
+        raise DBAPIError.instance(sql, (), exc, dbapi.Error, dialect=connection.dialect) from exc
+    finally:
+        cursor.close()

@@ -101,9 +101,9 @@ class IncomingInstance:
     Not thread-safe; one association's thread owns it.
     """
 
-    def __init__(self, spool: Spool, path: Path, fd: int) -> None:
+    def __init__(self, spool: Spool, path: str, fd: int) -> None:
         self._spool = spool
-        self._path = path
+        self._path = path  # plain strings here: pathlib's overhead showed per instance
         self._fd: int | None = fd
         self._hash = hashlib.sha256()
         # See hash_with(): fragments may be hashed in a helper thread as they arrive.
@@ -113,13 +113,13 @@ class IncomingInstance:
         self.size = 0
         self.dataset_size = 0
         self._meta_size = 0
-        self._final: Path | None = None
-        self._backup: Path | None = None
+        self._final: str | None = None
+        self._backup: str | None = None
         self._written_back = 0
 
     @property
     def temp_path(self) -> Path:
-        return self._path
+        return Path(self._path)
 
     def _write(self, data: bytes | memoryview) -> None:
         assert self._fd is not None, "instance already committed or discarded"
@@ -243,7 +243,7 @@ class IncomingInstance:
         try:
             self._spool.ensure_dir(folder)
             # A duplicate: keep the older copy reachable until the database agrees (revert()).
-            backup = self._path.with_suffix(".old")
+            backup = self._path[: -len(".part")] + ".old"
             try:
                 os.link(final, backup)
                 self._backup, replaced = backup, True
@@ -255,10 +255,10 @@ class IncomingInstance:
             self._spool.forget_dirs()
             self.discard()
             if self._backup is not None:
-                self._backup.unlink(missing_ok=True)
+                _unlink(self._backup)
                 self._backup = None
             raise SpoolError(f"spool commit failed: {exc.strerror}", exc.errno) from exc
-        self._final = Path(final)
+        self._final = final
         return replaced
 
     @property
@@ -272,7 +272,7 @@ class IncomingInstance:
     def settle(self) -> None:
         """The database row agrees with the committed file: drop the older copy's link."""
         if self._backup is not None:
-            self._backup.unlink(missing_ok=True)
+            _unlink(self._backup)
             self._backup = None
 
     def revert(self) -> None:
@@ -288,10 +288,10 @@ class IncomingInstance:
                 os.replace(self._backup, self._final)
                 self._backup = None
             else:
-                self._final.unlink(missing_ok=True)
-            self._spool.fsync_dir(self._final.parent)
+                _unlink(self._final)
+            self._spool.fsync_dir(os.path.dirname(self._final))
         except OSError as exc:
-            log.error("spool: could not undo %s: %s", self._final.name, exc.strerror)
+            log.error("spool: could not undo %s: %s", os.path.basename(self._final), exc.strerror)
         self._final = None
 
     def discard(self) -> None:
@@ -302,6 +302,11 @@ class IncomingInstance:
             self._fd = None
         with contextlib.suppress(OSError):
             os.unlink(self._path)
+
+
+def _unlink(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 class Spool:
@@ -318,6 +323,7 @@ class Spool:
         self.root = self.data_dir / "spool"
         self.incoming = self.root / INCOMING
         self.root_str = str(self.root)
+        self.incoming_str = str(self.incoming)
         self._durable_dirs: set[str] = set()
         self._lock = threading.Lock()
         self._syncer: ThreadPoolExecutor | None = None
@@ -342,7 +348,7 @@ class Spool:
         SpoolError
             When the spool cannot be written.
         """
-        path = self.incoming / f"{uuid.uuid4().hex}.part"
+        path = f"{self.incoming_str}/{uuid.uuid4().hex}.part"
         try:
             fd = os.open(path, _OPEN_FLAGS, 0o640)
         except FileNotFoundError:
