@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,21 @@ import time
 from pathlib import Path
 
 from common import DCMTK_ENV, STORESCP, STORESCU, free_port, make_ct_study, wait_port
+
+
+def _fresh(work: Path, name: str) -> Path:
+    """A new empty folder for one run; earlier runs' files stay until the end.
+
+    Deleting a run's ~200 files just before the next run would slow the next run's file
+    creation (ext4 skips recently freed inodes while allocating: 200-250 us per created
+    file instead of 10-20 us, seen here), a cost no receiver pays in service.
+    """
+    for i in range(1, 1000):
+        folder = work / f"{name}-{i}"
+        if not folder.exists():
+            folder.mkdir(parents=True)
+            return folder
+    raise RuntimeError(f"no free folder name for {name}")
 
 
 def send(port: int, groups: list[list[Path]]) -> float:
@@ -55,9 +69,7 @@ def send(port: int, groups: list[list[Path]]) -> float:
 
 
 def run_dcmtk(groups: list[list[Path]], work: Path) -> float:
-    out = work / "dcmtk-out"
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
+    out = _fresh(work, "dcmtk-out")
     port = free_port()
     server = subprocess.Popen(
         [STORESCP, "-od", str(out), str(port)],
@@ -84,8 +96,7 @@ def run_node(groups: list[list[Path]], work: Path, database_url: str | None) -> 
     from triagenode.store import migrate
     from triagenode.store.db import Database
 
-    data = work / "node-data"
-    shutil.rmtree(data, ignore_errors=True)
+    data = _fresh(work, "node-data")
     settings = load_settings(
         None,
         node={"data_dir": str(data)},
@@ -123,9 +134,7 @@ def run_floor(files: list[Path], work: Path) -> float:
     """
     import sqlite3
 
-    folder = work / "floor"
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir()
+    folder = _fresh(work, "floor")
     db = sqlite3.connect(folder / "floor.sqlite3", isolation_level=None)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=FULL")
