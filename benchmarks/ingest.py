@@ -24,11 +24,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from common import DCMTK_ENV, STORESCP, STORESCU, free_port, make_ct_study, wait_port
@@ -49,8 +51,23 @@ def _fresh(work: Path, name: str) -> Path:
     raise RuntimeError(f"no free folder name for {name}")
 
 
-def send(port: int, groups: list[list[Path]]) -> float:
+@dataclass
+class Run:
+    """One timed transfer: wall seconds, and CPU seconds (user + system) of each side."""
+
+    seconds: float
+    receiver_cpu: float = 0.0
+    senders_cpu: float = 0.0
+
+
+def _cpu(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
+def send(port: int, groups: list[list[Path]]) -> Run:
     """Run one storescu per group at once; seconds until all have finished."""
+    senders_before = _cpu(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     procs = [
         subprocess.Popen(
@@ -65,10 +82,11 @@ def send(port: int, groups: list[list[Path]]) -> float:
         _, err = proc.communicate(timeout=600)
         if proc.returncode != 0:
             raise RuntimeError(f"storescu failed: {err.decode(errors='replace')[-500:]}")
-    return time.perf_counter() - started
+    seconds = time.perf_counter() - started
+    return Run(seconds, senders_cpu=_cpu(resource.RUSAGE_CHILDREN) - senders_before)
 
 
-def run_dcmtk(groups: list[list[Path]], work: Path) -> float:
+def run_dcmtk(groups: list[list[Path]], work: Path) -> Run:
     out = _fresh(work, "dcmtk-out")
     port = free_port()
     server = subprocess.Popen(
@@ -79,17 +97,20 @@ def run_dcmtk(groups: list[list[Path]], work: Path) -> float:
     )
     try:
         wait_port(port)
-        seconds = send(port, groups)
+        run = send(port, groups)
     finally:
         server.terminate()
+        before = _cpu(resource.RUSAGE_CHILDREN)
         server.wait()
+    # storescp's CPU includes its start-up (dictionary loading, a few ms).
+    run.receiver_cpu = _cpu(resource.RUSAGE_CHILDREN) - before
     received = sum(1 for _ in out.iterdir())
     if received != sum(len(g) for g in groups):
         raise RuntimeError(f"storescp stored {received} files")
-    return seconds
+    return run
 
 
-def run_node(groups: list[list[Path]], work: Path, database_url: str | None) -> float:
+def run_node(groups: list[list[Path]], work: Path, database_url: str | None) -> Run:
     from triagenode.audit.events import AuditLog
     from triagenode.config.settings import load_settings
     from triagenode.scp.receiver import DicomReceiver
@@ -115,14 +136,16 @@ def run_node(groups: list[list[Path]], work: Path, database_url: str | None) -> 
     receiver = DicomReceiver(settings, db, AuditLog(db, b"benchmark-secret-0123456789"))
     receiver.start()
     try:
-        seconds = send(receiver.port, groups)
+        before = _cpu(resource.RUSAGE_SELF)
+        run = send(receiver.port, groups)
+        run.receiver_cpu = _cpu(resource.RUSAGE_SELF) - before
     finally:
         receiver.stop()
         db.dispose()
     stored = sum(1 for _ in (data / "spool").rglob("*.dcm"))
     if stored != sum(len(g) for g in groups):
         raise RuntimeError(f"node stored {stored} files")
-    return seconds
+    return run
 
 
 def run_floor(files: list[Path], work: Path) -> float:
@@ -181,20 +204,36 @@ def main(argv: list[str] | None = None) -> int:
         results: dict[str, dict[str, object]] = {}
         floor: list[float] = []
         for layout, groups in layouts.items():
-            dcmtk, node = [], []
+            runs: dict[str, list[Run]] = {"DCMTK storescp": [], "triagenode": []}
             for _ in range(args.runs):  # interleaved so drifts in machine load hit all
-                dcmtk.append(run_dcmtk(groups, work))
-                node.append(run_node(groups, work, args.database_url))
+                runs["DCMTK storescp"].append(run_dcmtk(groups, work))
+                runs["triagenode"].append(run_node(groups, work, args.database_url))
                 if len(groups) == 1:
                     floor.append(run_floor(files, work))
+            dcmtk = [r.seconds for r in runs["DCMTK storescp"]]
+            node = [r.seconds for r in runs["triagenode"]]
             ratio = statistics.median(dcmtk) / statistics.median(node)
-            results[layout] = {"dcmtk_s": dcmtk, "node_s": node, "ratio": ratio, "mb": megabytes}
-            for name, times in (("DCMTK storescp", dcmtk), ("triagenode", node)):
-                speeds = ", ".join(f"{megabytes / t:.0f}" for t in times)
+            results[layout] = {
+                "dcmtk_s": dcmtk,
+                "node_s": node,
+                "ratio": ratio,
+                "mb": megabytes,
+                "cpu_s": {
+                    name: {
+                        "receiver": [r.receiver_cpu for r in done],
+                        "senders": [r.senders_cpu for r in done],
+                    }
+                    for name, done in runs.items()
+                },
+            }
+            for name, done in runs.items():
                 print(
                     f"{layout:>14} {name:<15} s: "
-                    + ", ".join(f"{t:.3f}" for t in times)
-                    + f"   MB/s: {speeds}"
+                    + ", ".join(f"{r.seconds:.3f}" for r in done)
+                    + "   MB/s: "
+                    + ", ".join(f"{megabytes / r.seconds:.0f}" for r in done)
+                    + "   CPU s receiver/senders: "
+                    + ", ".join(f"{r.receiver_cpu:.2f}/{r.senders_cpu:.2f}" for r in done)
                 )
             print(f"{layout:>14} throughput node / DCMTK (medians): {ratio:.2f}x")
             if len(groups) == 1:
