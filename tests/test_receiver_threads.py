@@ -1,8 +1,8 @@
-"""The receiver's two ways of storing an instance give the same results and failures.
+"""The receiver's two ways of hashing an instance give the same results and failures.
 
-With a core to spare, an association hands hashing and the file's fsync/rename to helper
-threads; with every core busy it does both itself (``InstanceStorage.begin``). Which one runs
-depends on the machine and the load, so each test here forces both.
+With a core to spare, an association hands the hashing of arriving fragments to a helper
+thread; with every core busy it hashes them itself (``InstanceStorage.begin``). Which one
+runs depends on the machine and the load, so each test here forces both.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ from triagenode.scp.status import StoreStatus
 __all__ = ["node", "node_factory"]
 
 
-@pytest.fixture(params=["helper threads", "one thread"])
+@pytest.fixture(params=["hashing helper", "one thread"])
 def threads(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    # Helpers are used while fewer associations than cores are open.
-    monkeypatch.setattr(association, "_CORES", 64 if request.param == "helper threads" else 0)
+    # The helper is used while fewer associations than cores are open.
+    monkeypatch.setattr(association, "_CORES", 64 if request.param == "hashing helper" else 0)
     return str(request.param)
 
 

@@ -273,7 +273,7 @@ class Association:
             self.info.echoes += 1
             self._respond(context_id, message_id, field_, StoreStatus.success, sop_class, None)
         elif field_ == pdu.C_STORE_RQ and has_dataset:
-            # Helper threads only pay while a core is idle (InstanceStorage.begin).
+            # A hashing helper only pays while a core is idle (InstanceStorage.begin).
             helpers = self._receiver.active_associations < _CORES
             if helpers and self._hasher is None:
                 self._hasher = ThreadPoolExecutor(1, thread_name_prefix="scp-hash")

@@ -19,7 +19,7 @@ import os
 import threading
 import uuid
 from collections.abc import Callable
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,8 +73,6 @@ _PAGE = 4096
 _WRITEBACK_STEP = 256 * 1024
 # Bytes queued for the hashing helper before the writer waits for it to catch up.
 _HASH_BACKLOG_LIMIT = 32 * 1024 * 1024
-# Helper threads that fsync and rename: at most one per association is busy at a time.
-_SYNC_THREADS = 32
 
 
 def is_path_safe_uid(uid: str) -> bool:
@@ -165,11 +163,7 @@ class IncomingInstance:
         self._hash_backlog = 0
 
     def digest(self) -> str:
-        """SHA-256 (hex) of everything written so far.
-
-        Safe to call from the receiving thread while another thread runs :meth:`place`:
-        the two touch disjoint state.
-        """
+        """SHA-256 (hex) of everything written so far (waits for the hashing helper)."""
         self._wait_hashed()
         return self._hash.hexdigest()
 
@@ -223,8 +217,7 @@ class IncomingInstance:
     def place(self, study_uid: str, series_uid: str, sop_uid: str) -> bool:
         """The durable half of :meth:`commit`: fsync, rename, fsync the folder.
 
-        Touches no hashing state, so it may run in another thread while the owner calls
-        :meth:`digest`. Returns True when an older copy of the instance was replaced.
+        Returns True when an older copy of the instance was replaced.
 
         Raises
         ------
@@ -326,7 +319,6 @@ class Spool:
         self.incoming_str = str(self.incoming)
         self._durable_dirs: set[str] = set()
         self._lock = threading.Lock()
-        self._syncer: ThreadPoolExecutor | None = None
 
     def prepare(self) -> int:
         """Create the folders and remove temp files a crash left behind; return how many.
@@ -361,28 +353,6 @@ class Spool:
         except OSError as exc:
             raise SpoolError(f"spool not writable: {exc.strerror}", exc.errno) from exc
         return IncomingInstance(self, path, fd)
-
-    def place_async(
-        self, incoming: IncomingInstance, study_uid: str, series_uid: str, sop_uid: str
-    ) -> Future[bool]:
-        """Run :meth:`IncomingInstance.place` in a helper thread; the caller's thread
-        meanwhile hashes the data and stages its rows, so the disk's latency overlaps them.
-
-        Each association has at most one instance in flight, so the pool's size only
-        bounds how many associations' fsyncs overlap.
-        """
-        with self._lock:
-            if self._syncer is None:
-                self._syncer = ThreadPoolExecutor(_SYNC_THREADS, thread_name_prefix="spool-sync")
-            syncer = self._syncer
-        return syncer.submit(incoming.place, study_uid, series_uid, sop_uid)
-
-    def close(self) -> None:
-        """Stop the helper threads (they restart on next use)."""
-        with self._lock:
-            syncer, self._syncer = self._syncer, None
-        if syncer is not None:
-            syncer.shutdown(wait=True)
 
     def ensure_dir(self, folder: str | Path) -> None:
         """Create ``folder`` (and parents) so that their entries survive a crash."""
