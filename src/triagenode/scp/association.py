@@ -228,7 +228,7 @@ class Association:
             else:
                 if self._pending is None or context_id != self._pending_context:
                     raise ProtocolError(AbortReason.unexpected_pdu, "dataset without command")
-                self._pending.write(data)
+                self._pending.write(data, last=bool(control & 0x02))
                 if control & 0x02:
                     pending, self._pending = self._pending, None
                     status, comment = pending.finish()

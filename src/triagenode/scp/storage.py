@@ -238,14 +238,15 @@ class PendingInstance:
             self._error = exc
             self._incoming = None
 
-    def write(self, data: bytes) -> None:
-        """Append a dataset fragment (after a spool error, fragments are dropped)."""
+    def write(self, data: bytes, last: bool = False) -> None:
+        """Append a dataset fragment, ``last`` for the final one (after a spool error,
+        fragments are dropped)."""
         if len(self._head) < HEAD_BYTES:
             self._head += data[: HEAD_BYTES - len(self._head)]
         if self._incoming is None:
             return
         try:
-            self._incoming.write(data)
+            self._incoming.write(data, last)
         except SpoolError as exc:  # the temp file is already removed
             self._error = exc
             self._incoming = None
@@ -318,7 +319,7 @@ class PendingInstance:
         # Success needs both the file and the rows, whichever finishes first.
         try:
             incoming.place(*uids)
-            self._open_spare()
+            self._open_spare()  # for the next instance, while the rows may still commit
         except SpoolError as exc:
             pending.file_durable(False)
             self._take_back(pending)
