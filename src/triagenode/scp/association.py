@@ -232,7 +232,6 @@ class Association:
                 if control & 0x02:
                     pending, self._pending = self._pending, None
                     status, comment = pending.finish()
-                    self._spare, pending.spare = pending.spare, None
                     self._respond(
                         context_id,
                         pending.message_id,
@@ -242,6 +241,8 @@ class Association:
                         pending.sop_instance_uid,
                         comment,
                     )
+                    if self._spare is None:  # for the next instance, made after answering
+                        self._spare = self._receiver.storage.open_spare()
 
     def _respond(
         self,
