@@ -400,4 +400,3 @@ class PendingInstance:
             return  # not committed
         if pending.committed_early:
             self._storage.ingest.unrecord(pending.item)
-
