@@ -8,6 +8,7 @@ middle of a write), as it would on a hospital's server.
 from __future__ import annotations
 
 import hashlib
+import logging
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,9 +47,10 @@ def small_spool(tmp_path: Path) -> Iterator[Path]:
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_full_disk_refuses_the_instance_that_does_not_fit(
-    small_spool: Path, node_factory: Any
+    small_spool: Path, node_factory: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     node: Node = node_factory()
+    caplog.set_level(logging.INFO, logger="triagenode")
     study_uid, series_uid = generate_uid(), generate_uid()
     slices = [with_meta(factory.ct_slice(study_uid, series_uid, i, size=256)) for i in range(6)]
     statuses = [c_store(node.port, ds) for ds in slices]
@@ -58,6 +60,11 @@ def test_full_disk_refuses_the_instance_that_does_not_fit(
     assert {statuses[i] for i in range(len(stored), len(slices))} == {
         StoreStatus.out_of_resources_spool
     }
+    # The operator hears of it at ERROR (the node's fault, not the sender's), without PHI.
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert any("0xA701" in m and "ENOSPC" in m for m in errors), errors
+    for secret in (factory.PATIENT_NAME, factory.PATIENT_ID, factory.BIRTH_DATE):
+        assert str(secret) not in caplog.text
 
     # Nothing of the refused instances: no row, no file, no temp file.
     rows = {row.sop_instance_uid: row for row in node.instances()}

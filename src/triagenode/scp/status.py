@@ -36,6 +36,12 @@ class StoreStatus(enum.IntEnum):
     def is_success(self) -> bool:
         return self == StoreStatus.success
 
+    @property
+    def is_node_fault(self) -> bool:
+        """The node could not store (disk, database, a bug), whatever was sent: an operator
+        must act. Other failures are the sender's data and are the sender's to fix."""
+        return (self & 0xFF00) == 0xA700 or self == StoreStatus.processing_failure
+
 
 class RejectReason(enum.Enum):
     """A-ASSOCIATE-RJ (result, source, reason/diag.) triples of PS3.8 9.3.4."""

@@ -144,7 +144,10 @@ class InstanceStorage:
         """Log, count and audit a refused instance (best effort if the database is down)."""
         info.failures += 1
         INSTANCES_REJECTED.labels(reason=status.name).inc()
-        log.warning(
+        # ERROR when the node is at fault (full disk, database down), so monitoring that
+        # alerts on errors catches it; WARNING when the sender's data was refused.
+        log.log(
+            logging.ERROR if status.is_node_fault else logging.WARNING,
             "instance refused status=0x%04X (%s) calling_ae=%s address=%s sop_uid=%s: %s",
             int(status),
             status.name,
