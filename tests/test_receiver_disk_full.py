@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,14 +27,16 @@ __all__ = ["node_factory"]
 
 # 600 KiB holds four 256x256 16-bit slices (about 131 KB each) but not a fifth.
 _TMPFS_SIZE = "600k"
+_SLICE_BYTES = 256 * 256 * 2
 
 
 @pytest.fixture
-def small_spool(tmp_path: Path) -> Iterator[Path]:
+def small_spool(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
+    size = getattr(request, "param", _TMPFS_SIZE)
     spool = tmp_path / "data" / "spool"
     spool.mkdir(parents=True)
     mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={_TMPFS_SIZE},mode=0755", "tmpfs", str(spool)],
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(spool)],
         capture_output=True,
         text=True,
     )
@@ -49,7 +52,7 @@ def small_spool(tmp_path: Path) -> Iterator[Path]:
 def test_full_disk_refuses_the_instance_that_does_not_fit(
     small_spool: Path, node_factory: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
-    node: Node = node_factory()
+    node: Node = node_factory(scp={"min_free_bytes": 0})  # no reserve: fill it to the end
     caplog.set_level(logging.INFO, logger="triagenode")
     study_uid, series_uid = generate_uid(), generate_uid()
     slices = [with_meta(factory.ct_slice(study_uid, series_uid, i, size=256)) for i in range(6)]
@@ -83,3 +86,37 @@ def test_full_disk_refuses_the_instance_that_does_not_fit(
     small = with_meta(factory.ct_slice(study_uid, series_uid, 99, size=16))
     assert c_store(node.port, small) == StoreStatus.success
     assert small.SOPInstanceUID in {row.sop_instance_uid for row in node.instances()}
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("small_spool", ["2m"], indirect=True)
+def test_free_space_reserve_refuses_before_the_disk_is_full(
+    small_spool: Path, node_factory: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    reserve = 1024 * 1024
+    node: Node = node_factory(scp={"min_free_bytes": reserve})
+    caplog.set_level(logging.INFO, logger="triagenode")
+    study_uid, series_uid = generate_uid(), generate_uid()
+    slices = [with_meta(factory.ct_slice(study_uid, series_uid, i, size=256)) for i in range(12)]
+    statuses = [c_store(node.port, ds) for ds in slices]
+    accepted = statuses.count(StoreStatus.success)
+    # 2 MiB less the 1 MiB reserve holds about 8 slices; once below it, every one is refused.
+    assert 4 <= accepted < len(slices), statuses
+    assert statuses == [StoreStatus.success] * accepted + [StoreStatus.out_of_resources_spool] * (
+        len(slices) - accepted
+    )
+    # Refused by the reserve, not by a full disk: the room for one more slice is still there.
+    assert shutil.disk_usage(small_spool).free >= _SLICE_BYTES
+    assert len(node.instances()) == accepted and incoming(node) == []
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert any("free space below scp.min_free_bytes" in m for m in errors), errors
+    assert echoscu(node.port).returncode == 0
+
+
+def test_reserve_larger_than_the_disk_refuses_everything(node_factory: Any) -> None:
+    node: Node = node_factory(scp={"min_free_bytes": 1 << 60})  # an exabyte: never there
+    ds = with_meta(factory.ct_slice(generate_uid(), generate_uid(), 0))
+    assert c_store(node.port, ds) == StoreStatus.out_of_resources_spool
+    assert node.instances() == [] and node.studies() == []
+    assert incoming(node) == []
+    assert echoscu(node.port).returncode == 0

@@ -111,6 +111,12 @@ class ScpSettings(Section):
     acse_timeout_s: float = Field(default=30.0, gt=0)
     dimse_timeout_s: float = Field(default=60.0, gt=0)
     network_timeout_s: float = Field(default=120.0, gt=0)
+    min_free_bytes: int = Field(
+        default=128 * 1024 * 1024,
+        ge=0,
+        description="C-STOREs are refused (0xA701) while the spool's file system has less "
+        "free space, so the database and audit trail keep room; 0 disables",
+    )
     tls_enabled: bool = False
     tls_cert: Path | None = None
     tls_key: Path | None = None

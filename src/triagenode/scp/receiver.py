@@ -59,7 +59,7 @@ class DicomReceiver:
         self.db = db
         self.audit = audit
         self.storage = InstanceStorage(
-            Spool(settings.node.data_dir),
+            Spool(settings.node.data_dir, settings.scp.min_free_bytes),
             StudyIngest(db, settings.triage.default_priority),
             audit,
         )

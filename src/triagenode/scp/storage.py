@@ -30,6 +30,7 @@ from triagenode.store.spool import (
     IncomingInstance,
     Spool,
     SpoolError,
+    SpoolLowOnSpace,
     is_path_safe_uid,
 )
 
@@ -179,6 +180,8 @@ class InstanceStorage:
 
 def _spool_status(exc: SpoolError) -> tuple[StoreStatus, str]:
     name = errno.errorcode.get(exc.errno or 0, "error")
+    if isinstance(exc, SpoolLowOnSpace):
+        return StoreStatus.out_of_resources_spool, f"spool: {name}, {exc}"
     return StoreStatus.out_of_resources_spool, f"spool: {name}"
 
 
@@ -242,6 +245,12 @@ class PendingInstance:
             sop_class_uid, sop_instance_uid, transfer_syntax_uid, info.calling_ae
         )
         try:
+            try:
+                storage.spool.check_room()
+            except SpoolError:
+                if spare is not None:
+                    spare.discard()
+                raise
             self._incoming = spare if spare is not None else storage.spool.open_instance()
             if hasher is not None:
                 self._incoming.hash_with(hasher)

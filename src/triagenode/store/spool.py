@@ -29,6 +29,7 @@ __all__ = [
     "IncomingInstance",
     "Spool",
     "SpoolError",
+    "SpoolLowOnSpace",
     "StoredFile",
     "is_path_safe_uid",
 ]
@@ -46,6 +47,10 @@ class SpoolError(StorageError):
     def __init__(self, message: str, errno_: int | None = None) -> None:
         super().__init__(message)
         self.errno = errno_
+
+
+class SpoolLowOnSpace(SpoolError):
+    """The spool's file system is below the free-space reserve (``scp.min_free_bytes``)."""
 
 
 def _writeback_function() -> Callable[[int, int, int], None]:
@@ -313,8 +318,9 @@ class Spool:
         The node's data folder; file paths in the database are relative to it.
     """
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, min_free_bytes: int = 0) -> None:
         self.data_dir = Path(data_dir).resolve()
+        self.min_free_bytes = min_free_bytes
         self.root = self.data_dir / "spool"
         self.incoming = self.root / INCOMING
         self.root_str = str(self.root)
@@ -333,6 +339,32 @@ class Spool:
             leftover.unlink(missing_ok=True)
             removed += 1
         return removed
+
+    def check_room(self) -> None:
+        """Refuse new data while the spool's file system is below its free-space reserve.
+
+        Filling the disk to the last byte would also stop the database and the audit trail
+        (usually on the same disk) and whatever else the server runs; the reserve keeps
+        room for them, and senders, answered "out of resources", retry later.
+
+        Raises
+        ------
+        SpoolLowOnSpace
+            Below ``min_free_bytes``.
+        SpoolError
+            When the file system cannot be asked.
+        """
+        if not self.min_free_bytes:
+            return
+        try:
+            stats = os.statvfs(self.root_str)  # the spool may be a file system of its own
+        except OSError:
+            try:
+                stats = os.statvfs(self.data_dir)  # spool removed: it is recreated on use
+            except OSError as exc:
+                raise SpoolError(f"spool not readable: {exc.strerror}", exc.errno) from exc
+        if stats.f_bavail * stats.f_frsize < self.min_free_bytes:
+            raise SpoolLowOnSpace("free space below scp.min_free_bytes", errno.ENOSPC)
 
     def open_instance(self) -> IncomingInstance:
         """A new temp file for an arriving instance.
