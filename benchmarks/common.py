@@ -20,8 +20,13 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 T = TypeVar("T")
 
-STORESCU = "/usr/bin/storescu"
-STORESCP = "/usr/bin/storescp"
+# DCMTK_BIN points at DCMTK's tools where they are not installed, e.g. on a machine without
+# network: `apt-get download dcmtk libdcmtk17`, `dpkg -x` each into a folder, then set
+# DCMTK_BIN=<folder>/usr/bin, LD_LIBRARY_PATH=<folder>/usr/lib/x86_64-linux-gnu and
+# DCMDICTPATH=<folder>/usr/share/libdcmtk17/dicom.dic.
+DCMTK_BIN = os.environ.get("DCMTK_BIN", "/usr/bin")
+STORESCU = f"{DCMTK_BIN}/storescu"
+STORESCP = f"{DCMTK_BIN}/storescp"
 # DCMTK's tools are 30x slower without TCP_NODELAY (Nagle's algorithm).
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
