@@ -1,7 +1,7 @@
 """The receiver's two ways of hashing an instance give the same results and failures.
 
 With a core to spare, an association hands the hashing of arriving fragments to a helper
-thread; with every core busy it hashes them itself (``InstanceStorage.begin``). Which one
+thread; with every core busy it hashes them itself (``PendingInstance``). Which one
 runs depends on the machine and the load, so each test here forces both.
 """
 

@@ -17,12 +17,11 @@ from typing import TYPE_CHECKING
 
 from triagenode.scp import negotiation, pdu
 from triagenode.scp.status import AbortReason, StoreStatus
-from triagenode.scp.storage import AssociationInfo
+from triagenode.scp.storage import AssociationInfo, PendingInstance
 from triagenode.store.part10 import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
 if TYPE_CHECKING:
     from triagenode.scp.receiver import DicomReceiver
-    from triagenode.scp.storage import PendingInstance
     from triagenode.store.spool import IncomingInstance
 
 __all__ = ["Association", "ProtocolError"]
@@ -274,12 +273,13 @@ class Association:
             self.info.echoes += 1
             self._respond(context_id, message_id, field_, StoreStatus.success, sop_class, None)
         elif field_ == pdu.C_STORE_RQ and has_dataset:
-            # A hashing helper only pays while a core is idle (InstanceStorage.begin).
+            # A hashing helper only pays while a core is idle (see PendingInstance).
             helpers = self._receiver.active_associations < _CORES
             if helpers and self._hasher is None:
                 self._hasher = ThreadPoolExecutor(1, thread_name_prefix="scp-hash")
             self._pending_context = context_id
-            self._pending = self._receiver.storage.begin(
+            self._pending = PendingInstance(
+                self._receiver.storage,
                 self.info,
                 message_id=message_id,
                 sop_class_uid=sop_class or abstract_syntax,

@@ -1,6 +1,6 @@
 """Storing one received C-STORE instance: spool file, header check, rows, status.
 
-:meth:`InstanceStorage.begin` opens a temp file when the C-STORE command arrives; the
+A :class:`PendingInstance` takes a temp file when the C-STORE command arrives; the
 association streams the dataset fragments into :meth:`PendingInstance.write`;
 :meth:`PendingInstance.finish` then decides the status. Success is returned only after the
 file is durable at its final path and the rows are committed (rules of the house 1 and 2).
@@ -11,7 +11,6 @@ instead of adding up.
 
 from __future__ import annotations
 
-import errno
 import logging
 import time
 from concurrent.futures import Executor
@@ -30,7 +29,6 @@ from triagenode.store.spool import (
     IncomingInstance,
     Spool,
     SpoolError,
-    SpoolLowOnSpace,
     is_path_safe_uid,
 )
 
@@ -86,41 +84,6 @@ class InstanceStorage:
     def close(self) -> None:
         """Finish queued work and stop the database writer (it restarts on next use)."""
         self.ingest.close()
-
-    def begin(
-        self,
-        info: AssociationInfo,
-        *,
-        message_id: int,
-        sop_class_uid: str,
-        sop_instance_uid: str,
-        transfer_syntax_uid: str,
-        priority: int | None,
-        spare: IncomingInstance | None = None,
-        hasher: Executor | None = None,
-    ) -> PendingInstance:
-        """Start receiving the dataset of a C-STORE request.
-
-        ``spare`` is an empty temp file opened earlier (:meth:`open_spare`), so creating
-        one is off the critical path.
-
-        ``hasher``, a one-thread pool, hashes the bytes while they arrive
-        (:meth:`IncomingInstance.hash_with`). That shortens one instance's path when a core
-        is idle; when every core is busy anyway (as many associations as cores), pass None:
-        handing each fragment to another thread then costs more CPU than it saves, so the
-        association's own thread hashes as it writes.
-        """
-        return PendingInstance(
-            self,
-            info,
-            message_id,
-            sop_class_uid,
-            sop_instance_uid,
-            transfer_syntax_uid,
-            priority,
-            spare,
-            hasher,
-        )
 
     def open_spare(self) -> IncomingInstance | None:
         """An empty temp file for an association's next instance, or None if the spool
@@ -179,10 +142,7 @@ class InstanceStorage:
 
 
 def _spool_status(exc: SpoolError) -> tuple[StoreStatus, str]:
-    name = errno.errorcode.get(exc.errno or 0, "error")
-    if isinstance(exc, SpoolLowOnSpace):
-        return StoreStatus.out_of_resources_spool, f"spool: {name}, {exc}"
-    return StoreStatus.out_of_resources_spool, f"spool: {name}"
+    return StoreStatus.out_of_resources_spool, exc.comment
 
 
 def _check(
@@ -217,12 +177,23 @@ def _check(
 
 
 class PendingInstance:
-    """An instance whose dataset is arriving; owned by one association's thread."""
+    """An instance whose dataset is arriving; owned by one association's thread.
+
+    Made when the C-STORE request arrives. ``spare`` is an empty temp file opened earlier
+    (:meth:`InstanceStorage.open_spare`), so creating one is off the critical path.
+
+    ``hasher``, a one-thread pool, hashes the bytes while they arrive
+    (:meth:`IncomingInstance.hash_with`). That shortens one instance's path when a core is
+    idle; when every core is busy anyway (as many associations as cores), pass None: handing
+    each fragment to another thread then costs more CPU than it saves, so the association's
+    own thread hashes as it writes.
+    """
 
     def __init__(
         self,
         storage: InstanceStorage,
         info: AssociationInfo,
+        *,
         message_id: int,
         sop_class_uid: str,
         sop_instance_uid: str,
@@ -245,17 +216,14 @@ class PendingInstance:
             sop_class_uid, sop_instance_uid, transfer_syntax_uid, info.calling_ae
         )
         try:
-            try:
-                storage.spool.check_room()
-            except SpoolError:
-                if spare is not None:
-                    spare.discard()
-                raise
+            storage.spool.check_room()
             self._incoming = spare if spare is not None else storage.spool.open_instance()
             if hasher is not None:
                 self._incoming.hash_with(hasher)
-            self._incoming.write_meta(self._meta)
+            self._incoming.write_meta(self._meta)  # removes the temp file if it fails
         except SpoolError as exc:
+            if self._incoming is None and spare is not None:
+                spare.discard()  # refused before the spare was taken
             self._error = exc
             self._incoming = None
 

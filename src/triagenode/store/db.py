@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, inspect, text
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from triagenode.errors import StorageError
+from triagenode.store.fast_sql import on_driver
 
 __all__ = ["Database"]
 
@@ -115,12 +115,4 @@ def _sqlite_begin(connection: Any) -> None:
     immediate = connection.get_execution_options().get("begin_immediate", False)
     # On the driver's cursor: through exec_driver_sql the BEGIN cost as much Python as the
     # receiver's whole insert (its writer begins a transaction per group commit).
-    sql = "BEGIN IMMEDIATE" if immediate else "BEGIN"
-    dbapi = connection.dialect.loaded_dbapi
-    cursor = connection.connection.dbapi_connection.cursor()
-    try:
-        cursor.execute(sql)
-    except dbapi.Error as exc:  # "database is locked" and the like, wrapped as usual
-        raise DBAPIError.instance(sql, (), exc, dbapi.Error, dialect=connection.dialect) from exc
-    finally:
-        cursor.close()
+    on_driver(connection, "BEGIN IMMEDIATE" if immediate else "BEGIN").close()

@@ -16,7 +16,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
 
-__all__ = ["FastStatement"]
+__all__ = ["FastStatement", "on_driver"]
 
 
 class FastStatement:
@@ -66,12 +66,25 @@ class FastStatement:
             if name in params:
                 params[name] = processor(params[name])
         bound = tuple(params[name] for name in self._names) if self._names is not None else params
-        cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-        dbapi = self._dialect.loaded_dbapi
-        try:
-            cursor.execute(self.sql, bound)
-        except dbapi.Error as exc:
-            raise DBAPIError.instance(
-                self.sql, bound, exc, dbapi.Error, dialect=self._dialect
-            ) from exc
-        return cursor
+        return on_driver(conn, self.sql, bound)
+
+
+def on_driver(conn: Connection, sql: str, params: Any = ()) -> Any:
+    """Run ``sql`` on ``conn``'s DBAPI cursor, inside its current transaction; return the
+    cursor (``fetchone()``, ``rowcount``).
+
+    Raises
+    ------
+    sqlalchemy.exc.DBAPIError
+        The driver's error wrapped as SQLAlchemy would (``IntegrityError`` and so on), so
+        callers handle both paths alike.
+    """
+    dialect = conn.dialect
+    dbapi = dialect.loaded_dbapi
+    cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    try:
+        cursor.execute(sql, params)
+    except dbapi.Error as exc:
+        cursor.close()
+        raise DBAPIError.instance(sql, params, exc, dbapi.Error, dialect=dialect) from exc
+    return cursor

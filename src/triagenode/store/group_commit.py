@@ -22,10 +22,11 @@ from collections.abc import Callable
 from typing import Generic, TypeVar
 
 from sqlalchemy import Connection
-from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from triagenode.errors import StorageError
 from triagenode.store.db import Database
+from triagenode.store.fast_sql import on_driver
 
 __all__ = ["GroupCommitter", "PendingWrite"]
 
@@ -283,17 +284,9 @@ def _savepoint(connection: Connection, verb: str) -> None:
     the writer's largest cost in a burst); the savepoint needs none of its bookkeeping:
     one at a time, same name, inside the batch's transaction, in SQL both dialects share.
     """
-    sql = f"{verb} {_SAVEPOINT}"
-    dbapi = connection.dialect.loaded_dbapi
-    cursor = connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-    try:
-        cursor.execute(sql)
-        if verb == "ROLLBACK TO":
-            cursor.execute(f"RELEASE {_SAVEPOINT}")  # rolled back, then gone, as in SQLAlchemy
-    except dbapi.Error as exc:  # e.g. the database went away: handled like any statement's
-        raise DBAPIError.instance(sql, (), exc, dbapi.Error, dialect=connection.dialect) from exc
-    finally:
-        cursor.close()
+    on_driver(connection, f"{verb} {_SAVEPOINT}").close()
+    if verb == "ROLLBACK TO":  # rolled back, then gone, as in SQLAlchemy
+        on_driver(connection, f"RELEASE {_SAVEPOINT}").close()
 
 
 _SAVEPOINT = "tn_group_item"

@@ -48,9 +48,18 @@ class SpoolError(StorageError):
         super().__init__(message)
         self.errno = errno_
 
+    @property
+    def comment(self) -> str:
+        """Short and free of paths: for the C-STORE error comment and the refusal's log."""
+        return f"spool: {errno.errorcode.get(self.errno or 0, 'error')}"
+
 
 class SpoolLowOnSpace(SpoolError):
     """The spool's file system is below the free-space reserve (``scp.min_free_bytes``)."""
+
+    @property
+    def comment(self) -> str:
+        return f"{super().comment}, {self}"
 
 
 def _writeback_function() -> Callable[[int, int, int], None]:
