@@ -200,6 +200,9 @@ class ModelSettings(Section):
     slices_per_series: int = Field(
         default=8, ge=1, le=1000, description="At most this many evenly spaced CT/MR slices"
     )
+    max_images_per_study: int = Field(
+        default=16, ge=1, le=1000, description="At most this many images of a study are scored"
+    )
     artifacts_dir: Path | None = Field(
         default=None, description="ONNX models and engines; default <data_dir>/engines"
     )
