@@ -289,7 +289,10 @@ def test_study_score_follows_the_label_sets_aggregation_rule(
     head = LabelSettings().sets["ct_head"].model_copy(update={"aggregation": rule, "top_k": k})
     settings = LabelSettings(sets={"head": head.model_dump()}, domains=[])
     classifier = ZeroShotClassifier(demo, encoder, settings, None)
-    batch = np.concatenate([preprocess_file(path, demo.preprocess) for _, path in images])
+    window = (40.0, 80.0)  # the head CT set's brain window, which classify_study applies
+    batch = np.concatenate(
+        [preprocess_file(path, demo.preprocess, window=window) for _, path in images]
+    )
     per_image = classifier.classify_images(batch, "head")
     result = classifier.classify_study(study, images, label_set="head")
     expected = np.sort(per_image, axis=0)[-k:].mean(axis=0)

@@ -159,7 +159,7 @@ def _explain(args: argparse.Namespace) -> int:
 
 
 def _request_priority(inputs: dict[str, str]) -> str:
-    name = inputs.get("RequestPriority")
+    name = inputs.get("RequestPriority") or ""
     if name in RequestPriority.__members__:
         return RequestPriority[name].describe()
     return "not known (not received over DICOM, or no C-STORE Priority given)"
@@ -177,7 +177,7 @@ def _label_set(inputs: dict[str, str], rules: Any, settings: Any) -> tuple[str |
 def _as_json(name: str, inputs: dict[str, str], rules: Any, settings: Any) -> dict[str, Any]:
     decision = rules.evaluate(inputs)
     label_set, why = _label_set(inputs, rules, settings)
-    request = inputs.get("RequestPriority")
+    request = inputs.get("RequestPriority") or ""
     return {
         "file": name,
         "inputs": inputs,

@@ -41,7 +41,7 @@ from pathlib import Path
 
 from pydicom.uid import UID
 
-from triagenode.domain import ImageRef
+from triagenode.domain import ImageRef, SkippedSeries
 from triagenode.inference.image_header import (
     CAPTURE_IMAGE_TYPES,
     DOSE_WORDS,
@@ -123,20 +123,6 @@ class SelectedImage:
 
     ref: ImageRef
     path: Path
-
-
-@dataclass(frozen=True)
-class SkippedSeries:
-    """A series (or some of its images) left out, and why.
-
-    ``instances`` counts the instances the reason covers (the whole series, or the few
-    images with an unreadable or disqualifying header); for the image cap, the images
-    (frames of multi-frame objects count one each) left out.
-    """
-
-    series_uid: str
-    instances: int
-    reason: str
 
 
 @dataclass(frozen=True)

@@ -134,6 +134,7 @@ class StudyProcessor:
         snapshot = self._snapshot(job.study_id)
         with self.db.write_session() as session:
             set_study_state(session, snapshot.study_id, StudyState.processing, "worker claimed job")
+        label_set: str | None
         if snapshot.label_set:
             label_set, why = snapshot.label_set, f"set by triage rule {snapshot.priority_rule!r}"
         else:
