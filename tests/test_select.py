@@ -126,6 +126,11 @@ def test_dose_screens_and_captures_are_skipped_when_other_images_exist(tmp_path:
     reasons = _reasons(selection)
     assert reasons[dose] == "dose report screen capture"
     assert reasons[capture] == "screen capture (Secondary Capture Image Storage)"
+    # a low-dose scan is a scan, not a dose report
+    low_dose = Study(tmp_path / "low")
+    scan = low_dose.ct_series(6, ImageType=AXIAL, SeriesDescription="Low Dose Chest 1.25")
+    low_dose.image(SC, "CT", ImageType=["DERIVED", "SECONDARY"], SeriesDescription="Dose Info")
+    assert low_dose.choose().series_used == (scan,)
     # a study of nothing but a digitised film keeps it
     alone = Study(tmp_path / "alone")
     film = alone.image(SC, "OT", ImageType=["DERIVED", "SECONDARY"])

@@ -12,8 +12,9 @@ every series (or image) it leaves out:
    localizers and scouts (ImageType value 3 LOCALIZER, or a description word such as SCOUT
    or TOPOGRAM), Presentation Intent Type FOR PROCESSING, the node's own output.
 3. Dose reports and screen captures (Secondary Capture SOP classes, ImageType SCREEN SAVE
-   or DOSE, a description with the word DOSE) are skipped when other images exist; a study
-   of nothing but captures (a digitised film, say) keeps them.
+   or DOSE, or a secondary image whose description has the word DOSE: a "Low dose chest"
+   scan is not a report) are skipped when other images exist; a study of nothing but
+   captures (a digitised film, say) keeps them.
 4. Derived or secondary series (ImageType DERIVED or SECONDARY) are skipped when an
    original series of the same modality exists (reformats, MIPs, ADC maps).
 5. With a :class:`SeriesPreference` naming modalities, series of other modalities are
@@ -229,16 +230,17 @@ def _series_reason(series: _Series) -> str | None:
 def _capture_reason(series: _Series) -> str | None:
     """Why the series looks like a dose report or a screen capture, or None."""
     header = series.header
-    text = header.text
-    dose = any(f" {word} " in text for word in DOSE_WORDS) or any(
-        "DOSE" in value for value in header.image_type
+    capture_class = series.records[0].sop_class_uid.startswith(SECONDARY_CAPTURE_PREFIX)
+    # a description's DOSE counts only for a secondary image: "Low dose chest" is a scan
+    described = (capture_class or header.derived) and any(
+        f" {word} " in header.text for word in DOSE_WORDS
     )
-    if dose:
+    if described or any("DOSE" in value for value in header.image_type):
         return "dose report screen capture"
     for value in CAPTURE_IMAGE_TYPES:
         if value in header.image_type:
             return f"screen capture (ImageType {value})"
-    if series.records[0].sop_class_uid.startswith(SECONDARY_CAPTURE_PREFIX):
+    if capture_class:
         return f"screen capture ({_sop_name(series.records[0].sop_class_uid)})"
     return None
 
