@@ -40,6 +40,7 @@ def _charset_cr(name: str, folder: Path) -> Path:
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
     ds.PixelData = np.random.default_rng(3).integers(0, 4096, (32, 32), np.uint16).tobytes()
+    ds["PixelData"].VR = "OW"
     path = folder / f"{name}"
     ds.save_as(path, enforce_file_format=True)
     return path
