@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import shutil
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 from fastapi import APIRouter, Response
@@ -111,10 +112,16 @@ def readyz(settings: SettingsDep, db: DbDep, services: ServicesDep) -> JSONRespo
     else:
         checks["model"] = {"ok": bool(services.model_loaded())}
     # A PACS that is down delays exports (the outbox retries) but does not stop the node
-    # from receiving: report it without failing readiness.
+    # from receiving: report it without failing readiness. The answers come from the
+    # background probe's cache, with their age: this call never opens an association.
     if services.destinations_reachable is not None:
         reachable = dict(services.destinations_reachable())
         checks["destinations"] = {"ok": all(reachable.values()), "reachable": reachable}
+        if services.destinations_probed_at is not None:
+            probed_at = services.destinations_probed_at()
+            age = (datetime.now(UTC) - probed_at).total_seconds() if probed_at else None
+            checks["destinations"]["probed_at"] = probed_at.isoformat() if probed_at else None
+            checks["destinations"]["age_s"] = round(age, 3) if age is not None else None
     ready = all(c["ok"] for name, c in checks.items() if name != "destinations")
     body = ReadyOut(ready=ready, checks=checks)
     return JSONResponse(body.model_dump(mode="json"), status_code=200 if ready else 503)
