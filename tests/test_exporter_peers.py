@@ -291,13 +291,14 @@ def test_export_over_mutual_tls_to_storescp(
         process.wait(10)
 
 
-def test_echo_destinations_tells_which_answer(
+def test_echo_tells_which_destinations_answer(
     tmp_path: Path, sqlite_db: Database, make_settings, pacs: OrthancServer
 ) -> None:
     down = {"name": "down", "ae_title": "NOBODY", "host": "127.0.0.1", "port": peers.free_port()}
     settings = _settings(make_settings, _destination("pacs", pacs), down)
     _, exporter = _parts(sqlite_db, settings)
-    assert exporter.echo_destinations(timeout=2) == {"pacs": True, "down": False}
+    answers = {d.name: exporter.echo(d, timeout=2) for d in settings.destinations}
+    assert answers == {"pacs": True, "down": False}
 
 
 def test_a_silent_destination_does_not_delay_a_healthy_one(

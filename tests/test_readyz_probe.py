@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -60,13 +61,13 @@ def test_many_readyz_calls_open_no_association(
     try:
         url = f"http://127.0.0.1:{port}/readyz"
 
-        def probed() -> dict[str, object] | None:
+        def probed() -> dict[str, Any] | None:
             try:
                 answer = httpx.get(url, timeout=10)
             except httpx.TransportError:
                 return None
             checks = answer.json()["checks"]["destinations"]
-            return checks if checks["probed_at"] else None
+            return checks if checks["probed_at"]["pacs"] else None
 
         first = peers.wait_for(probed, timeout=60, what="the first probe in /readyz")
         assert first["reachable"] == {"pacs": True} and first["ok"] is True
@@ -77,10 +78,10 @@ def test_many_readyz_calls_open_no_association(
         assert relay.accepted == 1, f"{relay.accepted - 1} associations opened by /readyz"
         last = answers[-1].json()["checks"]["destinations"]
         assert last["reachable"] == {"pacs": True}
-        assert last["probed_at"] == first["probed_at"]  # the same cached round ...
-        assert last["age_s"] >= first["age_s"]  # ... growing older
-        probed_at = datetime.fromisoformat(last["probed_at"])
-        assert abs((datetime.now(UTC) - probed_at).total_seconds() - last["age_s"]) < 5
+        assert last["probed_at"] == first["probed_at"]  # the same cached answer ...
+        assert last["age_s"]["pacs"] >= first["age_s"]["pacs"]  # ... growing older
+        probed_at = datetime.fromisoformat(last["probed_at"]["pacs"])
+        assert abs((datetime.now(UTC) - probed_at).total_seconds() - last["age_s"]["pacs"]) < 5
     finally:
         node.stop()
 
@@ -88,35 +89,49 @@ def test_many_readyz_calls_open_no_association(
 def test_a_destination_going_down_is_reported_after_the_next_probe(
     pacs: OrthancServer, relay: TcpTap, make_settings, tmp_path: Path
 ) -> None:
-    settings = make_settings(destinations=[_destination(pacs, relay)], export={"timeout_s": 5})
-    db = Database(f"sqlite:///{tmp_path / 'node.sqlite3'}")
-    migrate.upgrade(db)
-    audit = AuditLog(db, SECRET)
-    exporter = Exporter(ExportOutbox(db, audit, settings), settings, audit)
-    probe = DestinationProbe(
-        lambda: exporter.echo_destinations(settings.export.timeout_s), ["pacs"], interval_s=0.3
-    )
-    services = ApiServices(
-        destinations_reachable=probe.reachable, destinations_probed_at=probe.probed_at
-    )
-    client = TestClient(create_app(settings, db, audit, services))
-    before = client.get("/readyz").json()["checks"]["destinations"]
-    assert before == {"ok": False, "reachable": {"pacs": None}, "probed_at": None, "age_s": None}
-    probe.start()
-    try:
+    # Beside the PACS, one that accepts and never answers: it must not hold up the PACS's
+    # answers (each destination is probed by its own thread).
+    timeout = 20.0
+    with TcpTap() as hole:
+        silent = {"name": "silent", "ae_title": "SILENT", "host": "127.0.0.1", "port": hole.port}
+        settings = make_settings(
+            destinations=[_destination(pacs, relay), silent], export={"timeout_s": timeout}
+        )
+        db = Database(f"sqlite:///{tmp_path / 'node.sqlite3'}")
+        migrate.upgrade(db)
+        audit = AuditLog(db, SECRET)
+        exporter = Exporter(ExportOutbox(db, audit, settings), settings, audit)
+        probe = DestinationProbe(
+            settings.destinations, lambda d: exporter.echo(d, timeout), interval_s=0.3
+        )
+        services = ApiServices(
+            destinations_reachable=probe.reachable, destinations_probed_at=probe.probed_at
+        )
+        client = TestClient(create_app(settings, db, audit, services))
 
-        def destinations() -> dict[str, object]:
+        def destinations() -> dict[str, Any]:
             return client.get("/readyz").json()["checks"]["destinations"]
 
-        peers.wait_for(lambda: destinations()["reachable"] == {"pacs": True}, what="pacs up")
-        relay.refuse()  # the PACS stops answering
-        down = peers.wait_for(
-            lambda: (d := destinations())["reachable"] == {"pacs": False} and d,
-            timeout=20,
-            what="pacs reported down",
-        )
-        assert down["ok"] is False and down["age_s"] < 5
-        assert client.get("/readyz").status_code == 200  # a PACS down does not fail readiness
-    finally:
-        probe.stop()
-        db.dispose()
+        before = destinations()
+        assert before["reachable"] == {"pacs": None, "silent": None} and before["ok"] is False
+        assert before["age_s"] == {"pacs": None, "silent": None}
+        probe.start()
+        try:
+            up = peers.wait_for(
+                lambda: (d := destinations())["reachable"]["pacs"] and d,
+                timeout=timeout / 2,
+                what="pacs up while the silent destination holds its probe",
+            )
+            assert up["reachable"]["silent"] is None and up["age_s"]["silent"] is None
+            relay.refuse()  # the PACS stops answering
+            down = peers.wait_for(
+                lambda: (d := destinations())["reachable"]["pacs"] is False and d,
+                timeout=timeout / 2,
+                what="pacs reported down",
+            )
+            assert down["ok"] is False and down["age_s"]["pacs"] < 5
+            assert client.get("/readyz").status_code == 200  # a PACS down is not "not ready"
+        finally:
+            hole.close()  # ends the silent probe at once
+            probe.stop()
+            db.dispose()

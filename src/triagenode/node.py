@@ -119,8 +119,8 @@ class Node:
             self._parts.append(part)
         if settings.api.enabled:
             self.probe = DestinationProbe(
-                lambda: exporter.echo_destinations(settings.export.timeout_s),
-                [d.name for d in settings.destinations],
+                settings.destinations,
+                lambda destination: exporter.echo(destination, settings.export.timeout_s),
                 settings.export.probe_interval_s,
             )
             self.probe.start()

@@ -55,5 +55,6 @@ class ApiServices:
     # Destination name -> reachable (a C-ECHO or a TCP connect, the caller decides; None while
     # not yet known). Must answer from a cache: /readyz is unauthenticated.
     destinations_reachable: Callable[[], Mapping[str, bool | None]] | None = None
-    # When the answers above were found (UTC), for their age in /readyz; None before the first.
-    destinations_probed_at: Callable[[], datetime | None] | None = None
+    # Destination name -> when its answer above was found (UTC; None before the first), for
+    # the answer's age in /readyz.
+    destinations_probed_at: Callable[[], Mapping[str, datetime | None]] | None = None

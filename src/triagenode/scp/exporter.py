@@ -19,7 +19,6 @@ import logging
 import ssl
 import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -364,19 +363,6 @@ class Exporter:
         finally:
             if assoc.is_established:
                 assoc.release()
-
-    def echo_destinations(self, timeout: float = 3.0) -> dict[str, bool]:
-        """C-ECHO every destination at once: name -> answered with success.
-
-        The echoes run side by side, so the whole call takes at most about ``timeout``
-        however many destinations do not answer.
-        """
-        destinations = list(self.settings.destinations)
-        if not destinations:
-            return {}
-        with ThreadPoolExecutor(len(destinations), thread_name_prefix="echo") as pool:
-            answers = list(pool.map(lambda d: self.echo(d, timeout), destinations))
-        return {d.name: ok for d, ok in zip(destinations, answers, strict=True)}
 
     def run_forever(self, stop_event: threading.Event) -> None:
         """Run the lanes (:meth:`start`) until ``stop_event`` is set, then :meth:`stop`."""

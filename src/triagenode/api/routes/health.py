@@ -118,10 +118,15 @@ def readyz(settings: SettingsDep, db: DbDep, services: ServicesDep) -> JSONRespo
         reachable = dict(services.destinations_reachable())
         checks["destinations"] = {"ok": all(reachable.values()), "reachable": reachable}
         if services.destinations_probed_at is not None:
-            probed_at = services.destinations_probed_at()
-            age = (datetime.now(UTC) - probed_at).total_seconds() if probed_at else None
-            checks["destinations"]["probed_at"] = probed_at.isoformat() if probed_at else None
-            checks["destinations"]["age_s"] = round(age, 3) if age is not None else None
+            now = datetime.now(UTC)
+            probed = dict(services.destinations_probed_at())
+            checks["destinations"]["probed_at"] = {
+                name: at.isoformat() if at else None for name, at in probed.items()
+            }
+            checks["destinations"]["age_s"] = {
+                name: round((now - at).total_seconds(), 3) if at else None
+                for name, at in probed.items()
+            }
     ready = all(c["ok"] for name, c in checks.items() if name != "destinations")
     body = ReadyOut(ready=ready, checks=checks)
     return JSONResponse(body.model_dump(mode="json"), status_code=200 if ready else 503)
