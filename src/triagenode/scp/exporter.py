@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pydicom
 from pynetdicom import AE, build_context
@@ -140,16 +141,19 @@ class Exporter:
         """
         return sum(self._lane_pass(lane, now) for lane in self._lanes)
 
+    def _lane_rows(self, lane: _Lane) -> dict[str, Any]:
+        """The outbox's filter for ``lane``'s rows (see :meth:`ExportOutbox.claim`)."""
+        if lane.destination is None:
+            return {"not_in": [d.name for d in self.settings.destinations]}
+        return {"destination": lane.name}
+
     def _lane_pass(self, lane: _Lane, now: datetime | None = None) -> int:
         """Claim the lane's due rows (highest priority first) and try each once."""
+        rows = self.outbox.claim(now, limit=self.batch_size, **self._lane_rows(lane))
         if lane.destination is None:
-            configured = [d.name for d in self.settings.destinations]
-            rows = self.outbox.claim(now, limit=self.batch_size, not_in=configured)
             for row in rows:
                 self._failed(row, None, f"destination {row.destination!r} is no longer configured")
-            return len(rows)
-        rows = self.outbox.claim(now, limit=self.batch_size, destination=lane.name)
-        if rows:
+        elif rows:
             self._send_group(lane.destination, rows)
         return len(rows)
 
@@ -386,11 +390,7 @@ class Exporter:
 
     def _idle_wait(self, lane: _Lane) -> float:
         try:
-            if lane.destination is None:
-                configured = [d.name for d in self.settings.destinations]
-                next_due = self.outbox.next_due_at(not_in=configured)
-            else:
-                next_due = self.outbox.next_due_at(destination=lane.name)
+            next_due = self.outbox.next_due_at(**self._lane_rows(lane))
         except Exception:
             return self.poll_interval_s
         if next_due is None:
