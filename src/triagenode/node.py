@@ -58,6 +58,7 @@ class Node:
         self.audit = AuditLog(self.db, load_or_create_secret(self.settings))
         self.classifier: Any = None
         self.receiver: Any = None
+        self.probe: Any = None
         self.api_server: Any = None
         self._api_thread: threading.Thread | None = None
         self._forwarder: Any = None
@@ -72,6 +73,7 @@ class Node:
         from triagenode.pipeline.triage import TriageRules
         from triagenode.pipeline.worker import StudyProcessor, WorkerPool
         from triagenode.scp.exporter import Exporter, ExportOutbox
+        from triagenode.scp.probe import DestinationProbe
         from triagenode.scp.receiver import DicomReceiver
 
         settings = self.settings
@@ -116,6 +118,13 @@ class Node:
             part.start()
             self._parts.append(part)
         if settings.api.enabled:
+            self.probe = DestinationProbe(
+                settings.destinations,
+                lambda destination: exporter.echo(destination, settings.export.timeout_s),
+                settings.export.probe_interval_s,
+            )
+            self.probe.start()
+            self._parts.append(self.probe)
             self._start_api()
         if settings.audit.syslog.enabled:
             self._start_audit_forwarder()
@@ -144,7 +153,8 @@ class Node:
         services = ApiServices(
             predictor=ClassifierPredictor(self.classifier),
             model_loaded=lambda: self.classifier is not None,
-            destinations_reachable=self.exporter.echo_destinations,
+            destinations_reachable=self.probe.reachable,
+            destinations_probed_at=self.probe.probed_at,
         )
         app = create_app(self.settings, self.db, self.audit, services)
         server = build_server(app, self.settings.api.host, self.settings.api.port)

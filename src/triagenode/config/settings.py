@@ -240,11 +240,27 @@ class Destination(Section):
 class ExportSettings(Section):
     max_attempts: int = Field(default=8, ge=1, le=1000)
     senders: int = Field(
-        default=2, ge=1, le=32, description="Threads sending SRs; more let stat SRs overtake"
+        default=2,
+        ge=1,
+        le=32,
+        description="Sending threads per destination (each destination has its own lane, so "
+        "one that does not answer never delays another); more than one lets a stat SR "
+        "overtake a pass in progress to the same destination",
     )
     backoff_initial_s: float = Field(default=2.0, gt=0)
     backoff_max_s: float = Field(default=300.0, gt=0)
-    timeout_s: float = Field(default=30.0, gt=0)
+    timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Seconds to connect, to be answered an association, and per C-STORE",
+    )
+    probe_interval_s: float = Field(
+        default=30.0,
+        ge=1,
+        le=3600,
+        description="Seconds between background C-ECHOs of every destination; /readyz "
+        "reports the last result and its age, and never opens an association itself",
+    )
 
 
 class ApiSettings(Section):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import shutil
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 from fastapi import APIRouter, Response
@@ -111,10 +112,21 @@ def readyz(settings: SettingsDep, db: DbDep, services: ServicesDep) -> JSONRespo
     else:
         checks["model"] = {"ok": bool(services.model_loaded())}
     # A PACS that is down delays exports (the outbox retries) but does not stop the node
-    # from receiving: report it without failing readiness.
+    # from receiving: report it without failing readiness. The answers come from the
+    # background probe's cache, with their age: this call never opens an association.
     if services.destinations_reachable is not None:
         reachable = dict(services.destinations_reachable())
         checks["destinations"] = {"ok": all(reachable.values()), "reachable": reachable}
+        if services.destinations_probed_at is not None:
+            now = datetime.now(UTC)
+            probed = dict(services.destinations_probed_at())
+            checks["destinations"]["probed_at"] = {
+                name: at.isoformat() if at else None for name, at in probed.items()
+            }
+            checks["destinations"]["age_s"] = {
+                name: round((now - at).total_seconds(), 3) if at else None
+                for name, at in probed.items()
+            }
     ready = all(c["ok"] for name, c in checks.items() if name != "destinations")
     body = ReadyOut(ready=ready, checks=checks)
     return JSONResponse(body.model_dump(mode="json"), status_code=200 if ready else 503)
