@@ -74,7 +74,8 @@ def test_classify_is_deterministic_and_writes_csv(
     target = str(dataset_dir / "ct")
     assert main(["classify", target, "--demo-model", "--out", str(first)]) == 0
     assert (
-        main(["classify", target, "--demo-model", "--label-set", "ct_head", "--out", str(second)]) == 0
+        main(["classify", target, "--demo-model", "--label-set", "ct_head", "--out", str(second)])
+        == 0
     )
     json_rows = [r for r in _lines(first.read_text()) if r["status"] == "ok"]
     with second.open(newline="") as handle:
