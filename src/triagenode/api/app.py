@@ -17,6 +17,7 @@ from triagenode.api.routes import audit as audit_routes
 from triagenode.api.routes import exports, health, predict, queue, studies, tokens
 from triagenode.api.services import ApiServices, Predictor
 from triagenode.api.tokens import TokenStore
+from triagenode.api.uploads import PredictSlots
 from triagenode.audit.events import AuditLog
 from triagenode.config.settings import Settings
 from triagenode.store.db import Database
@@ -67,6 +68,7 @@ def create_app(
     app.state.tokens = TokenStore(db)
     app.state.rate_limiter = RateLimiter(settings.api.rate_limit_per_minute)
     app.state.rate_limited = set()
+    app.state.predict_slots = PredictSlots(settings.api.max_concurrent_predictions)
     install_problem_handlers(app)
     for module in (health, studies, queue, exports, audit_routes, predict, tokens):
         app.include_router(module.router)

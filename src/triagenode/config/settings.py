@@ -256,6 +256,47 @@ class ApiSettings(Section):
         ge=0,
         description="/readyz fails when the spool's file system has less free space",
     )
+    max_image_pixels: int = Field(
+        default=30_000_000,
+        ge=4,
+        description="/predict refuses (413) an image or frame declaring more pixels, read "
+        "from its header before decoding (30 M covers a 4740x5928 mammogram)",
+    )
+    max_frames: int = Field(
+        default=4096, ge=1, description="/predict refuses (413) DICOM with more frames"
+    )
+    max_inflated_bytes: int = Field(
+        default=128 * 1024 * 1024,
+        ge=1024,
+        description="/predict refuses (413) a deflated DICOM data set inflating to more bytes",
+    )
+    max_concurrent_predictions: int = Field(
+        default=2,
+        ge=1,
+        le=64,
+        description="Predict calls decoding or running at once; more are answered 503 with "
+        "Retry-After",
+    )
+    tls_cert: Path | None = Field(
+        default=None, description="PEM certificate (chain); with tls_key the API serves HTTPS"
+    )
+    tls_key: Path | None = Field(default=None, description="PEM private key of tls_cert")
+    tls_client_ca: Path | None = Field(
+        default=None,
+        description="CA bundle; when set, clients must present a certificate it signed",
+    )
+
+    @model_validator(mode="after")
+    def _tls_complete(self) -> ApiSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: set both or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca needs tls_cert and tls_key")
+        for key in ("tls_cert", "tls_key", "tls_client_ca"):
+            path = getattr(self, key)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{key}: {path} is not a readable file")
+        return self
 
 
 class SyslogSettings(Section):
