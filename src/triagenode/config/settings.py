@@ -7,6 +7,7 @@ validation failure into one :class:`~triagenode.errors.ConfigError` line per pro
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -47,6 +48,7 @@ __all__ = [
     "StudySettings",
     "SyslogSettings",
     "load_settings",
+    "placeholder_secret_problem",
 ]
 
 ENV_PREFIX = "TRIAGENODE_"
@@ -102,7 +104,14 @@ class ScpSettings(Section):
     host: str = "0.0.0.0"
     port: int = Field(default=11112, ge=1, le=65535)
     allowed_calling_aets: list[str] = Field(
-        default_factory=list, description="Calling AE titles accepted; empty accepts any"
+        default_factory=list,
+        description="Calling AE titles accepted; empty accepts any (refused in production "
+        "unless allow_any_calling_ae is true)",
+    )
+    allow_any_calling_ae: bool = Field(
+        default=False,
+        description="With node.environment = 'production', an empty allowed_calling_aets "
+        "is refused unless this says, explicitly, that any calling AE may store",
     )
     max_associations: int = Field(default=16, ge=1, le=1024)
     max_pdu: int = Field(
@@ -355,12 +364,33 @@ class Settings(BaseSettings):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"destinations: names must be unique (repeated: {duplicates})")
-        if self.node.environment == "production" and self.model.source == "demo":
-            raise ValueError("model.source: 'demo' is refused when node.environment is production")
+        if self.node.environment == "production":
+            self._production_checks()
         label_set_errors = label_set_problems(self.triage, self.labels.sets)
         if label_set_errors:
             raise ValueError("; ".join(label_set_errors))
         return self
+
+    def _production_checks(self) -> None:
+        problems = []
+        if self.model.source == "demo":
+            problems.append("model.source: 'demo' is refused when node.environment is production")
+        if not self.scp.allowed_calling_aets and not self.scp.allow_any_calling_ae:
+            problems.append(
+                "scp.allowed_calling_aets: empty, so any calling AE could store studies; "
+                "list the modalities' and PACS's AE titles, or set "
+                "scp.allow_any_calling_ae = true to accept any (node.environment is production)"
+            )
+        if self.audit.secret is not None:
+            weakness = placeholder_secret_problem(self.audit.secret.get_secret_value())
+            if weakness:
+                problems.append(
+                    f"audit.secret: {weakness}; use a random value (`python -c 'import "
+                    "secrets; print(secrets.token_urlsafe(32))'`) or leave it empty for a "
+                    "random key file (node.environment is production)"
+                )
+        if problems:
+            raise ValueError("; ".join(problems))
 
     @classmethod
     def settings_customise_sources(
@@ -393,6 +423,47 @@ class Settings(BaseSettings):
         if self.database.url:
             return self.database.url
         return f"sqlite:///{(self.node.data_dir / 'triagenode.sqlite3').resolve()}"
+
+
+_PLACEHOLDER_WORDS = ("changeme", "change-me", "change_me", "placeholder", "example", "secret")
+_MIN_SECRET_BITS = 256
+
+
+def placeholder_secret_problem(value: str) -> str | None:
+    """Why ``value`` looks like a placeholder or a weak secret, or None when it does not.
+
+    Refused: a known placeholder word (``changeme...``), few distinct characters
+    (``aaaa...``, ``abababab...``) and under 32 bytes of entropy, estimated generously as
+    length x log2(the character classes used): a hex string counts 4 bits a character,
+    base64 6, so ``secrets.token_hex(32)`` and ``secrets.token_urlsafe(32)`` pass.
+    """
+    lowered = value.lower()
+    for word in _PLACEHOLDER_WORDS:
+        if word in lowered:
+            return f"looks like a placeholder (contains {word!r})"
+    if len(set(value)) < 10:
+        return f"repeats characters ({len(set(value))} distinct)"
+    if all(c in "0123456789abcdef" for c in lowered) and (
+        value == lowered or value == value.upper()
+    ):
+        pool = 16
+    else:
+        pool = 0
+        for members in (
+            "abcdefghijklmnopqrstuvwxyz",
+            "ABCDEFGHIJKLMNOPQRSTUVWXYZ",
+            "0123456789",
+        ):
+            if any(c in members for c in value):
+                pool += len(members)
+        if any(not c.isascii() or not c.isalnum() for c in value):
+            pool += 33
+    bits = len(value) * math.log2(pool)
+    if bits < _MIN_SECRET_BITS:
+        return (
+            f"has about {int(bits)} bits of entropy, under the {_MIN_SECRET_BITS} (32 bytes) needed"
+        )
+    return None
 
 
 def _describe(error: Any) -> str:
