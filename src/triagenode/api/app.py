@@ -6,6 +6,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from triagenode import __version__
+from triagenode.api.docs import install_docs
 from triagenode.api.middleware import (
     BodyLimitMiddleware,
     CallAuditMiddleware,
@@ -58,9 +59,10 @@ def create_app(
         title="triagenode admin API",
         version=__version__,
         description=_DESCRIPTION,
-        docs_url="/docs",
+        docs_url=None,  # installed below from the package's own assets, not a CDN
         redoc_url=None,
     )
+    install_docs(app)
     app.state.settings = settings
     app.state.db = db
     app.state.audit = audit
