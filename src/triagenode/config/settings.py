@@ -201,6 +201,11 @@ class DatabaseSettings(Section):
 
 class ModelSettings(Section):
     source: str = DEFAULT_MODEL_SOURCE
+    revision: str | None = Field(
+        default=None,
+        description="Commit (40 hex digits) an hf-hub: source is pinned to; required in "
+        "production, so every node loads the same weights. Results record the commit loaded",
+    )
     backend: Literal["auto", "torch", "onnxruntime", "tensorrt"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "fp16", "bf16", "int8"] = "auto"
@@ -225,6 +230,23 @@ class ModelSettings(Section):
         if value == "demo" or value.startswith(("hf-hub:", "local-dir:")):
             return value
         raise ValueError(f"must be 'demo', 'hf-hub:<repo>' or 'local-dir:<path>' (got {value!r})")
+
+    @field_validator("revision")
+    @classmethod
+    def _revision_is_a_commit(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        if not re.fullmatch(r"[0-9a-f]{40}", value):
+            raise ValueError(
+                "must be a commit hash of 40 lower-case hex digits (a branch or tag can move)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _revision_for_hub_only(self) -> ModelSettings:
+        if self.revision is not None and not self.source.startswith("hf-hub:"):
+            raise ValueError("revision: only an hf-hub: source has revisions")
+        return self
 
 
 class Destination(Section):
@@ -375,6 +397,11 @@ class Settings(BaseSettings):
         problems = []
         if self.model.source == "demo":
             problems.append("model.source: 'demo' is refused when node.environment is production")
+        if self.model.source.startswith("hf-hub:") and self.model.revision is None:
+            problems.append(
+                "model.revision: an hf-hub: source must be pinned to a commit when "
+                "node.environment is production (`triagenode model prepare` prints it)"
+            )
         if not self.scp.allowed_calling_aets and not self.scp.allow_any_calling_ae:
             problems.append(
                 "scp.allowed_calling_aets: empty, so any calling AE could store studies; "
