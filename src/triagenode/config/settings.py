@@ -7,6 +7,7 @@ validation failure into one :class:`~triagenode.errors.ConfigError` line per pro
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -43,6 +44,7 @@ __all__ = [
     "ExportSettings",
     "ModelSettings",
     "NodeSettings",
+    "RetentionSettings",
     "ScpSettings",
     "Settings",
     "StudySettings",
@@ -330,6 +332,29 @@ class ApiSettings(Section):
         return self
 
 
+class RetentionSettings(Section):
+    """How long patient data stays on the node once its work is done (see docs/security.md)."""
+
+    spool_days: float | None = Field(
+        default=30.0,
+        ge=0,
+        description="Received images are deleted this many days after the study's SR reached "
+        "every destination (or the study was ignored); empty keeps them forever",
+    )
+    results_days: float | None = Field(
+        default=90.0,
+        ge=0,
+        description="SR files are deleted this many days after they reached every "
+        "destination (never while a destination still waits); empty keeps them forever",
+    )
+    interval_minutes: float = Field(
+        default=60.0,
+        ge=0,
+        description="How often `serve` purges what the policy allows; 0 leaves it to "
+        "`triagenode purge` (cron, a systemd timer)",
+    )
+
+
 class SyslogSettings(Section):
     enabled: bool = False
     host: str = "127.0.0.1"
@@ -375,6 +400,7 @@ class Settings(BaseSettings):
     export: ExportSettings = Field(default_factory=ExportSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Settings:
@@ -556,10 +582,23 @@ def load_settings(path: Path | str | None = None, **overrides: Any) -> Settings:
 
 
 def _check_data_dir(data_dir: Path) -> None:
-    """The data folder must exist or be creatable, and be writable."""
+    """The data folder must exist or be creatable, and be writable.
+
+    It holds patient data (images, SRs, the database): it is created ``0700``, and an
+    existing one of this user that others could read is narrowed to ``0700`` (with a log
+    line), so no other account on the machine can list or read it.
+    """
     try:
-        data_dir.mkdir(parents=True, exist_ok=True)
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"node.data_dir: cannot create {data_dir} ({exc.strerror})") from None
     if not os.access(data_dir, os.W_OK | os.X_OK):
         raise ConfigError(f"node.data_dir: {data_dir} is not writable by this user")
+    info = data_dir.stat()
+    if info.st_mode & 0o077 and info.st_uid == os.getuid():
+        logging.getLogger(__name__).warning(
+            "node.data_dir %s was open to other users (mode %o); narrowed to 0700",
+            data_dir,
+            info.st_mode & 0o777,
+        )
+        data_dir.chmod(0o700)
