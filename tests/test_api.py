@@ -213,7 +213,8 @@ def test_security_headers_docs_and_cors(shared: ApiWorld, make_settings, tmp_pat
     assert "default-src 'none'" in api.headers["content-security-policy"]
     docs = client.get("/docs")
     assert docs.status_code == 200 and "swagger-ui" in docs.text
-    assert "https://cdn.jsdelivr.net" in docs.headers["content-security-policy"]
+    assert "script-src 'self';" in docs.headers["content-security-policy"]
+    assert "https:" not in docs.headers["content-security-policy"]
     spec = client.get("/openapi.json").json()
     assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
     preflight = {"Origin": "https://console.example", "Access-Control-Request-Method": "GET"}

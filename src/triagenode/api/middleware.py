@@ -22,13 +22,13 @@ __all__ = ["BodyLimitMiddleware", "CallAudit", "CallAuditMiddleware", "SecurityH
 
 log = logging.getLogger("triagenode.api.access")
 
-_DOCS_PATHS = ("/docs", "/redoc")
-# Swagger UI comes from jsDelivr with an inline start-up script; everything else the API
-# serves is data and may load nothing at all.
+_DOCS_PATHS = ("/docs",)
+# Swagger UI's scripts and styles come from the node itself (api/static/swagger-ui) and the
+# page has no inline script; Swagger UI sets inline style attributes, hence style-src.
+# Everything else the API serves is data and may load nothing at all.
 _DOCS_CSP = (
-    "default-src 'self'; script-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net; "
-    "style-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net; "
-    "img-src 'self' data: https://fastapi.tiangolo.com; frame-ancestors 'none'"
+    "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'"
 )
 _API_CSP = "default-src 'none'; frame-ancestors 'none'"
 

@@ -70,12 +70,12 @@ def search(
     patient_id: Annotated[
         str | None, Query(max_length=64, description="Turned into its HMAC; never stored")
     ] = None,
-    outcome: Annotated[int | None, Query()] = None,
+    outcome: Annotated[int | None, Query(ge=0, le=255, description="0, 4, 8 or 12")] = None,
     limit: Limit = 50,
     offset: Offset = 0,
     cursor: Cursor = None,
 ) -> Page[AuditEventOut]:
-    start, end = as_utc(start), as_utc(end)
+    start, end = as_utc(start, "from"), as_utc(end, "to")
     filters = []
     if start is not None:
         filters.append(AuditEvent.at >= start)
@@ -98,8 +98,8 @@ def search(
     call.study_uid = study_uid
     query = select(AuditEvent).where(*filters)
     if cursor:
-        (before,) = decode_cursor(cursor, 1)
-        query = query.where(AuditEvent.seq < int(before))
+        (before,) = decode_cursor(cursor, int)
+        query = query.where(AuditEvent.seq < before)
         offset = 0
     with db.session() as session:
         total = session.scalar(select(func.count()).select_from(AuditEvent).where(*filters)) or 0
@@ -165,7 +165,8 @@ def export(
 ) -> StreamingResponse:
     call.event_type = "export"
     call.details.update(format=format)
-    start, end = as_utc(start), as_utc(end)
+    # checked before the first byte is streamed: a bad filter is a 422, not a cut-off file
+    start, end = as_utc(start, "from"), as_utc(end, "to")
     suffix = {"atna-xml": "xml", "syslog": "log", "jsonl": "jsonl"}[format]
     return StreamingResponse(
         export_chunks(db, format, AuditSource.from_settings(settings), start, end),
