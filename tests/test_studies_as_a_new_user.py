@@ -134,3 +134,34 @@ def test_each_study_gets_a_sensible_label_set_or_a_recorded_not_applicable(
             )
     after = STUDIES_PROCESSED.labels("not_applicable", "routine")._value.get()
     assert after - not_applicable_before == 3
+
+
+def test_reprocessing_writes_the_next_sr_of_the_series_referencing_the_first(
+    node: Node, tmp_path: Path
+) -> None:
+    from triagenode.pipeline.actions import reprocess_study
+
+    settings = node.settings
+    path = factory.write(factory.cr_image(), tmp_path / "cr.dcm")
+    study_uid = str(pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID)
+    sent = run_tool(
+        "storescu", "-aec", settings.scp.ae_title, "127.0.0.1", str(settings.scp.port), str(path)
+    )
+    assert sent.returncode == 0, sent.stderr
+
+    def results(count: int) -> list[Result] | None:
+        with node.db.session() as session:
+            rows = list(session.execute(select(Result).order_by(Result.run)).scalars())
+        return rows if len(rows) == count else None
+
+    [first] = wait_for(lambda: results(1), timeout=120, what="first result")
+    assert reprocess_study(node.db, node.audit, study_uid, "test")
+    _, second = wait_for(lambda: results(2), timeout=120, what="second result")
+    old = pydicom.dcmread(settings.node.data_dir / first.sr_path)
+    new = pydicom.dcmread(settings.node.data_dir / second.sr_path)
+    assert new.SeriesInstanceUID == old.SeriesInstanceUID
+    assert (old.InstanceNumber, new.InstanceNumber) == (1, 2)
+    [predecessor] = new.PredecessorDocumentsSequence[0].ReferencedSeriesSequence
+    assert predecessor.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == old.SOPInstanceUID
+    assert second.findings["supersedes"] == old.SOPInstanceUID
+    assert "supersedes" not in first.findings

@@ -163,7 +163,7 @@ def get_study(study_uid: str, db: DbDep, _: Reader, call: CallAuditDep) -> Study
             .order_by(Series.id)
         ).all()
         results = session.scalars(
-            select(Result).where(Result.study_id == study.id).order_by(Result.id)
+            select(Result).where(Result.study_id == study.id).order_by(Result.run, Result.id)
         ).all()
         exports = session.scalars(
             select(Export).where(Export.study_uid == study_uid).order_by(Export.id)
@@ -205,6 +205,8 @@ def get_study(study_uid: str, db: DbDep, _: Reader, call: CallAuditDep) -> Study
                     sr_sop_instance_uid=r.sr_sop_instance_uid,
                     sr_series_uid=r.sr_series_uid,
                     created_at=r.created_at,
+                    current=r is results[-1],
+                    supersedes=(r.findings or {}).get("supersedes"),
                 )
                 for r in results
             ],
