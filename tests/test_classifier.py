@@ -353,3 +353,29 @@ def test_a_study_with_no_usable_image_raises(
         classifier.classify_study("1.2.3", [(ImageRef("1.2", "1.2.3.4", "s"), junk)], "ct_head")
     with pytest.raises(TriageNodeError, match="label set 'nope' is not configured"):
         classifier.text_embeddings("nope")
+
+
+def test_the_research_predictor_scores_findings_like_studies(
+    demo: LoadedModel, encoder: TorchImageEncoder, ct_study
+) -> None:
+    """/predict with a label set: the node's per-finding scores; with queries: a softmax
+    over the queries, which compete by design."""
+    from triagenode.inference.predictor import ClassifierPredictor
+
+    _study, images = ct_study
+    classifier = ZeroShotClassifier(demo, encoder, LabelSettings(), None)
+    predictor = ClassifierPredictor(classifier)
+    raw = images[0][1].read_bytes()
+    [by_set] = predictor.predict([raw], None, "chest_xray")
+    batch = preprocess_file(images[0][1], demo.preprocess)
+    np.testing.assert_allclose(
+        by_set["scores"], classifier.classify_images(batch, "chest_xray")[0], atol=1e-5
+    )
+    assert by_set["present"] == [
+        s >= t for s, t in zip(by_set["scores"], by_set["thresholds"], strict=True)
+    ]
+    assert by_set["calibrated"] == [False] * len(by_set["labels"])
+    [by_queries] = predictor.predict([raw], ["a chest x-ray", "a brain MRI"], None)
+    assert sum(by_queries["scores"]) == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(KeyError, match="give queries or a label_set"):
+        predictor.predict([raw], None, None)

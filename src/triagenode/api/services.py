@@ -40,8 +40,8 @@ class Predictor(Protocol):
         Returns
         -------
         list of dict
-            JSON-able results, e.g. ``{"labels": [...], "similarities": [...],
-            "probabilities": [...]}``.
+            JSON-able results, e.g. ``{"labels": [...], "scores": [...], "scoring": "..."}``
+            (with a label set also ``thresholds``, ``present`` and ``calibrated``).
         """
         ...
 
