@@ -91,3 +91,33 @@ def test_unknown_label_set_is_refused(
 ) -> None:
     assert main(["classify", str(dataset_dir), "--demo-model", "--label-set", "nope"]) == 2
     assert "label set 'nope' is not configured" in capsys.readouterr().err
+
+
+def test_pydicoms_test_files_get_a_fitting_label_set_or_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every bundled pydicom file, as a new user would try them: each image gets the label
+    set of its modality and anatomy, or is recorded not applicable; no ultrasound, nuclear
+    medicine or secondary capture is read as a chest radiograph."""
+    import pydicom
+
+    from tests.factory import PYDICOM_TEST_FILES
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["classify", str(PYDICOM_TEST_FILES), "--demo-model", "--json"]) == 0
+    images = [r for r in _lines(capsys.readouterr().out) if r["type"] == "image"]
+    assert len(images) > 100
+    statuses = {r["status"] for r in images}
+    assert statuses <= {"ok", "skipped", "failed", "not_applicable"}
+    family = {"CR": "chest_xray", "DX": "chest_xray", "CT": "ct_", "MR": "mr_"}
+    seen = {"ok": 0, "not_applicable": 0}
+    for record in images:
+        if record["status"] not in seen:
+            continue
+        seen[record["status"]] += 1
+        modality = str(pydicom.dcmread(record["path"], stop_before_pixels=True).get("Modality"))
+        if record["status"] == "ok":
+            assert record["label_set"].startswith(family[modality]), (record["path"], modality)
+        else:
+            assert record["label_set"] is None and record["reason"], record["path"]
+    assert seen["ok"] > 0 and seen["not_applicable"] > 10
