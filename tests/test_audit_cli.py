@@ -14,6 +14,7 @@ import pytest
 from lxml import etree
 from sqlalchemy import text
 
+from tests.audit_support import drop_append_only_guard
 from tests.factory import PATIENT_ID
 from tests.peers import free_port, wait_for
 from triagenode.audit import AuditEventId, AuditLog, load_or_create_secret
@@ -90,6 +91,7 @@ def test_audit_verify_export_list(
     listed = capsys.readouterr().out
     assert '"received"' in listed and PATIENT_ID not in listed
     with log.db.engine.begin() as connection:
+        drop_append_only_guard(connection)
         connection.execute(text("DELETE FROM audit_events WHERE seq = 2"))
     capsys.readouterr()
     assert main(["audit", "verify", *args]) == 1
