@@ -18,10 +18,11 @@ import logging
 import re
 import sys
 import warnings
+from typing import TextIO
 
 from triagenode.audit.encoding import escape_controls
 
-__all__ = ["PhiGuard", "SafeFormatter", "configure_logging"]
+__all__ = ["PhiGuard", "SafeFormatter", "build_handler", "configure_logging"]
 
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # Loggers whose messages may quote DICOM element values.
@@ -86,12 +87,19 @@ def _indented(text: str) -> str:
     return "\n".join("    " + escape_controls(line) for line in text.splitlines())
 
 
+def build_handler(stream: TextIO | None = None) -> logging.Handler:
+    """The node's log handler: :class:`SafeFormatter` and :class:`PhiGuard` on ``stream``
+    (default stderr)."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(SafeFormatter(_FORMAT))
+    handler.addFilter(PhiGuard())
+    return handler
+
+
 def configure_logging(level: str = "INFO") -> None:
     root = logging.getLogger()
     if not any(getattr(h, "_triagenode", False) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(SafeFormatter(_FORMAT))
-        handler.addFilter(PhiGuard())
+        handler = build_handler()
         handler._triagenode = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     root.setLevel(level)
