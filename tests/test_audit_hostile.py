@@ -8,6 +8,7 @@ API) and the syslog forwarder still carry every event, that one included.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import logging
 import re
@@ -110,6 +111,10 @@ class TcpCollector:
                         buffer = rest[int(length) :]
 
     def close(self) -> None:
+        # shutdown() wakes the thread blocked in accept(); close() alone would leave the
+        # port listening until that call returns.
+        with contextlib.suppress(OSError):
+            self.server.shutdown(socket.SHUT_RDWR)
         self.server.close()
 
 
