@@ -255,3 +255,17 @@ def test_postgres_node_role_can_insert_but_not_change(postgres_url: str) -> None
             connection.execute(text(f"DROP OWNED BY {role}"))
             connection.execute(text(f"DROP ROLE {role}"))
         admin.dispose()
+
+
+def test_checkpoint_command_and_missing_copy(
+    config: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    log = _node_log(config, events=2)
+    capsys.readouterr()
+    assert main(["audit", "checkpoint", "--config", str(config)]) == 0
+    assert "checkpoint: seq 2 " in capsys.readouterr().out
+    assert log.checkpoints is not None
+    assert len(log.checkpoints.path.read_text().splitlines()) == 3
+    missing = str(tmp_path / "nowhere.log")
+    assert main(["audit", "verify", "--config", str(config), "--syslog-copy", missing]) == 2
+    assert "no such checkpoint file" in capsys.readouterr().err

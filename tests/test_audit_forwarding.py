@@ -18,7 +18,7 @@ from tests.test_audit_hostile import TcpCollector
 from triagenode.audit import AuditEventId, AuditLog
 from triagenode.audit.atna import AuditSource
 from triagenode.audit.syslog import AuditForwarder, SyslogSender
-from triagenode.config.settings import SyslogSettings, load_settings
+from triagenode.config.settings import SyslogSettings
 from triagenode.store.db import Database
 
 SECRET = b"forwarding-test-secret-0123456789"
@@ -36,8 +36,8 @@ def _seqs(messages: list[bytes]) -> list[int]:
     return found
 
 
-def test_tcp_is_the_default_protocol() -> None:
-    assert load_settings(None).audit.syslog.protocol == "tcp"
+def test_tcp_is_the_default_protocol(make_settings) -> None:
+    assert make_settings().audit.syslog.protocol == "tcp"
 
 
 def test_a_burst_and_a_collector_restart_lose_nothing(db: Database, tmp_path: Path) -> None:

@@ -165,6 +165,8 @@ class VerifyReport:
         for name in ("first_at", "last_at"):
             value = getattr(self, name)
             data[name] = value.isoformat() if value else None
+        if self.checkpoints is None:  # not checked: the API's schema does not know the key
+            del data["checkpoints"]
         return data
 
 

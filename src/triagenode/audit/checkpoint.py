@@ -152,7 +152,12 @@ def _read_private(path: Path) -> Ed25519PrivateKey:
 
 def load_public_key(path: Path) -> Ed25519PublicKey:
     """An Ed25519 public key from a PEM file (or the public half of a private key file)."""
-    data = Path(path).read_bytes()
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(
+            f"audit checkpoint public key {path}: cannot be read ({exc.strerror})"
+        ) from None
     try:
         if b"PRIVATE KEY" in data:
             return _read_private(Path(path)).public_key()

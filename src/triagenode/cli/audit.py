@@ -6,8 +6,13 @@ import argparse
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from triagenode.cli.common import open_database, print_json, print_table, settings_from_args
+from triagenode.errors import ConfigError
+
+if TYPE_CHECKING:
+    from triagenode.config.settings import Settings
 
 __all__ = ["register"]
 
@@ -68,7 +73,8 @@ def register(subparsers: argparse._SubParsersAction, parent: argparse.ArgumentPa
     verify.add_argument(
         "--no-checkpoints",
         action="store_true",
-        help="check the chain only (deleted newest rows then go unnoticed)",
+        help="skip the checkpoint file and --checkpoints copies (deleted newest rows then go "
+        "unnoticed unless a --syslog-copy holds checkpoints)",
     )
     verify.set_defaults(handler=_verify)
 
@@ -108,10 +114,16 @@ def _audit_log(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     return settings, db, AuditLog.from_settings(settings, db)
 
 
-def _checkpoint_sources(args: argparse.Namespace, settings) -> tuple[list[Path], list[str]]:  # type: ignore[no-untyped-def]
+def _checkpoint_sources(
+    args: argparse.Namespace, settings: Settings
+) -> tuple[list[Path], list[str]]:
     """The checkpoint files to check, and warnings to print."""
     from triagenode.audit.checkpoint import checkpoint_paths
 
+    files = [Path(p) for p in [*args.checkpoints, *args.syslog_copy]]
+    for path in files:
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such checkpoint file or syslog copy")
     if args.no_checkpoints:
         return [], []
     configured, _key, _public = checkpoint_paths(settings)
