@@ -14,7 +14,6 @@ from typing import Any
 
 from triagenode import __version__
 from triagenode.audit.events import AuditEventId, AuditLog, Outcome
-from triagenode.audit.keys import load_or_create_secret
 from triagenode.config.settings import Settings
 from triagenode.domain import DEMO_WARNING
 from triagenode.store import migrate
@@ -55,7 +54,7 @@ class Node:
         for noisy in ("pynetdicom", "pydicom"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
         self.db = Database(self.settings.database_url, echo=self.settings.database.echo)
-        self.audit = AuditLog(self.db, load_or_create_secret(self.settings))
+        self.audit = AuditLog.from_settings(self.settings, self.db)
         self.classifier: Any = None
         self.receiver: Any = None
         self.probe: Any = None
@@ -168,7 +167,7 @@ class Node:
     def _start_audit_forwarder(self) -> None:
         from triagenode.audit.syslog import AuditForwarder
 
-        forwarder = AuditForwarder.from_settings(self.settings, self.db)
+        forwarder = AuditForwarder.from_settings(self.settings, self.db, self.audit)
         forwarder.start()
         self._forwarder = forwarder
 

@@ -51,18 +51,18 @@ def build_server(app, host: str, port: int):  # type: ignore[no-untyped-def]
 
 def _run(args: argparse.Namespace) -> int:
     from triagenode.api import create_app
-    from triagenode.audit import AuditEventId, AuditLog, load_or_create_secret
+    from triagenode.audit import AuditEventId, AuditLog
 
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     settings = settings_from_args(args, **({"api": overrides} if overrides else {}))
     db = open_database(settings)
-    audit = AuditLog(db, load_or_create_secret(settings))
+    audit = AuditLog.from_settings(settings, db)
     app = create_app(settings, db, audit)
     forwarder = None
     if settings.audit.syslog.enabled:
         from triagenode.audit.syslog import AuditForwarder
 
-        forwarder = AuditForwarder.from_settings(settings, db)
+        forwarder = AuditForwarder.from_settings(settings, db, audit)
         forwarder.start()
     audit.record(AuditEventId.application_activity, event_type="start", actor="triagenode-api")
     try:
@@ -71,6 +71,6 @@ def _run(args: argparse.Namespace) -> int:
         audit.record(AuditEventId.application_activity, event_type="stop", actor="triagenode-api")
         if forwarder is not None:
             forwarder.stop()
-            forwarder.pump()  # the stop event too; anything unsent stays spooled
+            forwarder.drain()  # the stop event too; anything unsent is sent next start
         db.dispose()
     return 0

@@ -378,8 +378,19 @@ class SyslogSettings(Section):
     enabled: bool = False
     host: str = "127.0.0.1"
     port: int = Field(default=514, ge=1, le=65535)
-    protocol: Literal["udp", "tcp", "tls"] = "udp"
+    protocol: Literal["udp", "tcp", "tls"] = Field(
+        default="tcp",
+        description="tcp (RFC 6587 octet counting) or tls (RFC 5425) keep every event until "
+        "the collector has read it; udp (RFC 5426) can lose events and is only for collectors "
+        "that accept nothing else",
+    )
     tls_ca: Path | None = None
+    ack_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="how long to wait for the collector to close its side after a batch; "
+        "a batch is acknowledged (and leaves the backlog) only then",
+    )
 
 
 class AuditSettings(Section):
@@ -389,6 +400,27 @@ class AuditSettings(Section):
         "one is created in <data_dir>/audit.key on first start",
     )
     syslog: SyslogSettings = Field(default_factory=SyslogSettings)
+    checkpoint_file: Path | None = Field(
+        default=None,
+        description="append-only file of signed chain-head checkpoints; default "
+        "<data_dir>/audit-checkpoints.log (put it on a volume the node can only append to)",
+    )
+    checkpoint_key: Path | None = Field(
+        default=None,
+        description="Ed25519 private key (PEM) that signs checkpoints; default "
+        "<data_dir>/audit-checkpoint.key, created on first use with its .pub beside it",
+    )
+    checkpoint_public_key: Path | None = Field(
+        default=None,
+        description="public key `audit verify` checks signatures with; default the one "
+        "beside checkpoint_key (an auditor should keep their own copy)",
+    )
+    checkpoint_interval_s: float = Field(
+        default=0.0,
+        ge=0,
+        description="at most one checkpoint per this many seconds per process; 0 writes one "
+        "after every audit event",
+    )
 
     @field_validator("secret")
     @classmethod
