@@ -327,13 +327,13 @@ def test_api_path_values_cannot_break_export_or_forge_log_lines(
     make_settings, db: Database, captured_log: io.StringIO
 ) -> None:
     world = build_world(make_settings(), db)
-    # The study routes' own answer to a NUL is not this test's concern (PostgreSQL refuses
-    # the lookup); that the call is audited and the trail still exports is.
     client = TestClient(world.app, raise_server_exceptions=False)
     headers = world.auth("auditor")
     forged = "2026-01-01 00:00:00,000 INFO triagenode: admin token created"
-    for path in ("/api/v1/studies/1.2.3%00", f"/api/v1/studies/1.2.3%0a{forged}"):
-        assert client.get(path, headers=headers).status_code >= 400
+    # a NUL can name nothing in either database: a 400 on both, never a 500 from the driver
+    assert client.get("/api/v1/studies/1.2.3%00", headers=headers).status_code == 400
+    assert client.get("/api/v1/audit?study_uid=1.2%00", headers=headers).status_code == 400
+    assert client.get(f"/api/v1/studies/1.2.3%0a{forged}", headers=headers).status_code == 404
     paths = [e.details.get("path") for e in events(world) if e.details]
     assert "/api/v1/studies/1.2.3\\x00" in paths  # NUL: escaped for the database
     assert f"/api/v1/studies/1.2.3\n{forged}" in paths  # a newline: kept as received

@@ -10,6 +10,7 @@ from triagenode.api.docs import install_docs
 from triagenode.api.middleware import (
     BodyLimitMiddleware,
     CallAuditMiddleware,
+    NulRefusingMiddleware,
     SecurityHeadersMiddleware,
 )
 from triagenode.api.problems import install_problem_handlers
@@ -83,6 +84,7 @@ def create_app(
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type"],
         )
+    app.add_middleware(NulRefusingMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.api.max_body_bytes)
     app.add_middleware(CallAuditMiddleware, audit=audit)
     app.add_middleware(SecurityHeadersMiddleware)

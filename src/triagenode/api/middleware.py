@@ -18,7 +18,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from triagenode.api.problems import problem_response
 from triagenode.audit.events import AuditEventId, AuditLog, Outcome
 
-__all__ = ["BodyLimitMiddleware", "CallAudit", "CallAuditMiddleware", "SecurityHeadersMiddleware"]
+__all__ = [
+    "BodyLimitMiddleware",
+    "CallAudit",
+    "CallAuditMiddleware",
+    "NulRefusingMiddleware",
+    "SecurityHeadersMiddleware",
+]
 
 log = logging.getLogger("triagenode.api.access")
 
@@ -112,6 +118,29 @@ class BodyLimitMiddleware:
             instance=scope["path"],
         )
         await response(scope, receive, send)
+
+
+class NulRefusingMiddleware:
+    """Refuse with 400 a request whose path or query holds a NUL character.
+
+    No database column can hold NUL (PostgreSQL's driver raises on it), so such a value can
+    name nothing the node has; answering before any route runs keeps it from becoming a 500.
+    The call is still audited (this sits inside the audit middleware).
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            query = scope.get("query_string", b"").lower()
+            if "\x00" in scope["path"] or b"%00" in query or b"\x00" in query:
+                response = problem_response(
+                    400, "a NUL character is not allowed in a request", "bad-request"
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 @dataclass
