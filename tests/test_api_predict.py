@@ -341,3 +341,21 @@ def test_predict_answers_busy_when_every_slot_is_taken(
     assert answer.json()["type"] == "urn:triagenode:problem:busy"
     again = http.post("/api/v1/predict", json={"image": _png(), "queries": ["x"]}, headers=headers)
     assert again.status_code == 200  # the slots were given back
+
+
+@pytest.mark.parametrize("side", [10000, 60000])
+def test_huge_jpeg_is_refused_from_its_header(
+    client: tuple[TestClient, dict[str, str]], side: int
+) -> None:
+    # a 16x16 JPEG whose frame header (SOF0) is rewritten to declare side x side pixels
+    buffer = io.BytesIO()
+    Image.new("L", (16, 16)).save(buffer, format="JPEG")
+    data = bytearray(buffer.getvalue())
+    start = data.index(b"\xff\xc0")
+    data[start + 5 : start + 9] = side.to_bytes(2, "big") * 2
+    http, headers = client
+    answer = http.post(
+        "/api/v1/predict", json={"image": _b64(bytes(data)), "queries": ["x"]}, headers=headers
+    )
+    assert answer.status_code == 413, answer.text
+    assert "api.max_image_pixels" in answer.json()["detail"]
