@@ -12,7 +12,8 @@ request, then for each hostile image:
 
 Hostile images (made in memory, see ``tests/hostile.py``): a 13000x13000 PNG (0.16 MB), a
 20000x20000 PNG (0.4 MB), a deflated DICOM that inflates to 512 MiB (0.5 MB), and, for
-comparison, the largest ordinary picture the default limits accept (a 6000x5000 PNG).
+comparison, the largest images the default limits accept (a 6000x5000 PNG, a 30000x1000 PNG,
+a deflated 5477x5477 DICOM frame).
 
 Usage::
 
@@ -78,6 +79,9 @@ def _images() -> dict[str, bytes]:
         "png_20000x20000": png_bomb(20000, 20000),
         "dicom_deflate_512MiB": deflated_dicom_bomb(512 * MiB),
         "png_6000x5000_accepted": _picture(6000, 5000),
+        "png_30000x1000_accepted": _picture(30000, 1000),
+        # a 30 M pixel 8-bit frame, deflated: the largest DICOM frame the defaults accept
+        "dicom_deflate_5477x5477_accepted": deflated_dicom_bomb(5477 * 5477, 5477, 5477),
     }
 
 

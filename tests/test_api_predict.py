@@ -17,7 +17,7 @@ from tests import factory
 from tests.api_support import build_world
 from tests.hostile import deflated_dicom_bomb, png_bomb
 from triagenode.api import ApiServices, Predictor
-from triagenode.api.uploads import ImageLimits, decode_picture
+from triagenode.api.uploads import ImageLimits, decode_picture, reduce_factor
 from triagenode.config.settings import load_settings
 from triagenode.store import migrate
 from triagenode.store.db import Database
@@ -267,8 +267,8 @@ def test_large_pictures_are_reduced_while_decoding() -> None:
     colour = Image.fromarray(rng.integers(0, 255, (4500, 4200, 3), dtype=np.uint8), "RGB")
     small = Image.fromarray(rng.integers(0, 255, (300, 200), dtype=np.uint8), "L")
     cases = [
-        (grey, "PNG", (1050, 2050)),
-        (sixteen, "PNG", (1050, 1500)),
+        (grey, "PNG", (525, 1025)),
+        (sixteen, "PNG", (525, 750)),
         (small, "PNG", (300, 200)),
     ]
     for image, fmt, shape in [*cases, (colour, "JPEG", None)]:
@@ -277,9 +277,47 @@ def test_large_pictures_are_reduced_while_decoding() -> None:
         pixels = decode_picture(buffer.getvalue(), limits)
         if shape is not None:
             assert pixels.shape == shape
-        else:  # JPEG: the decoder's own 1/2 or 1/4 scaling, never below the kept side
-            assert pixels.shape[2] == 3 and 1024 <= min(pixels.shape[:2]) < 4200
+        else:  # JPEG: the decoder's own 1/2 ... 1/8 scaling, never below the kept side
+            assert pixels.shape[2] == 3 and 512 <= min(pixels.shape[:2]) < 1024
     assert decode_picture(_png_bytes(sixteen), limits).dtype == np.uint16
+
+
+@pytest.mark.parametrize(
+    ("size", "factor"),
+    [((300, 200), 1), ((1023, 1023), 1), ((1024, 1024), 2), ((6000, 5000), 9), ((1000, 30000), 3)],
+)
+def test_reduce_factor(size: tuple[int, int], factor: int) -> None:
+    # the shortest side is kept at 512 or more; a long thin picture goes to about 4 M pixels
+    # while its shortest side stays at 256 or more
+    assert reduce_factor(*size) == factor
+
+
+def test_a_batch_holds_a_bounded_number_of_decoded_bytes(tmp_path: Path) -> None:
+    settings = load_settings(
+        None,
+        node={"data_dir": str(tmp_path)},
+        audit={"secret": "predict-secret-0123456789"},
+        api={"max_decoded_bytes": 2 * 1024 * 1024},
+    )
+    database = Database(f"sqlite:///{tmp_path / 'api.sqlite3'}")
+    migrate.upgrade(database)
+    world = build_world(settings, database, ApiServices(predictor=DemoPredictor()))
+    rng = np.random.default_rng(5)
+    # 1000x1000 grey is kept whole (shortest side under 1024): 1 MB each after decoding
+    image = _b64(_png_bytes(Image.fromarray(rng.integers(0, 255, (1000, 1000), dtype=np.uint8))))
+    http = TestClient(world.app)
+    headers = world.auth("operator")
+    two = http.post(
+        "/api/v1/batch-predict", json={"images": [image] * 2, "queries": ["x"]}, headers=headers
+    )
+    assert two.status_code == 200, two.text
+    three = http.post(
+        "/api/v1/batch-predict", json={"images": [image] * 3, "queries": ["x"]}, headers=headers
+    )
+    assert three.status_code == 413
+    assert three.json()["detail"].startswith("image 2: images 0-2 together hold 3000000 bytes")
+    assert "api.max_decoded_bytes" in three.json()["detail"]
+    database.dispose()
 
 
 def _png_bytes(image: Image.Image) -> bytes:
@@ -303,3 +341,21 @@ def test_predict_answers_busy_when_every_slot_is_taken(
     assert answer.json()["type"] == "urn:triagenode:problem:busy"
     again = http.post("/api/v1/predict", json={"image": _png(), "queries": ["x"]}, headers=headers)
     assert again.status_code == 200  # the slots were given back
+
+
+@pytest.mark.parametrize("side", [10000, 60000])
+def test_huge_jpeg_is_refused_from_its_header(
+    client: tuple[TestClient, dict[str, str]], side: int
+) -> None:
+    # a 16x16 JPEG whose frame header (SOF0) is rewritten to declare side x side pixels
+    buffer = io.BytesIO()
+    Image.new("L", (16, 16)).save(buffer, format="JPEG")
+    data = bytearray(buffer.getvalue())
+    start = data.index(b"\xff\xc0")
+    data[start + 5 : start + 9] = side.to_bytes(2, "big") * 2
+    http, headers = client
+    answer = http.post(
+        "/api/v1/predict", json={"image": _b64(bytes(data)), "queries": ["x"]}, headers=headers
+    )
+    assert answer.status_code == 413, answer.text
+    assert "api.max_image_pixels" in answer.json()["detail"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import math
 import struct
 import threading
 import zlib
@@ -23,14 +24,26 @@ import numpy as np
 
 from triagenode.api.problems import Problem
 
-__all__ = ["ImageLimits", "PredictSlots", "check_dicom", "decode_image"]
+__all__ = [
+    "ImageLimits",
+    "PredictSlots",
+    "check_dicom",
+    "decode_image",
+    "decode_images",
+    "decode_picture",
+    "reduce_factor",
+]
 
 # PS3.5 A.5: Deflated Explicit VR Little Endian, the one syntax that deflates the whole data
 # set (pydicom inflates it in one piece before reading a single element).
 DEFLATED_SYNTAXES = frozenset({"1.2.840.10008.1.2.1.99"})
-# Pictures whose shortest side is longer than twice this are box-reduced by a whole factor
-# as they are decoded; every model input is far smaller (224-448), so scores hardly move.
-KEEP_SHORTEST_SIDE = 1024
+# Pictures are reduced by a whole factor as they are decoded, keeping the shortest side at
+# KEEP_SHORTEST_SIDE or more (every model input is 224-448, so scores hardly move); a very
+# long, thin picture is reduced further, to about _KEEP_PIXELS, while its shortest side
+# stays at _MIN_SHORTEST_SIDE or more (the model only sees a centre crop of it anyway).
+KEEP_SHORTEST_SIDE = 512
+_KEEP_PIXELS = 4 * 1024 * 1024
+_MIN_SHORTEST_SIDE = 256
 _INFLATE_CHUNK = 1 << 20
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -42,6 +55,8 @@ class ImageLimits:
     max_pixels: int
     max_frames: int
     max_inflated_bytes: int
+    # all pictures of one request together, as held after reduction
+    max_decoded_bytes: int = 128 * 1024 * 1024
 
     @classmethod
     def from_settings(cls, api: object) -> ImageLimits:
@@ -49,6 +64,7 @@ class ImageLimits:
             max_pixels=int(api.max_image_pixels),  # type: ignore[attr-defined]
             max_frames=int(api.max_frames),  # type: ignore[attr-defined]
             max_inflated_bytes=int(api.max_inflated_bytes),  # type: ignore[attr-defined]
+            max_decoded_bytes=int(api.max_decoded_bytes),  # type: ignore[attr-defined]
         )
 
 
@@ -132,8 +148,12 @@ def check_dicom(data: bytes, limits: ImageLimits, index: int = 0) -> None:
         raise _bad(index, f"BitsAllocated {bits} is not supported")
 
 
-def _reduce_factor(width: int, height: int) -> int:
-    return max(1, min(width, height) // KEEP_SHORTEST_SIDE)
+def reduce_factor(width: int, height: int) -> int:
+    """The whole factor a ``width`` x ``height`` picture is reduced by while decoding."""
+    shortest = min(width, height)
+    by_pixels = math.ceil(math.sqrt(width * height / _KEEP_PIXELS))
+    factor = max(shortest // KEEP_SHORTEST_SIDE, min(by_pixels, shortest // _MIN_SHORTEST_SIDE))
+    return max(1, factor)
 
 
 def decode_picture(data: bytes, limits: ImageLimits, index: int = 0) -> np.ndarray:
@@ -149,7 +169,7 @@ def decode_picture(data: bytes, limits: ImageLimits, index: int = 0) -> np.ndarr
         with Image.open(io.BytesIO(data)) as opened:
             # open() read the header only: the size is known, nothing is decoded yet
             _check_size(opened.width, opened.height, limits, index)
-            factor = _reduce_factor(opened.width, opened.height)
+            factor = reduce_factor(opened.width, opened.height)
             if factor > 1 and opened.format == "JPEG":
                 # the JPEG decoder itself scales by 1/2, 1/4 or 1/8: less to hold and to decode
                 mode = "L" if opened.mode == "L" else "RGB"
@@ -158,7 +178,7 @@ def decode_picture(data: bytes, limits: ImageLimits, index: int = 0) -> np.ndarr
             image.load()
             if image.mode not in ("L", "I", "I;16", "RGB"):
                 image = image.convert("RGB")
-            factor = _reduce_factor(image.width, image.height)
+            factor = reduce_factor(image.width, image.height)
             if factor > 1:
                 sixteen = image.mode == "I;16"
                 image = (image.convert("I") if sixteen else image).reduce(factor)
@@ -194,6 +214,33 @@ def decode_image(encoded: str, limits: ImageLimits, index: int = 0) -> np.ndarra
     if data.startswith((_PNG_SIGNATURE, b"\xff\xd8\xff")):
         return decode_picture(data, limits, index)
     raise _bad(index, "not a PNG, JPEG or DICOM Part 10 file")
+
+
+def decode_images(encoded: list[str], limits: ImageLimits) -> list[np.ndarray | bytes]:
+    """:func:`decode_image` for each of a request's images, one after the other (so the
+    full-size pixels of at most one are held at a time), within ``limits.max_decoded_bytes``
+    for the reduced pictures together.
+
+    Raises
+    ------
+    Problem
+        As :func:`decode_image`; 413 naming the first image past the request's budget.
+    """
+    images: list[np.ndarray | bytes] = []
+    held = 0
+    for index, image in enumerate(encoded):
+        decoded = decode_image(image, limits, index)
+        if isinstance(decoded, np.ndarray):
+            held += decoded.nbytes
+            if held > limits.max_decoded_bytes:
+                raise _too_large(
+                    index,
+                    f"images 0-{index} together hold {held} bytes of pixels after reduction, "
+                    f"more than api.max_decoded_bytes ({limits.max_decoded_bytes}); send "
+                    "fewer images per request",
+                )
+        images.append(decoded)
+    return images
 
 
 class PredictSlots:

@@ -322,6 +322,12 @@ class ApiSettings(Section):
         ge=1024,
         description="/predict refuses (413) a deflated DICOM data set inflating to more bytes",
     )
+    max_decoded_bytes: int = Field(
+        default=128 * 1024 * 1024,
+        ge=1024 * 1024,
+        description="/predict refuses (413) a request whose pictures together hold more "
+        "bytes of pixels once reduced while decoding (shortest side kept at 512 or more)",
+    )
     max_concurrent_predictions: int = Field(
         default=2,
         ge=1,

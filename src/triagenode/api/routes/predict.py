@@ -21,7 +21,7 @@ from triagenode.api.problems import Problem
 from triagenode.api.schemas import BatchPredictRequest, PredictRequest, PredictResponse
 from triagenode.api.services import Predictor
 from triagenode.api.tokens import Principal, Role
-from triagenode.api.uploads import ImageLimits, PredictSlots, decode_image
+from triagenode.api.uploads import ImageLimits, PredictSlots, decode_images
 from triagenode.audit.events import AuditEventId
 from triagenode.errors import TriageNodeError
 
@@ -60,9 +60,7 @@ def _check(queries: list[str] | None, label_set: str | None) -> None:
 def _decode_and_predict(
     predictor: Predictor, encoded: list[str], limits: ImageLimits, body: Any
 ) -> list[dict[str, Any]]:
-    # One image at a time, each reduced as it is decoded: the full-size pixels of at most
-    # one image are held at any moment.
-    images = [decode_image(image, limits, i) for i, image in enumerate(encoded)]
+    images = decode_images(encoded, limits)
     return predictor.predict(images, body.queries, body.label_set)
 
 
