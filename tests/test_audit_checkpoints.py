@@ -269,3 +269,25 @@ def test_checkpoint_command_and_missing_copy(
     missing = str(tmp_path / "nowhere.log")
     assert main(["audit", "verify", "--config", str(config), "--syslog-copy", missing]) == 2
     assert "no such checkpoint file" in capsys.readouterr().err
+
+
+def test_api_verify_checks_the_nodes_checkpoints(config: Path) -> None:
+    """/api/v1/audit/verify sees deleted newest rows too, as the CLI does by default."""
+    from fastapi.testclient import TestClient
+
+    from tests.api_support import SECRET, build_world
+
+    text = config.read_text(encoding="utf-8").replace(
+        "checkpoint-test-secret-0123", SECRET.decode()
+    )
+    config.write_text(text, encoding="utf-8")  # the API world's audit log uses SECRET
+    log = _node_log(config)
+    settings = load_settings(config)
+    world = build_world(settings, log.db)
+    client = TestClient(world.app)
+    headers = world.auth("auditor")
+    before = client.get("/api/v1/audit/verify", headers=headers).json()
+    assert before["ok"] and before["checkpoints"] >= 6
+    _tamper(log.db, "DELETE FROM audit_events WHERE seq >= 5")
+    after = client.get("/api/v1/audit/verify", headers=headers).json()
+    assert not after["ok"] and after["problem"]["kind"] == "deleted"

@@ -219,6 +219,9 @@ class VerifyOut(_Out):
     head_seq: int | None
     head_hash: str | None
     problem: ChainProblemOut | None
+    checkpoints: int | None = Field(
+        default=None, description="Signed checkpoints checked; None when the node has none"
+    )
 
 
 class ReadyOut(_Out):

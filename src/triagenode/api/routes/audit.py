@@ -25,6 +25,7 @@ from triagenode.api.routes._paging import (
 from triagenode.api.schemas import AuditEventOut, Page, VerifyOut
 from triagenode.api.tokens import Principal, Role
 from triagenode.audit.atna import AuditSource
+from triagenode.audit.checkpoint import checkpoint_paths, load_public_key, read_checkpoints
 from triagenode.audit.events import AuditEventId, Outcome
 from triagenode.audit.export import EXPORT_FORMATS, export_chunks
 from triagenode.store.models import AuditEvent
@@ -117,6 +118,7 @@ def search(
 @router.get("/verify", response_model=VerifyOut, summary="Walk the hash chain")
 def verify_chain(
     audit: AuditDep,
+    settings: SettingsDep,
     _: Auditor,
     call: CallAuditDep,
     expect_head: Annotated[
@@ -131,7 +133,13 @@ def verify_chain(
     if expect_head:
         seq, digest = expect_head.split(":")
         anchor = (int(seq), digest.lower())
-    report = audit.verify(anchor)
+    # The node's own checkpoint file, as `triagenode audit verify` checks it by default: it
+    # is what reveals deleted newest rows.
+    checkpoint_file, _key, public_path = checkpoint_paths(settings)
+    checkpoints, public_key = None, None
+    if checkpoint_file.is_file() and public_path.is_file():
+        checkpoints, public_key = read_checkpoints(checkpoint_file), load_public_key(public_path)
+    report = audit.verify(anchor, checkpoints, public_key)
     call.event_type = "verify"
     call.details.update(ok=report.ok, count=report.count)
     if not report.ok and report.problem is not None:
