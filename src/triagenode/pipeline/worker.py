@@ -22,6 +22,7 @@ from triagenode.config.settings import Settings
 from triagenode.domain import Priority, StudyResult, StudyState
 from triagenode.errors import TriageNodeError
 from triagenode.inference.classifier import NoUsableImagesError, ZeroShotClassifier
+from triagenode.inference.preprocess import display_dataset, read_dataset
 from triagenode.inference.select import (
     InstanceRecord,
     Selection,
@@ -31,8 +32,14 @@ from triagenode.inference.select import (
 from triagenode.metrics import STUDIES_PROCESSED
 from triagenode.pipeline.notify import CriticalFindingNotifier
 from triagenode.pipeline.queue import ClaimedJob, JobQueue
+from triagenode.reports.content import SrUids
+from triagenode.reports.kos import build_kos
+from triagenode.reports.objects import ObjectKind, key_images, write_object
 from triagenode.reports.result_json import result_to_json
 from triagenode.reports.sr import build_sr, write_sr
+from triagenode.reports.summary_card import Thumbnail, layout_card
+from triagenode.reports.summary_pdf import build_summary_pdf
+from triagenode.reports.summary_sc import build_summary_sc
 from triagenode.scp.exporter import ExportOutbox
 from triagenode.store.db import Database
 from triagenode.store.models import Instance, Result, Series, Study
@@ -172,7 +179,10 @@ class StudyProcessor:
                 result, priority=Priority.stat, priority_rule=f"critical finding: {escalated}"
             )
         classify_ms = (time.perf_counter() - started) * 1000
-        self._report(snapshot, result, selection.images[0].path)
+        chosen = self.classifier.label_set(label_set)
+        window = (chosen.window.center, chosen.window.width) if chosen.window else None
+        paths = {image.ref.sop_instance_uid: image.path for image in selection.images}
+        self._report(snapshot, result, selection.images[0].path, paths, window)
         log.info(
             "study %s classified: label_set=%s top=%s critical=%s flagged=%s images=%d "
             "failed=%d %.0f ms%s",
@@ -222,11 +232,106 @@ class StudyProcessor:
             log.warning("study %s: earlier SR unreadable (%s)", snapshot.study_uid, exc)
             return []
 
-    def _report(self, snapshot: _StudySnapshot, result: StudyResult, source_path: Path) -> None:
+    def _thumbnails(
+        self,
+        result: StudyResult,
+        paths: dict[str, Path],
+        window: tuple[float, float] | None,
+    ) -> list[Thumbnail]:
+        """The key images as the model saw them (same display pipeline and window)."""
+        thumbnails = []
+        for ref in key_images(result):
+            path = paths.get(ref.sop_instance_uid)
+            if path is None:
+                continue
+            try:
+                pixels = display_dataset(read_dataset(path), ref.frame, window=window)
+            except Exception as exc:  # a thumbnail is not worth failing the card for
+                log.warning("study %s: no thumbnail of an image (%s)", result.study_uid, exc)
+                continue
+            names = [f.code_meaning for f in result.findings if f.present and ref in f.images]
+            names = names or [
+                f.code_meaning
+                for f in result.findings
+                if any(i.sop_instance_uid == ref.sop_instance_uid for i in f.images)
+            ]
+            caption = ", ".join(names) or "analysed image"
+            if ref.frame is not None:
+                caption += f" (frame {ref.frame})"
+            thumbnails.append(Thumbnail(ref, pixels, caption))
+        return thumbnails
+
+    def _summaries(
+        self,
+        snapshot: _StudySnapshot,
+        result: StudyResult,
+        source: pydicom.Dataset,
+        sr: pydicom.Dataset,
+        paths: dict[str, Path],
+        window: tuple[float, float] | None,
+    ) -> list[tuple[ObjectKind, str, Path]]:
+        """Build and write the summary objects some destination takes; (kind, SOP Instance
+        UID, file) of each. A failure here costs only the summaries, never the SR."""
+        kinds = [
+            k
+            for k in (ObjectKind.summary_sc, ObjectKind.summary_pdf, ObjectKind.kos)
+            if self.outbox.wanted(k.value)
+        ]
+        if not kinds:
+            return []
+        run = snapshot.run
+        written: list[tuple[ObjectKind, str, Path]] = []
+        try:
+            objects: list[tuple[ObjectKind, pydicom.Dataset]] = []
+            if ObjectKind.summary_sc in kinds or ObjectKind.summary_pdf in kinds:
+                thumbnails = self._thumbnails(result, paths, window)
+                layout = layout_card(result, thumbnails)
+                if ObjectKind.summary_sc in kinds:
+                    sc = build_summary_sc(
+                        result, source, self.settings, run=run, thumbnails=thumbnails, layout=layout
+                    )
+                    objects.append((ObjectKind.summary_sc, sc))
+                if ObjectKind.summary_pdf in kinds:
+                    sr_ids = SrUids(result.study_uid, sr.SeriesInstanceUID, sr.SOPInstanceUID)
+                    pdf = build_summary_pdf(
+                        result,
+                        source,
+                        self.settings,
+                        run=run,
+                        sr=sr_ids,
+                        thumbnails=thumbnails,
+                        layout=layout,
+                    )
+                    objects.append((ObjectKind.summary_pdf, pdf))
+            if ObjectKind.kos in kinds:
+                kos = build_kos(result, source, self.settings, run=run, companions=[sr])
+                objects.append((ObjectKind.kos, kos))
+            for kind, dataset in objects:
+                path = write_object(dataset, self.settings)
+                written.append((kind, str(dataset.SOPInstanceUID), path))
+        except Exception as exc:
+            log.error(
+                "study %s: summary objects not made (%s: %s); the SR is still sent",
+                snapshot.study_uid,
+                type(exc).__name__,
+                exc,
+                exc_info=not isinstance(exc, TriageNodeError),
+            )
+        return written
+
+    def _report(
+        self,
+        snapshot: _StudySnapshot,
+        result: StudyResult,
+        source_path: Path,
+        paths: dict[str, Path] | None = None,
+        window: tuple[float, float] | None = None,
+    ) -> None:
         source = pydicom.dcmread(source_path, stop_before_pixels=True)
         predecessors = self._predecessor(snapshot)
         sr = build_sr(result, source, self.settings, run=snapshot.run, predecessors=predecessors)
         sr_path = write_sr(sr, self.settings, result=result)
+        summaries = self._summaries(snapshot, result, source, sr, paths or {}, window)
         relative = sr_path.relative_to(self.settings.node.data_dir)
         priority = int(max(snapshot.priority, result.priority))
         supersedes = str(predecessors[0].SOPInstanceUID) if predecessors else None
@@ -273,6 +378,16 @@ class StudyProcessor:
                 priority=priority,
                 session=session,
             )
+            for kind, sop_instance_uid, path in summaries:
+                self.outbox.enqueue(
+                    row.id,
+                    snapshot.study_uid,
+                    sop_instance_uid,
+                    path.relative_to(self.settings.node.data_dir),
+                    priority=priority,
+                    session=session,
+                    kind=kind.value,
+                )
             set_study_state(session, snapshot.study_id, StudyState.reported, None)
             if result.flagged:
                 self.audit.record(

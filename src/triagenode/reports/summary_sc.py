@@ -131,7 +131,7 @@ def build_summary_sc(
         device_serial_number=installation_id(settings),
         institution_name=settings.node.institution_name or None,
     )
-    sc.PatientOrientation = ""
+    sc.PatientOrientation = ""  # type: ignore[assignment]
     sc.Laterality = ""  # type 2C; a card is of no side
     sc.SpecificCharacterSet = "ISO_IR 192"
     sc.StationName = settings.node.station_name
