@@ -34,7 +34,7 @@ from triagenode.pipeline.notify import CriticalFindingNotifier
 from triagenode.pipeline.queue import ClaimedJob, JobQueue
 from triagenode.reports.content import SrUids
 from triagenode.reports.kos import build_kos
-from triagenode.reports.objects import ObjectKind, key_images, write_object
+from triagenode.reports.objects import ObjectKind, key_images, write_objects
 from triagenode.reports.result_json import result_to_json
 from triagenode.reports.sr import build_sr, write_sr
 from triagenode.reports.summary_card import Thumbnail, layout_card
@@ -45,7 +45,7 @@ from triagenode.store.db import Database
 from triagenode.store.models import Instance, Result, Series, Study
 from triagenode.store.study_state import set_study_state
 
-__all__ = ["StudyProcessor", "WorkerPool"]
+__all__ = ["StudyProcessor", "WorkerPool", "build_summary_objects", "key_thumbnails"]
 
 log = logging.getLogger(__name__)
 
@@ -232,35 +232,6 @@ class StudyProcessor:
             log.warning("study %s: earlier SR unreadable (%s)", snapshot.study_uid, exc)
             return []
 
-    def _thumbnails(
-        self,
-        result: StudyResult,
-        paths: dict[str, Path],
-        window: tuple[float, float] | None,
-    ) -> list[Thumbnail]:
-        """The key images as the model saw them (same display pipeline and window)."""
-        thumbnails = []
-        for ref in key_images(result):
-            path = paths.get(ref.sop_instance_uid)
-            if path is None:
-                continue
-            try:
-                pixels = display_dataset(read_dataset(path), ref.frame, window=window)
-            except Exception as exc:  # a thumbnail is not worth failing the card for
-                log.warning("study %s: no thumbnail of an image (%s)", result.study_uid, exc)
-                continue
-            names = [f.code_meaning for f in result.findings if f.present and ref in f.images]
-            names = names or [
-                f.code_meaning
-                for f in result.findings
-                if any(i.sop_instance_uid == ref.sop_instance_uid for i in f.images)
-            ]
-            caption = ", ".join(names) or "analysed image"
-            if ref.frame is not None:
-                caption += f" (frame {ref.frame})"
-            thumbnails.append(Thumbnail(ref, pixels, caption))
-        return thumbnails
-
     def _summaries(
         self,
         snapshot: _StudySnapshot,
@@ -279,35 +250,20 @@ class StudyProcessor:
         ]
         if not kinds:
             return []
-        run = snapshot.run
         written: list[tuple[ObjectKind, str, Path]] = []
         try:
-            objects: list[tuple[ObjectKind, pydicom.Dataset]] = []
-            if ObjectKind.summary_sc in kinds or ObjectKind.summary_pdf in kinds:
-                thumbnails = self._thumbnails(result, paths, window)
-                layout = layout_card(result, thumbnails)
-                if ObjectKind.summary_sc in kinds:
-                    sc = build_summary_sc(
-                        result, source, self.settings, run=run, thumbnails=thumbnails, layout=layout
-                    )
-                    objects.append((ObjectKind.summary_sc, sc))
-                if ObjectKind.summary_pdf in kinds:
-                    sr_ids = SrUids(result.study_uid, sr.SeriesInstanceUID, sr.SOPInstanceUID)
-                    pdf = build_summary_pdf(
-                        result,
-                        source,
-                        self.settings,
-                        run=run,
-                        sr=sr_ids,
-                        thumbnails=thumbnails,
-                        layout=layout,
-                    )
-                    objects.append((ObjectKind.summary_pdf, pdf))
-            if ObjectKind.kos in kinds:
-                kos = build_kos(result, source, self.settings, run=run, companions=[sr])
-                objects.append((ObjectKind.kos, kos))
-            for kind, dataset in objects:
-                path = write_object(dataset, self.settings)
+            objects = build_summary_objects(
+                result,
+                source,
+                sr,
+                self.settings,
+                kinds,
+                run=snapshot.run,
+                paths=paths,
+                window=window,
+            )
+            paths_written = write_objects([dataset for _kind, dataset in objects], self.settings)
+            for (kind, dataset), path in zip(objects, paths_written, strict=True):
                 written.append((kind, str(dataset.SOPInstanceUID), path))
         except Exception as exc:
             log.error(
@@ -408,6 +364,71 @@ class StudyProcessor:
             self.on_exports_queued()
         if result.critical and self.notifier is not None:
             self.notifier.notify(result, sr_uid=sr.SOPInstanceUID)
+
+
+def key_thumbnails(
+    result: StudyResult, paths: dict[str, Path], window: tuple[float, float] | None
+) -> list[Thumbnail]:
+    """The key images as the model saw them (same display pipeline and window); an image
+    whose file is not at hand or does not decode is left out."""
+    thumbnails = []
+    for ref in key_images(result):
+        path = paths.get(ref.sop_instance_uid)
+        if path is None:
+            continue
+        try:
+            pixels = display_dataset(read_dataset(path), ref.frame, window=window)
+        except Exception as exc:  # a thumbnail is not worth failing the card for
+            log.warning("study %s: no thumbnail of an image (%s)", result.study_uid, exc)
+            continue
+        names = [
+            f.code_meaning
+            for f in sorted(result.findings, key=lambda f: (not f.present, -f.score))
+            if any(i.sop_instance_uid == ref.sop_instance_uid for i in f.images)
+        ]
+        caption = ", ".join(names[:2]) or "analysed image"
+        if ref.frame is not None:
+            caption += f" (frame {ref.frame})"
+        thumbnails.append(Thumbnail(ref, pixels, caption))
+    return thumbnails
+
+
+def build_summary_objects(
+    result: StudyResult,
+    source: pydicom.Dataset,
+    sr: pydicom.Dataset,
+    settings: Settings,
+    kinds: list[ObjectKind],
+    *,
+    run: int,
+    paths: dict[str, Path],
+    window: tuple[float, float] | None,
+) -> list[tuple[ObjectKind, pydicom.Dataset]]:
+    """The summary SC, PDF and KOS of ``result`` that ``kinds`` asks for (not written).
+
+    The SC and PDF share one layout and one set of thumbnails; the PDF and KOS reference
+    the SR ``sr``.
+    """
+    objects: list[tuple[ObjectKind, pydicom.Dataset]] = []
+    if ObjectKind.summary_sc in kinds or ObjectKind.summary_pdf in kinds:
+        thumbnails = key_thumbnails(result, paths, window)
+        layout = layout_card(result, thumbnails)
+        if ObjectKind.summary_sc in kinds:
+            sc = build_summary_sc(
+                result, source, settings, run=run, thumbnails=thumbnails, layout=layout
+            )
+            objects.append((ObjectKind.summary_sc, sc))
+        if ObjectKind.summary_pdf in kinds:
+            sr_ids = SrUids(result.study_uid, sr.SeriesInstanceUID, sr.SOPInstanceUID)
+            pdf = build_summary_pdf(
+                result, source, settings, run=run, sr=sr_ids, thumbnails=thumbnails, layout=layout
+            )
+            objects.append((ObjectKind.summary_pdf, pdf))
+    if ObjectKind.kos in kinds:
+        objects.append(
+            (ObjectKind.kos, build_kos(result, source, settings, run=run, companions=[sr]))
+        )
+    return objects
 
 
 def _skipped_note(selection: Selection) -> str:

@@ -15,14 +15,17 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from pydicom.dataset import Dataset
 
 from triagenode.config.settings import Settings
 from triagenode.domain import ImageRef, StudyResult
+from triagenode.errors import StorageError
 from triagenode.reports.content import SrUids, _model_key, unique_images
-from triagenode.reports.sr import _atomic_write, sr_path
+from triagenode.reports.sr import sr_path
 from triagenode.uids import derive_uid
 
 __all__ = [
@@ -30,6 +33,7 @@ __all__ = [
     "key_images",
     "object_uids",
     "write_object",
+    "write_objects",
 ]
 
 log = logging.getLogger(__name__)
@@ -106,12 +110,45 @@ def key_images(result: StudyResult, limit: int = 4) -> list[ImageRef]:
 def write_object(dataset: Dataset, settings: Settings) -> Path:
     """Write a summary object atomically beside the study's SR
     (``data_dir/results/<study>/<sop>.dcm``); writing it again replaces it."""
-    path = sr_path(settings, dataset.StudyInstanceUID, dataset.SOPInstanceUID)
-    _atomic_write(path, lambda handle: dataset.save_as(handle, enforce_file_format=True))
-    log.info(
-        "wrote %s study=%s sop=%s",
-        dataset.get("Modality", "object"),
-        dataset.StudyInstanceUID,
-        dataset.SOPInstanceUID,
-    )
-    return path
+    return write_objects([dataset], settings)[0]
+
+
+def write_objects(datasets: Sequence[Dataset], settings: Settings) -> list[Path]:
+    """Write several objects as :func:`write_object` does, syncing each folder once.
+
+    Each file is written to a temporary name, fsynced and renamed into place; the folders'
+    entries are fsynced after the last rename, so all are durable when this returns.
+
+    Raises
+    ------
+    StorageError
+        When a file cannot be written (none is left half-written).
+    """
+    paths = []
+    for dataset in datasets:
+        path = sr_path(settings, dataset.StudyInstanceUID, dataset.SOPInstanceUID)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as handle:
+                dataset.save_as(handle, enforce_file_format=True)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise StorageError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        paths.append(path)
+        log.info(
+            "wrote %s study=%s sop=%s",
+            dataset.get("Modality", "object"),
+            dataset.StudyInstanceUID,
+            dataset.SOPInstanceUID,
+        )
+    for folder in {p.parent for p in paths}:
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    return paths

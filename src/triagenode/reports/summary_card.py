@@ -146,6 +146,7 @@ class CardLayout:
     texts: list[TextRun] = field(default_factory=list)
     bars: list[Bar] = field(default_factory=list)
     thumbnails: list[ThumbnailBox] = field(default_factory=list)
+    pictures: list[Image.Image] | None = field(default=None, repr=False, compare=False)
 
     def bar(self, finding: str) -> Bar:
         """The bar of the finding named ``finding`` (its label name)."""
@@ -367,19 +368,30 @@ def layout_card(result: StudyResult, thumbnails: Sequence[Thumbnail] = ()) -> Ca
 
 def _thumbnail_image(thumb: Thumbnail, size: int) -> Image.Image:
     """The display pixels as an 8-bit RGB square of ``size``, aspect kept, black borders."""
-    pixels = np.nan_to_num(np.asarray(thumb.pixels, dtype=np.float32), nan=0.0)
-    data = np.rint(np.clip(pixels, 0.0, 1.0) * 255).astype(np.uint8)
-    image = Image.fromarray(data[..., :3] if data.ndim == 3 else data)
-    image = image.convert("RGB")
-    image.thumbnail((size, size), Image.Resampling.LANCZOS)
+    pixels = np.asarray(thumb.pixels, dtype=np.float32)
+    if pixels.ndim == 3:
+        pixels = pixels[..., :3]
+    data = np.multiply(np.nan_to_num(pixels, nan=0.0), np.float32(255), dtype=np.float32)
+    np.clip(data, 0.0, 255.0, out=data)
+    data += np.float32(0.5)
+    image = Image.fromarray(data.astype(np.uint8))
+    scale = size / max(image.width, image.height)
+    target = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    # resized in its own mode (grey stays one plane), whole-factor reduction first
+    image = image.resize(target, Image.Resampling.BILINEAR, reducing_gap=1.5).convert("RGB")
     square = Image.new("RGB", (size, size), (0, 0, 0))
     square.paste(image, ((size - image.width) // 2, (size - image.height) // 2))
     return square
 
 
 def thumbnail_images(layout: CardLayout, thumbnails: Sequence[Thumbnail]) -> list[Image.Image]:
-    """Each thumbnail box's picture, in box order."""
-    return [_thumbnail_image(thumbnails[box.index], box.size) for box in layout.thumbnails]
+    """Each thumbnail box's picture, in box order (made once per layout: the SC and the PDF
+    of one card share them)."""
+    if layout.pictures is None:
+        layout.pictures = [
+            _thumbnail_image(thumbnails[box.index], box.size) for box in layout.thumbnails
+        ]
+    return layout.pictures
 
 
 def render_card(layout: CardLayout, thumbnails: Sequence[Thumbnail] = ()) -> Image.Image:
