@@ -344,7 +344,7 @@ def layout_card(result: StudyResult, thumbnails: Sequence[Thumbnail] = ()) -> Ca
             layout.thumbnails.append(ThumbnailBox(index, x, top, THUMB))
             for j, line in enumerate(_wrap(thumb.caption, 16, THUMB)[:2]):
                 layout.texts.append(TextRun(x, top + THUMB + 6 + j * 20, line, 16, colour=MUTED))
-        cursor.y = top + THUMB + 52
+        cursor.y = top + THUMB + 66
 
     # Provenance.
     model = result.model
