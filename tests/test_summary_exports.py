@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from sqlalchemy import select
 
 from tests import factory
 from tests.orthanc import OrthancServer
@@ -18,6 +19,7 @@ from triagenode.config.settings import Settings
 from triagenode.errors import ConfigError
 from triagenode.scp.exporter import ExportOutbox
 from triagenode.store.db import Database
+from triagenode.store.models import Export, Study
 
 SC = "1.2.840.10008.5.1.4.1.1.7"
 KOS = "1.2.840.10008.5.1.4.1.1.88.59"
@@ -106,7 +108,7 @@ def test_each_destination_gets_what_it_asks_for_through_a_running_node(
             ],
             export={"backoff_initial_s": 0.2, "backoff_max_s": 1.0, "max_attempts": 50},
         )
-        start_node(settings, running)
+        node = start_node(settings, running)
         study_uid, paths = factory.ct_study(tmp_path / "ct", slices=6)
         send_to_node(settings, paths)
 
@@ -141,3 +143,20 @@ def test_each_destination_gets_what_it_asks_for_through_a_running_node(
         sr_uid = in_full[sr_class][0].SOPInstanceUID
         assert sr_uid in referenced  # the key images lead back to the SR
         assert referenced - {sr_uid} and referenced - {sr_uid} <= sent
+
+        # The PACS sends the whole study back, the node's SR, card and KOS included: they
+        # are stored, but the study is not reopened nor classified again.
+        full.store_to_modality("triagenode", full.find_study(study_uid))
+
+        def study_row() -> Study:
+            with node.db.session() as session:
+                return session.execute(
+                    select(Study).where(Study.study_uid == study_uid)
+                ).scalar_one()
+
+        wait_for(lambda: study_row().instance_count == len(paths) + 3, what="study sent back")
+        node.stop()  # drains the pipeline: anything reopened would be queued by now
+        study = study_row()
+        assert (study.run, study.state) == (1, "reported")
+        with node.db.session() as session:
+            assert session.query(Export).count() == 5  # full: SR, SC, KOS; plain: SR, SC
