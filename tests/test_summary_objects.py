@@ -38,6 +38,7 @@ from triagenode.reports.summary_card import (
     DISCLAIMER,
     PRESENT_COLOUR,
     Thumbnail,
+    card_font,
     font_file,
     layout_card,
     render_card,
@@ -119,8 +120,24 @@ def test_card_pixels_follow_the_layout(case) -> None:
 
 
 def test_the_card_uses_a_truetype_font() -> None:
-    # DejaVu from fonts-dejavu-core, as installed by .ci/run; else Pillow's scalable font
+    # DejaVu from fonts-dejavu-core, as installed by scripts/test
     assert font_file() is not None
+    assert "DejaVu" in card_font(20).getname()[0]
+
+
+def test_without_dejavu_the_card_uses_pillows_scalable_font(monkeypatch) -> None:
+    from triagenode.reports import summary_card
+
+    monkeypatch.setattr(summary_card, "font_file", lambda bold=False: None)
+    card_font.cache_clear()
+    try:
+        small, large = card_font(16), card_font(48)
+        assert large.getlength("Priority") > 2.5 * small.getlength("Priority")
+        result, _source = demo_cr_result()
+        layout = layout_card(result)
+        assert render_card(layout).size == (layout.width, layout.height)
+    finally:
+        card_font.cache_clear()
 
 
 # Secondary Capture -----------------------------------------------------------------------
