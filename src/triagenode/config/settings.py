@@ -254,6 +254,9 @@ class ModelSettings(Section):
         return self
 
 
+SendKind = Literal["sr", "summary-sc", "summary-pdf", "kos"]
+
+
 class Destination(Section):
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
     ae_title: str
@@ -263,11 +266,26 @@ class Destination(Section):
     tls_ca: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    send: list[SendKind] = Field(
+        default_factory=lambda: list[SendKind](["sr", "summary-sc"]),
+        min_length=1,
+        description="What this destination gets of each classified study: the TID 1500 SR "
+        '("sr"), the summary card as a Secondary Capture ("summary-sc") and as an '
+        'Encapsulated PDF ("summary-pdf"), the Key Object Selection of the key images ("kos")',
+    )
 
     @field_validator("ae_title")
     @classmethod
     def _ae_title_valid(cls, value: str) -> str:
         return _check_ae_title(value)
+
+    @field_validator("send")
+    @classmethod
+    def _send_unique(cls, value: list[SendKind]) -> list[SendKind]:
+        repeated = sorted({kind for kind in value if value.count(kind) > 1})
+        if repeated:
+            raise ValueError(f"each kind at most once (repeated: {', '.join(repeated)})")
+        return value
 
 
 class ExportSettings(Section):

@@ -22,6 +22,7 @@ from triagenode.config.settings import Settings
 from triagenode.domain import Priority, StudyResult, StudyState
 from triagenode.errors import TriageNodeError
 from triagenode.inference.classifier import NoUsableImagesError, ZeroShotClassifier
+from triagenode.inference.preprocess import display_dataset, read_dataset
 from triagenode.inference.select import (
     InstanceRecord,
     Selection,
@@ -31,14 +32,20 @@ from triagenode.inference.select import (
 from triagenode.metrics import STUDIES_PROCESSED
 from triagenode.pipeline.notify import CriticalFindingNotifier
 from triagenode.pipeline.queue import ClaimedJob, JobQueue
+from triagenode.reports.content import SrUids
+from triagenode.reports.kos import build_kos
+from triagenode.reports.objects import ObjectKind, key_images, write_objects
 from triagenode.reports.result_json import result_to_json
 from triagenode.reports.sr import build_sr, write_sr
+from triagenode.reports.summary_card import Thumbnail, layout_card
+from triagenode.reports.summary_pdf import build_summary_pdf
+from triagenode.reports.summary_sc import build_summary_sc
 from triagenode.scp.exporter import ExportOutbox
 from triagenode.store.db import Database
 from triagenode.store.models import Instance, Result, Series, Study
 from triagenode.store.study_state import set_study_state
 
-__all__ = ["StudyProcessor", "WorkerPool"]
+__all__ = ["StudyProcessor", "WorkerPool", "build_summary_objects", "key_thumbnails"]
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +179,10 @@ class StudyProcessor:
                 result, priority=Priority.stat, priority_rule=f"critical finding: {escalated}"
             )
         classify_ms = (time.perf_counter() - started) * 1000
-        self._report(snapshot, result, selection.images[0].path)
+        chosen = self.classifier.label_set(label_set)
+        window = (chosen.window.center, chosen.window.width) if chosen.window else None
+        paths = {image.ref.sop_instance_uid: image.path for image in selection.images}
+        self._report(snapshot, result, selection.images[0].path, paths, window)
         log.info(
             "study %s classified: label_set=%s top=%s critical=%s flagged=%s images=%d "
             "failed=%d %.0f ms%s",
@@ -222,11 +232,62 @@ class StudyProcessor:
             log.warning("study %s: earlier SR unreadable (%s)", snapshot.study_uid, exc)
             return []
 
-    def _report(self, snapshot: _StudySnapshot, result: StudyResult, source_path: Path) -> None:
+    def _summaries(
+        self,
+        snapshot: _StudySnapshot,
+        result: StudyResult,
+        source: pydicom.Dataset,
+        sr: pydicom.Dataset,
+        paths: dict[str, Path],
+        window: tuple[float, float] | None,
+    ) -> list[tuple[ObjectKind, str, Path]]:
+        """Build and write the summary objects some destination takes; (kind, SOP Instance
+        UID, file) of each. A failure here costs only the summaries, never the SR."""
+        kinds = [
+            k
+            for k in (ObjectKind.summary_sc, ObjectKind.summary_pdf, ObjectKind.kos)
+            if self.outbox.wanted(k.value)
+        ]
+        if not kinds:
+            return []
+        written: list[tuple[ObjectKind, str, Path]] = []
+        try:
+            objects = build_summary_objects(
+                result,
+                source,
+                sr,
+                self.settings,
+                kinds,
+                run=snapshot.run,
+                paths=paths,
+                window=window,
+            )
+            paths_written = write_objects([dataset for _kind, dataset in objects], self.settings)
+            for (kind, dataset), path in zip(objects, paths_written, strict=True):
+                written.append((kind, str(dataset.SOPInstanceUID), path))
+        except Exception as exc:
+            log.error(
+                "study %s: summary objects not made (%s: %s); the SR is still sent",
+                snapshot.study_uid,
+                type(exc).__name__,
+                exc,
+                exc_info=not isinstance(exc, TriageNodeError),
+            )
+        return written
+
+    def _report(
+        self,
+        snapshot: _StudySnapshot,
+        result: StudyResult,
+        source_path: Path,
+        paths: dict[str, Path] | None = None,
+        window: tuple[float, float] | None = None,
+    ) -> None:
         source = pydicom.dcmread(source_path, stop_before_pixels=True)
         predecessors = self._predecessor(snapshot)
         sr = build_sr(result, source, self.settings, run=snapshot.run, predecessors=predecessors)
         sr_path = write_sr(sr, self.settings, result=result)
+        summaries = self._summaries(snapshot, result, source, sr, paths or {}, window)
         relative = sr_path.relative_to(self.settings.node.data_dir)
         priority = int(max(snapshot.priority, result.priority))
         supersedes = str(predecessors[0].SOPInstanceUID) if predecessors else None
@@ -273,6 +334,16 @@ class StudyProcessor:
                 priority=priority,
                 session=session,
             )
+            for kind, sop_instance_uid, path in summaries:
+                self.outbox.enqueue(
+                    row.id,
+                    snapshot.study_uid,
+                    sop_instance_uid,
+                    path.relative_to(self.settings.node.data_dir),
+                    priority=priority,
+                    session=session,
+                    kind=kind.value,
+                )
             set_study_state(session, snapshot.study_id, StudyState.reported, None)
             if result.flagged:
                 self.audit.record(
@@ -293,6 +364,71 @@ class StudyProcessor:
             self.on_exports_queued()
         if result.critical and self.notifier is not None:
             self.notifier.notify(result, sr_uid=sr.SOPInstanceUID)
+
+
+def key_thumbnails(
+    result: StudyResult, paths: dict[str, Path], window: tuple[float, float] | None
+) -> list[Thumbnail]:
+    """The key images as the model saw them (same display pipeline and window); an image
+    whose file is not at hand or does not decode is left out."""
+    thumbnails = []
+    for ref in key_images(result):
+        path = paths.get(ref.sop_instance_uid)
+        if path is None:
+            continue
+        try:
+            pixels = display_dataset(read_dataset(path), ref.frame, window=window)
+        except Exception as exc:  # a thumbnail is not worth failing the card for
+            log.warning("study %s: no thumbnail of an image (%s)", result.study_uid, exc)
+            continue
+        names = [
+            f.code_meaning
+            for f in sorted(result.findings, key=lambda f: (not f.present, -f.score))
+            if any(i.sop_instance_uid == ref.sop_instance_uid for i in f.images)
+        ]
+        caption = ", ".join(names[:2]) or "analysed image"
+        if ref.frame is not None:
+            caption += f" (frame {ref.frame})"
+        thumbnails.append(Thumbnail(ref, pixels, caption))
+    return thumbnails
+
+
+def build_summary_objects(
+    result: StudyResult,
+    source: pydicom.Dataset,
+    sr: pydicom.Dataset,
+    settings: Settings,
+    kinds: list[ObjectKind],
+    *,
+    run: int,
+    paths: dict[str, Path],
+    window: tuple[float, float] | None,
+) -> list[tuple[ObjectKind, pydicom.Dataset]]:
+    """The summary SC, PDF and KOS of ``result`` that ``kinds`` asks for (not written).
+
+    The SC and PDF share one layout and one set of thumbnails; the PDF and KOS reference
+    the SR ``sr``.
+    """
+    objects: list[tuple[ObjectKind, pydicom.Dataset]] = []
+    if ObjectKind.summary_sc in kinds or ObjectKind.summary_pdf in kinds:
+        thumbnails = key_thumbnails(result, paths, window)
+        layout = layout_card(result, thumbnails)
+        if ObjectKind.summary_sc in kinds:
+            sc = build_summary_sc(
+                result, source, settings, run=run, thumbnails=thumbnails, layout=layout
+            )
+            objects.append((ObjectKind.summary_sc, sc))
+        if ObjectKind.summary_pdf in kinds:
+            sr_ids = SrUids(result.study_uid, sr.SeriesInstanceUID, sr.SOPInstanceUID)
+            pdf = build_summary_pdf(
+                result, source, settings, run=run, sr=sr_ids, thumbnails=thumbnails, layout=layout
+            )
+            objects.append((ObjectKind.summary_pdf, pdf))
+    if ObjectKind.kos in kinds:
+        objects.append(
+            (ObjectKind.kos, build_kos(result, source, settings, run=run, companions=[sr]))
+        )
+    return objects
 
 
 def _skipped_note(selection: Selection) -> str:
