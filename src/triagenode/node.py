@@ -36,7 +36,16 @@ def build_classifier(settings: Settings) -> Any:
     model = load_model(settings.model, cache_dir=cache_dir)
     encoder = select_backend(settings.model, settings.artifacts_dir, model)
     batcher = DynamicBatcher(encoder, settings.model.max_batch, settings.model.max_wait_ms)
-    return ZeroShotClassifier(model, encoder, settings.labels, cache_dir, batcher=batcher)
+    labels = settings.labels
+    if settings.model.calibration is not None:
+        from triagenode.validation.calibration_file import apply_calibration, load_calibration
+
+        calibration = load_calibration(settings.model.calibration)
+        labels = apply_calibration(labels, calibration, model.identity.weights_sha256)
+        log.info(
+            "site calibration %s applied to label set %s", calibration.tag, calibration.label_set
+        )
+    return ZeroShotClassifier(model, encoder, labels, cache_dir, batcher=batcher)
 
 
 @dataclass

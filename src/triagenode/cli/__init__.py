@@ -22,6 +22,8 @@ __all__ = ["main"]
 COMMANDS = (
     "serve",
     "classify",
+    "evaluate",
+    "calibrate",
     "studies",
     "exports",
     "triage",

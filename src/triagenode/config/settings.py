@@ -212,6 +212,11 @@ class ModelSettings(Section):
     graph_optimization: Literal["disable", "basic", "extended", "all"] = Field(
         default="all", description="ONNX Runtime graph optimisation level (onnxruntime backend)"
     )
+    calibration: Path | None = Field(
+        default=None,
+        description="Site calibration file from `triagenode calibrate` (per-finding calibration "
+        "and thresholds); refused when made for other model weights",
+    )
 
     @field_validator("source")
     @classmethod
@@ -245,6 +250,11 @@ class ExportSettings(Section):
     backoff_initial_s: float = Field(default=2.0, gt=0)
     backoff_max_s: float = Field(default=300.0, gt=0)
     timeout_s: float = Field(default=30.0, gt=0)
+    mode: Literal["send", "shadow"] = Field(
+        default="send",
+        description="'shadow' classifies and keeps SRs and results locally but sends nothing "
+        "(validation before go-live)",
+    )
 
 
 class ApiSettings(Section):

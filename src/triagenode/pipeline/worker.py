@@ -22,12 +22,8 @@ from triagenode.config.settings import Settings
 from triagenode.domain import Priority, StudyResult, StudyState
 from triagenode.errors import TriageNodeError
 from triagenode.inference.classifier import NoUsableImagesError, ZeroShotClassifier
-from triagenode.inference.select import (
-    InstanceRecord,
-    Selection,
-    SeriesPreference,
-    choose_images,
-)
+from triagenode.inference.plan import plan_study
+from triagenode.inference.select import InstanceRecord, Selection
 from triagenode.metrics import STUDIES_PROCESSED
 from triagenode.pipeline.notify import CriticalFindingNotifier
 from triagenode.pipeline.queue import ClaimedJob, JobQueue
@@ -134,18 +130,16 @@ class StudyProcessor:
         snapshot = self._snapshot(job.study_id)
         with self.db.write_session() as session:
             set_study_state(session, snapshot.study_id, StudyState.processing, "worker claimed job")
-        label_set: str | None
-        if snapshot.label_set:
-            label_set, why = snapshot.label_set, f"set by triage rule {snapshot.priority_rule!r}"
-        else:
-            choice = self.classifier.labels.explain_choice(snapshot.triage_inputs)
-            label_set, why = choice.label_set, choice.reason
-        selection = choose_images(
+        plan = plan_study(
+            self.classifier.labels,
             snapshot.records,
+            snapshot.triage_inputs,
             slices_per_series=self.settings.model.slices_per_series,
             max_images=self.settings.model.max_images_per_study,
-            prefer=self._preference(label_set),
+            label_set=snapshot.label_set or None,
+            label_set_reason=f"set by triage rule {snapshot.priority_rule!r}",
         )
+        label_set, why, selection = plan.label_set, plan.reason, plan.selection
         if not selection.images:
             reason = "no classifiable images" + _skipped_note(selection)
             self._set_state(snapshot, StudyState.ignored, reason)
@@ -187,18 +181,6 @@ class StudyProcessor:
             " [DEMO, NOT FOR CLINICAL USE]" if result.model.is_demo else "",
         )
         return result
-
-    def _preference(self, label_set: str | None) -> SeriesPreference | None:
-        """What the label set's diagnostic series looks like, for image selection."""
-        if label_set is None:
-            return None
-        rules = [r for r in self.classifier.labels.domains if r.label_set == label_set]
-        chosen = self.classifier.label_set(label_set)
-        return SeriesPreference(
-            modalities=tuple(m for r in rules for m in r.modalities),
-            body_parts=tuple(b for r in rules for b in r.body_parts),
-            keywords=tuple(chosen.series_keywords),
-        )
 
     def _predecessor(self, snapshot: _StudySnapshot) -> list[pydicom.Dataset]:
         """The newest SR of an earlier run of this study, which the new one supersedes."""
