@@ -322,3 +322,21 @@ def test_calibration_fit_load_refuse_and_name_in_sr(
     with pytest.raises(ConfigError) as caught:
         build_classifier(bad)
     assert "0" * 64 in str(caught.value) and synthetic["weights"] in str(caught.value)
+
+
+def test_evaluate_fit_calibration_reports_on_studies_it_did_not_fit(
+    synthetic: dict[str, Any], tmp_path: Path
+) -> None:
+    out = tmp_path / "fitted"
+    args = ["evaluate", str(synthetic["data"]), "--labels", str(synthetic["labels_csv"])]
+    args += ["--out", str(out), "--config", str(synthetic["config"]), "--resamples", "100"]
+    assert main([*args, "--fit-calibration", "--youden", "--method", "temperature"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    for entry in metrics["findings"]:
+        assert entry["n"] == 8  # the other 8 of 16 fitted the calibration
+        assert entry["evaluated_on"].startswith("held-out")
+        assert entry["calibration"]["method"] == "temperature"
+    document = json.loads((out / "calibration-synthetic.json").read_text())
+    assert metrics["calibration_files"]["synthetic"]["path"] == "calibration-synthetic.json"
+    assert document["operating_rule"].startswith("Youden")
+    assert all(f["temperature"] > 0 for f in document["findings"].values())

@@ -96,6 +96,8 @@ class Node:
         identity = self.classifier.model.identity
         if identity.is_demo:
             log.warning("model is the built-in demo model: %s", DEMO_WARNING)
+        if settings.export.mode == "shadow":
+            log.warning("export.mode is shadow: results and SRs are kept here, nothing is sent")
 
         rules = TriageRules(settings.triage)
         queue = JobQueue(self.db, settings)

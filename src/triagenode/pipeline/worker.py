@@ -237,6 +237,16 @@ class StudyProcessor:
                 sr_series_uid=sr.SeriesInstanceUID,
                 supersedes=supersedes,
             )
+            shadow = self.settings.export.mode == "shadow"
+            # what would have been sent, and whether it was: the API and the CLI show it
+            row.findings = {
+                **row.findings,
+                "delivery": {
+                    "mode": self.settings.export.mode,
+                    "destinations": [d.name for d in self.settings.destinations],
+                    "sent": not shadow,
+                },
+            }
             row.sr_sop_instance_uid = sr.SOPInstanceUID
             row.sr_series_uid = sr.SeriesInstanceUID
             row.sr_path = str(relative)
@@ -247,14 +257,29 @@ class StudyProcessor:
             if result.critical and study.priority < Priority.stat:
                 study.priority = int(Priority.stat)
                 study.priority_rule = result.priority_rule
-            self.outbox.enqueue(
-                row.id,
-                snapshot.study_uid,
-                sr.SOPInstanceUID,
-                relative,
-                priority=priority,
-                session=session,
-            )
+            if shadow:
+                # shadow mode (validation before go-live): the SR and the result stay here
+                self.audit.record(
+                    AuditEventId.export,
+                    event_type="shadow-not-sent",
+                    study_uid=snapshot.study_uid,
+                    patient_ref=study.patient_ref,
+                    actor=self.settings.scp.ae_title,
+                    details={
+                        "sr_uid": sr.SOPInstanceUID,
+                        "would_send_to": [d.name for d in self.settings.destinations],
+                    },
+                    session=session,
+                )
+            else:
+                self.outbox.enqueue(
+                    row.id,
+                    snapshot.study_uid,
+                    sr.SOPInstanceUID,
+                    relative,
+                    priority=priority,
+                    session=session,
+                )
             set_study_state(session, snapshot.study_id, StudyState.reported, None)
             if result.flagged:
                 self.audit.record(
@@ -271,7 +296,7 @@ class StudyProcessor:
                     session=session,
                 )
         STUDIES_PROCESSED.labels("reported", snapshot.priority.name).inc()
-        if self.on_exports_queued is not None:
+        if self.on_exports_queued is not None and not shadow:
             self.on_exports_queued()
         if result.critical and self.notifier is not None:
             self.notifier.notify(result, sr_uid=sr.SOPInstanceUID)
