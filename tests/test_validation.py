@@ -253,6 +253,10 @@ def test_evaluate_lists_failed_missing_and_not_applicable_studies(
     pngs = sorted(p.name for p in evaluated["out"].glob("*.png"))
     assert pngs == ["synthetic_disc.png", "synthetic_texture.png"]
     assert all(src in page for src in pngs)
+    reference = json.loads((evaluated["out"] / "reference.json").read_text())
+    assert set(reference["reference"]) == {"synthetic/disc", "synthetic/texture"}
+    assert reference["reference"]["synthetic/disc"]["n"] == 16
+    assert reference["inputs"]["Modality"] == {"CR": 1.0}
 
 
 def test_calibration_fit_load_refuse_and_name_in_sr(
@@ -286,6 +290,7 @@ def test_calibration_fit_load_refuse_and_name_in_sr(
     assert set(document["findings"]) == {"disc", "texture"}
     assert all(f["method"] == "platt" and f["n"] == 8 for f in document["findings"].values())
     assert len(document["data_sha256"]) == 64
+    assert set(document["reference"]) == {"synthetic/disc", "synthetic/texture"}
 
     settings = load_settings(
         synthetic["config"], model={"source": "demo", "calibration": str(calibration)}
@@ -309,6 +314,9 @@ def test_calibration_fit_load_refuse_and_name_in_sr(
         classifier.batcher.close()
     assert all(f.calibrated for f in result.findings)
     assert "sha256:" in result.calibration and "site.json" in result.calibration
+    from triagenode.reports.result_json import result_to_json
+
+    assert result_to_json(result)["calibration"] == result.calibration  # the API shows it
     import pydicom
 
     sr = build_sr(result, pydicom.dcmread(image, stop_before_pixels=True), settings, run=1)

@@ -24,6 +24,7 @@ COMMANDS = (
     "classify",
     "evaluate",
     "calibrate",
+    "monitor",
     "studies",
     "exports",
     "triage",

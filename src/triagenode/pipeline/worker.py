@@ -24,7 +24,7 @@ from triagenode.errors import TriageNodeError
 from triagenode.inference.classifier import NoUsableImagesError, ZeroShotClassifier
 from triagenode.inference.plan import plan_study
 from triagenode.inference.select import InstanceRecord, Selection
-from triagenode.metrics import STUDIES_PROCESSED
+from triagenode.metrics import FINDING_POSITIVE, FINDING_SCORE, STUDIES_PROCESSED
 from triagenode.pipeline.notify import CriticalFindingNotifier
 from triagenode.pipeline.queue import ClaimedJob, JobQueue
 from triagenode.reports.result_json import result_to_json
@@ -166,6 +166,10 @@ class StudyProcessor:
                 result, priority=Priority.stat, priority_rule=f"critical finding: {escalated}"
             )
         classify_ms = (time.perf_counter() - started) * 1000
+        for finding in result.findings:
+            FINDING_SCORE.labels(result.label_set, finding.name).observe(finding.score)
+            if finding.present:
+                FINDING_POSITIVE.labels(result.label_set, finding.name).inc()
         self._report(snapshot, result, selection.images[0].path)
         log.info(
             "study %s classified: label_set=%s top=%s critical=%s flagged=%s images=%d "

@@ -77,6 +77,7 @@ class ScoredStudy:
     findings: list[FindingScore] = field(default_factory=list)
     images: list[str] = field(default_factory=list)
     weights_sha256: str = ""
+    inputs: dict[str, str] = field(default_factory=dict)  # triage inputs, for the drift mix
 
 
 def _classify_one(
@@ -95,6 +96,7 @@ def _classify_one(
         label_set_reason="--label-set" if label_set else "",
     )
     out = ScoredStudy(study.study_uid, study.folder, "ok", label_set=plan.label_set)
+    out.inputs = dict(study.triage_inputs)
     if not plan.selection.images:
         reasons = sorted({s.reason for s in plan.selection.skipped})
         out.status, out.reason = "ignored", "no classifiable images: " + "; ".join(reasons)
@@ -234,6 +236,9 @@ class Evaluation:
             "ignored": [],
         }
         self.columns: dict[tuple[str, str], _Column] = {}
+        # every classified study's raw logit (labelled or not): the drift reference
+        self.all_logits: dict[tuple[str, str], list[float]] = {}
+        self.inputs: list[dict[str, str]] = []
         self.matched_keys: set[str] = set()
         self.weights: set[str] = set()
         self._handle = (self.out_dir / "scores.csv").open("w", encoding="utf-8", newline="")
@@ -253,9 +258,15 @@ class Evaluation:
             return
         assert study.label_set is not None
         self.weights.add(study.weights_sha256)
+        if study.inputs:
+            self.inputs.append(study.inputs)
         images = " ".join(study.images)
         for finding in study.findings:
             label = truth.get(finding.name)
+            if finding.logit is not None:
+                self.all_logits.setdefault((study.label_set, finding.name), []).append(
+                    finding.logit
+                )
             self._csv.writerow(
                 {
                     "study_uid": study.study_uid,
@@ -388,6 +399,25 @@ class Evaluation:
                     else "node scores",
                 }
             )
+        from triagenode.validation.drift import input_shares, reference_distribution
+
+        reference = {
+            f"{label_set}/{finding}": reference_distribution(np.asarray(values))
+            for (label_set, finding), values in sorted(self.all_logits.items())
+            if len(values) >= 2
+        }
+        (self.out_dir / "reference.json").write_text(
+            json.dumps(
+                {
+                    "reference": reference,
+                    "inputs": input_shares(self.inputs) if self.inputs else {},
+                    "inputs_n": len(self.inputs),
+                },
+                indent=2,
+            )
+            + "\n",
+            encoding="utf-8",
+        )
         calibration_files = {}
         for label_set, fitted_set in fitted_by_set.items():
             path = self.out_dir / f"calibration-{label_set}.json"
@@ -403,6 +433,13 @@ class Evaluation:
                     "fit_fraction": fit_fraction,
                     "seed": self.seed,
                     "fitted_on": "study-level raw logit (aggregation rule over image logits)",
+                    "reference": {
+                        key: value
+                        for key, value in reference.items()
+                        if key.startswith(f"{label_set}/")
+                    },
+                    "inputs": input_shares(self.inputs) if self.inputs else {},
+                    "inputs_n": len(self.inputs),
                     "findings": {
                         name: {
                             "method": f.calibration.method,
