@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from triagenode.domain import DEMO_WARNING
+
 __all__ = ["write_report"]
 
 
@@ -106,6 +108,12 @@ def write_report(out_dir: Path, summary: dict[str, Any], figures: list[dict[str,
         "<title>triagenode validation report</title>",
         f"<style>{_STYLE}</style></head><body>",
         "<h1>Validation report</h1>",
+        *(
+            [f"<p class=warn><b>{esc(DEMO_WARNING)}</b>: the built-in demo model ran.</p>"]
+            if "DEMO" in str(summary["model"].get("name", ""))
+            else []
+        ),
+        f"<p>Model: {esc(str(summary['model'].get('name', 'as stored by the node')))}.</p>",
         "<p>Research use: these figures describe this data set, not a diagnosis. "
         "95 % intervals: stratified bootstrap, "
         f"{summary['bootstrap']['resamples']} resamples, seed {summary['bootstrap']['seed']}.</p>",
