@@ -22,6 +22,15 @@ from triagenode.store.models import AuditEvent, Export, Result, Study
 pytestmark = pytest.mark.slow
 
 
+def _scored(label_set: str, finding: str) -> float:
+    from triagenode.metrics import REGISTRY
+
+    value = REGISTRY.get_sample_value(
+        "triagenode_finding_score_count", {"label_set": label_set, "finding": finding}
+    )
+    return value or 0.0
+
+
 def test_shadow_mode_sends_nothing_and_records_everything(
     make_settings, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -40,6 +49,7 @@ def test_shadow_mode_sends_nothing_and_records_everything(
             export={"mode": "shadow", "backoff_initial_s": 0.2},
             api={"enabled": False},
         )
+        scored_before = _scored("chest_xray", "pneumothorax")
         node = Node(settings)
         node.start()
         uids = []
@@ -77,6 +87,8 @@ def test_shadow_mode_sends_nothing_and_records_everything(
                 .all()
             )
         assert len(results) == 3 and len(held) == 3
+        # /metrics: the score histogram of each finding counted the three studies
+        assert _scored("chest_xray", "pneumothorax") - scored_before == 3
         for result in results:
             assert result.findings["delivery"] == {
                 "mode": "shadow",
