@@ -348,3 +348,27 @@ def test_evaluate_fit_calibration_reports_on_studies_it_did_not_fit(
     assert metrics["calibration_files"]["synthetic"]["path"] == "calibration-synthetic.json"
     assert document["operating_rule"].startswith("Youden")
     assert all(f["temperature"] > 0 for f in document["findings"].values())
+
+
+def test_isotonic_calibration_fits_round_trips_and_needs_enough_studies() -> None:
+    from triagenode.config.labels import Calibration
+    from triagenode.validation.calibration import OperatingRule, fit_finding
+
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 2, 400)
+    z = rng.normal(size=400) + 2 * y
+    fitted = fit_finding("x", z, y, method="isotonic", rule=OperatingRule(), name="iso")
+    calibration = fitted.calibration
+    assert calibration.method == "isotonic" and calibration.is_calibrated
+    again = Calibration.model_validate(json.loads(calibration.model_dump_json()))
+    grid = np.linspace(-4, 6, 50)
+    assert np.array_equal(again.apply(grid), calibration.apply(grid))
+    assert (np.diff(calibration.apply(grid)) >= 0).all()  # monotone in the logit
+    # calibrated: in each half of the scores, the mean score is the observed frequency
+    scores = calibration.apply(z).astype(float)
+    for mask in (scores < 0.5, scores >= 0.5):
+        assert abs(scores[mask].mean() - y[mask].mean()) < 0.02
+    with pytest.raises(TriageNodeError, match="at least 200 studies"):
+        fit_finding("x", z[:100], y[:100], method="isotonic", rule=OperatingRule(), name="")
+    with pytest.raises(ValueError, match="ascending"):
+        Calibration(method="isotonic", breakpoints=[(0.0, 0.9), (1.0, 0.1)])

@@ -32,19 +32,22 @@ def build_classifier(settings: Settings) -> Any:
     from triagenode.inference.classifier import ZeroShotClassifier
     from triagenode.inference.model import load_model
 
-    cache_dir = settings.node.data_dir / "cache"
-    model = load_model(settings.model, cache_dir=cache_dir)
-    encoder = select_backend(settings.model, settings.artifacts_dir, model)
-    batcher = DynamicBatcher(encoder, settings.model.max_batch, settings.model.max_wait_ms)
-    labels = settings.labels
+    calibration = None
     if settings.model.calibration is not None:
         from triagenode.validation.calibration_file import apply_calibration, load_calibration
 
-        calibration = load_calibration(settings.model.calibration)
+        calibration = load_calibration(settings.model.calibration)  # a bad file fails first
+    cache_dir = settings.node.data_dir / "cache"
+    model = load_model(settings.model, cache_dir=cache_dir)
+    labels = settings.labels
+    if calibration is not None:
+        # refused for other weights before any backend thread starts
         labels = apply_calibration(labels, calibration, model.identity.weights_sha256)
         log.info(
             "site calibration %s applied to label set %s", calibration.tag, calibration.label_set
         )
+    encoder = select_backend(settings.model, settings.artifacts_dir, model)
+    batcher = DynamicBatcher(encoder, settings.model.max_batch, settings.model.max_wait_ms)
     return ZeroShotClassifier(model, encoder, labels, cache_dir, batcher=batcher)
 
 

@@ -19,7 +19,12 @@ from triagenode.cli.common import print_table, settings_from_args
 
 def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of the calibration fit, shared with ``triagenode calibrate``."""
-    parser.add_argument("--method", choices=["platt", "temperature"], default="platt")
+    parser.add_argument(
+        "--method",
+        choices=["platt", "temperature", "isotonic"],
+        default="platt",
+        help="isotonic needs >= 200 labelled studies per finding in the fitting split",
+    )
     rule = parser.add_mutually_exclusive_group()
     rule.add_argument("--target-sensitivity", type=float, metavar="X", help="e.g. 0.95")
     rule.add_argument("--target-ppv", type=float, metavar="X", help="e.g. 0.5")

@@ -8,8 +8,10 @@ the node's study score equals the fitted calibration of the study logit. For ``m
 it is close but not identical (the mean of calibrated image scores is not the calibration of
 the mean logit); the report says so.
 
-Methods: Platt scaling (logistic regression of the label on the logit: two parameters) and
-temperature scaling (one parameter, keeps the raw decision boundary at logit 0). The operating
+Methods: Platt scaling (logistic regression of the label on the logit: two parameters),
+temperature scaling (one parameter, keeps the raw decision boundary at logit 0), and
+isotonic regression (monotone steps, interpolated; needs many studies: the CLI asks for at
+least ``ISOTONIC_MIN_STUDIES`` labelled studies in the fitting split). The operating
 point is chosen on the calibrated scores of the same fitting split, by one rule: a target
 sensitivity, Youden's J, or a target PPV.
 """
@@ -24,11 +26,15 @@ import numpy as np
 from triagenode.config.labels import Calibration
 from triagenode.errors import TriageNodeError
 
+ISOTONIC_MIN_STUDIES = 200
+
 __all__ = [
+    "ISOTONIC_MIN_STUDIES",
     "FittedFinding",
     "OperatingRule",
     "choose_threshold",
     "fit_finding",
+    "fit_isotonic",
     "fit_platt",
     "fit_temperature",
     "stratified_split",
@@ -93,6 +99,16 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(math.exp(found.x))
 
 
+def fit_isotonic(logits: np.ndarray, labels: np.ndarray) -> list[tuple[float, float]]:
+    """Breakpoints (logit, score) of an isotonic regression of ``labels`` on ``logits``."""
+    from sklearn.isotonic import IsotonicRegression
+
+    model = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip")
+    model.fit(np.asarray(logits, dtype=np.float64), np.asarray(labels, dtype=np.float64))
+    pairs = zip(model.X_thresholds_, model.y_thresholds_, strict=True)
+    return [(float(x), float(y)) for x, y in pairs]
+
+
 def choose_threshold(labels: np.ndarray, scores: np.ndarray, rule: OperatingRule) -> float:
     """The score threshold (present at or above it) that ``rule`` picks on these data."""
     from sklearn.metrics import precision_recall_curve, roc_curve
@@ -138,9 +154,16 @@ def fit_finding(
             f"{finding}: cannot fit a calibration on {y.size} studies of one class "
             f"({positives} positive)"
         )
+    if method == "isotonic" and y.size < ISOTONIC_MIN_STUDIES:
+        raise TriageNodeError(
+            f"{finding}: isotonic calibration needs at least {ISOTONIC_MIN_STUDIES} studies "
+            f"in the fitting split ({y.size} given); use platt or temperature"
+        )
     slope, intercept = fit_platt(logits, y)
     temperature = fit_temperature(logits, y)
-    if method == "platt":
+    if method == "isotonic":
+        calibration = Calibration(method="isotonic", breakpoints=fit_isotonic(logits, y), name=name)
+    elif method == "platt":
         calibration = Calibration(method="platt", slope=slope, intercept=intercept, name=name)
     else:
         calibration = Calibration(method="temperature", temperature=temperature, name=name)

@@ -58,7 +58,8 @@ class CalibrationFile:
     @property
     def tag(self) -> str:
         """How results name it: file name and hash prefix."""
-        return f"{self.data.get('name') or self.path.name} sha256:{self.sha256[:16]}"
+        name = str(self.data.get("name") or self.path.name)[:100]  # Calibration.name <= 128
+        return f"{name} sha256:{self.sha256[:16]}"
 
 
 def write_calibration(path: Path, data: dict[str, Any]) -> str:
@@ -142,6 +143,8 @@ def apply_calibration(
         params: dict[str, Any] = {"method": method, "name": calibration.tag}
         if method == "platt":
             params.update(slope=float(fitted["slope"]), intercept=float(fitted["intercept"]))
+        elif method == "isotonic":
+            params.update(breakpoints=[(float(x), float(y)) for x, y in fitted["breakpoints"]])
         else:
             params.update(temperature=float(fitted["temperature"]))
         new_labels.append(

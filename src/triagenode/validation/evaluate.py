@@ -446,6 +446,7 @@ class Evaluation:
                             "slope": f.calibration.slope,
                             "intercept": f.calibration.intercept,
                             "temperature": f.calibration.temperature,
+                            "breakpoints": [list(b) for b in f.calibration.breakpoints],
                             "threshold": f.threshold,
                             "rule": f.rule,
                             "n": f.n,
