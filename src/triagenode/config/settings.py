@@ -228,6 +228,11 @@ class ModelSettings(Section):
     graph_optimization: Literal["disable", "basic", "extended", "all"] = Field(
         default="all", description="ONNX Runtime graph optimisation level (onnxruntime backend)"
     )
+    calibration: Path | None = Field(
+        default=None,
+        description="Site calibration file from `triagenode calibrate` (per-finding calibration "
+        "and thresholds); refused when made for other model weights",
+    )
 
     @field_validator("source")
     @classmethod
@@ -311,6 +316,11 @@ class ExportSettings(Section):
         le=3600,
         description="Seconds between background C-ECHOs of every destination; /readyz "
         "reports the last result and its age, and never opens an association itself",
+    )
+    mode: Literal["send", "shadow"] = Field(
+        default="send",
+        description="'shadow' classifies and keeps SRs and results locally but sends nothing "
+        "(validation before go-live)",
     )
 
 

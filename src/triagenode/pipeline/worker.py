@@ -22,14 +22,10 @@ from triagenode.config.settings import Settings
 from triagenode.domain import Priority, StudyResult, StudyState
 from triagenode.errors import TriageNodeError
 from triagenode.inference.classifier import NoUsableImagesError, ZeroShotClassifier
+from triagenode.inference.plan import plan_study
 from triagenode.inference.preprocess import display_dataset, read_dataset
-from triagenode.inference.select import (
-    InstanceRecord,
-    Selection,
-    SeriesPreference,
-    choose_images,
-)
-from triagenode.metrics import STUDIES_PROCESSED
+from triagenode.inference.select import InstanceRecord, Selection
+from triagenode.metrics import FINDING_POSITIVE, FINDING_SCORE, STUDIES_PROCESSED
 from triagenode.pipeline.notify import CriticalFindingNotifier
 from triagenode.pipeline.queue import ClaimedJob, JobQueue
 from triagenode.reports.content import SrUids
@@ -141,18 +137,16 @@ class StudyProcessor:
         snapshot = self._snapshot(job.study_id)
         with self.db.write_session() as session:
             set_study_state(session, snapshot.study_id, StudyState.processing, "worker claimed job")
-        label_set: str | None
-        if snapshot.label_set:
-            label_set, why = snapshot.label_set, f"set by triage rule {snapshot.priority_rule!r}"
-        else:
-            choice = self.classifier.labels.explain_choice(snapshot.triage_inputs)
-            label_set, why = choice.label_set, choice.reason
-        selection = choose_images(
+        plan = plan_study(
+            self.classifier.labels,
             snapshot.records,
+            snapshot.triage_inputs,
             slices_per_series=self.settings.model.slices_per_series,
             max_images=self.settings.model.max_images_per_study,
-            prefer=self._preference(label_set),
+            label_set=snapshot.label_set or None,
+            label_set_reason=f"set by triage rule {snapshot.priority_rule!r}",
         )
+        label_set, why, selection = plan.label_set, plan.reason, plan.selection
         if not selection.images:
             reason = "no classifiable images" + _skipped_note(selection)
             self._set_state(snapshot, StudyState.ignored, reason)
@@ -179,6 +173,10 @@ class StudyProcessor:
                 result, priority=Priority.stat, priority_rule=f"critical finding: {escalated}"
             )
         classify_ms = (time.perf_counter() - started) * 1000
+        for finding in result.findings:
+            FINDING_SCORE.labels(result.label_set, finding.name).observe(finding.score)
+            if finding.present:
+                FINDING_POSITIVE.labels(result.label_set, finding.name).inc()
         chosen = self.classifier.label_set(label_set)
         window = (chosen.window.center, chosen.window.width) if chosen.window else None
         paths = {image.ref.sop_instance_uid: image.path for image in selection.images}
@@ -197,18 +195,6 @@ class StudyProcessor:
             " [DEMO, NOT FOR CLINICAL USE]" if result.model.is_demo else "",
         )
         return result
-
-    def _preference(self, label_set: str | None) -> SeriesPreference | None:
-        """What the label set's diagnostic series looks like, for image selection."""
-        if label_set is None:
-            return None
-        rules = [r for r in self.classifier.labels.domains if r.label_set == label_set]
-        chosen = self.classifier.label_set(label_set)
-        return SeriesPreference(
-            modalities=tuple(m for r in rules for m in r.modalities),
-            body_parts=tuple(b for r in rules for b in r.body_parts),
-            keywords=tuple(chosen.series_keywords),
-        )
 
     def _predecessor(self, snapshot: _StudySnapshot) -> list[pydicom.Dataset]:
         """The newest SR of an earlier run of this study, which the new one supersedes."""
@@ -316,6 +302,16 @@ class StudyProcessor:
                 sr_series_uid=sr.SeriesInstanceUID,
                 supersedes=supersedes,
             )
+            shadow = self.settings.export.mode == "shadow"
+            # what would have been sent, and whether it was: the API and the CLI show it
+            row.findings = {
+                **row.findings,
+                "delivery": {
+                    "mode": self.settings.export.mode,
+                    "destinations": [d.name for d in self.settings.destinations],
+                    "sent": not shadow,
+                },
+            }
             row.sr_sop_instance_uid = sr.SOPInstanceUID
             row.sr_series_uid = sr.SeriesInstanceUID
             row.sr_path = str(relative)
@@ -326,15 +322,30 @@ class StudyProcessor:
             if result.critical and study.priority < Priority.stat:
                 study.priority = int(Priority.stat)
                 study.priority_rule = result.priority_rule
-            self.outbox.enqueue(
-                row.id,
-                snapshot.study_uid,
-                sr.SOPInstanceUID,
-                relative,
-                priority=priority,
-                session=session,
-            )
-            for kind, sop_instance_uid, path in summaries:
+            if shadow:
+                # shadow mode (validation before go-live): the SR and the result stay here
+                self.audit.record(
+                    AuditEventId.export,
+                    event_type="shadow-not-sent",
+                    study_uid=snapshot.study_uid,
+                    patient_ref=study.patient_ref,
+                    actor=self.settings.scp.ae_title,
+                    details={
+                        "sr_uid": sr.SOPInstanceUID,
+                        "would_send_to": [d.name for d in self.settings.destinations],
+                    },
+                    session=session,
+                )
+            else:
+                self.outbox.enqueue(
+                    row.id,
+                    snapshot.study_uid,
+                    sr.SOPInstanceUID,
+                    relative,
+                    priority=priority,
+                    session=session,
+                )
+            for kind, sop_instance_uid, path in [] if shadow else summaries:
                 self.outbox.enqueue(
                     row.id,
                     snapshot.study_uid,
@@ -360,7 +371,7 @@ class StudyProcessor:
                     session=session,
                 )
         STUDIES_PROCESSED.labels("reported", snapshot.priority.name).inc()
-        if self.on_exports_queued is not None:
+        if self.on_exports_queued is not None and not shadow:
             self.on_exports_queued()
         if result.critical and self.notifier is not None:
             self.notifier.notify(result, sr_uid=sr.SOPInstanceUID)
