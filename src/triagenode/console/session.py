@@ -46,9 +46,8 @@ class SessionCodec:
 
     def issue(self, token_id: int, token_name: str) -> tuple[str, Session]:
         """A new session for the token: the cookie value and what it stands for."""
-        session = Session(
-            token_id, token_name, secrets.token_hex(16), time.time() + self.lifetime_s
-        )
+        expires = float(int(time.time() + self.lifetime_s))
+        session = Session(token_id, token_name, secrets.token_hex(16), expires)
         payload = json.dumps(
             [session.token_id, session.token_name, session.nonce, int(session.expires_at)],
             separators=(",", ":"),
