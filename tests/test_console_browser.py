@@ -177,7 +177,8 @@ def test_sign_in_failures_and_sessions_are_audited(browser, node: tuple[ApiWorld
     page.get_by_label("API token").fill("tn_not-a-real-token")
     page.get_by_role("button", name="Sign in").click()
     assert "not valid" in page.get_by_role("alert").inner_text()
-    assert events(world, event_id="110113", event_type="unknown_token")
+    (refused,) = events(world, event_id="110113", event_type="unknown_token")
+    assert refused.outcome == 4 and refused.details and refused.details["status"] == 401
     # a cookie someone altered is no session: back to the form, and an alert in the trail
     context.add_cookies(
         [{"name": "triagenode_session", "value": "eyJ4IjoxfQ.00", "url": f"{base}/ui"}]

@@ -97,11 +97,9 @@ def _secure(request: Request) -> bool:
 # -- signing in and out -----------------------------------------------------------------
 
 
-@router.get("/login", response_class=HTMLResponse)
-def login_form(request: Request, call: CallAuditDep, error: str | None = None) -> Response:
-    call.skip = True  # an empty form shows nothing of anyone
+def _login_page(request: Request, failed: bool = False, status: int = 200) -> Response:
     value = secrets.token_urlsafe(24)
-    response = _page(request, "login.html", None, login_csrf=value, failed=error == "1")
+    response = _page(request, "login.html", None, status, login_csrf=value, failed=failed)
     response.set_cookie(
         LOGIN_COOKIE,
         value,
@@ -111,6 +109,12 @@ def login_form(request: Request, call: CallAuditDep, error: str | None = None) -
         secure=_secure(request),
     )
     return response
+
+
+@router.get("/login", response_class=HTMLResponse)
+def login_form(request: Request, call: CallAuditDep) -> Response:
+    call.skip = True  # an empty form shows nothing of anyone
+    return _login_page(request)
 
 
 @router.post("/login")
@@ -133,7 +137,7 @@ def login(
     except AuthFailure as failure:
         rate_limit(request, call, f"address:{client}")
         call.raise_alert(f"{failure.reason}_token", failure.name)
-        return RedirectResponse("/ui/login?error=1", status_code=303)
+        return _login_page(request, failed=True, status=401)
     with db.session() as session:
         token_id = session.scalar(select(ApiToken.id).where(ApiToken.name == principal.name))
     if token_id is None:  # revoked and deleted between the two reads
