@@ -4,23 +4,25 @@ from __future__ import annotations
 
 import re
 import time
-from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.api_support import STUDY_UID, ApiWorld, events, shared_world
+from tests.api_support import STUDY_UID, ApiWorld, build_world, events
 from tests.console_support import seed_console
+from tests.factory import PATIENT_ID
 from triagenode.console.session import COOKIE, SessionCodec
+from triagenode.store.db import Database
 from triagenode.store.models import Study, utcnow
 
 HOSTILE_UID = '1.2.3"><img src=x onerror=alert(1)>'
-HOSTILE_REASON = "bad \x00\x1b[31m <script>alert(2)</script> \ufffd reason"
+HOSTILE_REASON = "bad \x01\x1b[31m <script>alert(2)</script> \ufffd reason"
 
 
 @pytest.fixture
-def world(tmp_path: Path) -> ApiWorld:
-    world = shared_world(tmp_path)
+def world(make_settings, db: Database) -> ApiWorld:
+    """The console over SQLite and PostgreSQL."""
+    world = build_world(make_settings(api={"rate_limit_per_minute": 100000}), db)
     seed_console(world)
     return world
 
@@ -89,6 +91,10 @@ def test_external_strings_are_escaped_in_every_page(world: ApiWorld) -> None:
         assert "<script>alert(2)" not in page.text and "<img src=x" not in page.text
         assert "&lt;img src=x" in page.text
     assert client.get("/ui/studies/1.2.3.404").status_code == 404
+    searched = client.get("/ui", params={"q": PATIENT_ID, "state": "reported"})
+    assert STUDY_UID in searched.text and "1 study" in searched.text
+    deep = client.get("/ui", params={"page": 9999})
+    assert deep.status_code == 200 and "No studies match" in deep.text
     assert events(world, event_id="110112", study_uid="1.2.3.404")
 
 
