@@ -13,7 +13,7 @@ from tests.console_support import seed_console
 from tests.factory import PATIENT_ID
 from triagenode.console.session import COOKIE, SessionCodec
 from triagenode.store.db import Database
-from triagenode.store.models import Study, utcnow
+from triagenode.store.models import AuditEvent, Study, utcnow
 
 HOSTILE_UID = '1.2.3"><img src=x onerror=alert(1)>'
 HOSTILE_REASON = "bad \x01\x1b[31m <script>alert(2)</script> \ufffd reason"
@@ -107,3 +107,19 @@ def test_role_and_session_are_checked_before_any_post(world: ApiWorld) -> None:
     client.cookies.set(COOKIE, "forged.value", path="/ui")
     assert client.get("/ui", follow_redirects=False).headers["location"] == "/ui/login"
     assert events(world, event_id="110113", event_type="invalid_session")
+
+
+def test_audit_chain_verification_page(world: ApiWorld) -> None:
+    client = TestClient(world.app)
+    sign_in(client, world.tokens["auditor"])
+    page = client.get("/ui/audit/verify")
+    assert page.status_code == 200 and "The chain is intact" in page.text
+    (verified,) = events(world, event_id="110101", event_type="verify")
+    assert verified.details and verified.details["ok"] is True and verified.details["count"] >= 2
+    with world.db.write_session() as session:  # someone edits an event behind the node's back
+        session.execute(
+            AuditEvent.__table__.update().where(AuditEvent.seq == 1).values(actor="someone-else")  # type: ignore[attr-defined]
+        )
+    broken = client.get("/ui/audit/verify")
+    assert "The chain is broken at event 1" in broken.text
+    assert events(world, event_id="110113", event_type="integrity_failure")

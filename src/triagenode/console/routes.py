@@ -22,7 +22,7 @@ from triagenode.api.deps import _rate_limit as rate_limit
 from triagenode.api.problems import Problem
 from triagenode.api.routes.exports import requeue_export
 from triagenode.api.tokens import AuthFailure, Role, TokenStore
-from triagenode.audit.events import AuditEventId
+from triagenode.audit.events import AuditEventId, Outcome
 from triagenode.console import queries
 from triagenode.console.auth import ConsoleUser, checked_form, viewer
 from triagenode.console.session import COOKIE, LOGIN_COOKIE, SessionCodec
@@ -70,6 +70,7 @@ _ACTIVE = {
     "study.html": "worklist",
     "exports.html": "exports",
     "audit.html": "audit",
+    "audit_verify.html": "audit",
 }
 
 
@@ -371,3 +372,26 @@ def audit_search(
         patient_searched=reference is not None,
         event_names=queries.EVENT_NAMES,
     )
+
+
+@router.get("/audit/verify", response_class=HTMLResponse)
+def audit_verify(
+    request: Request, audit: AuditDep, user: AuditReader, call: CallAuditDep
+) -> Response:
+    """Walk the whole hash chain (on request: its cost grows with the trail)."""
+    report = audit.verify()
+    call.event_type = "verify"
+    call.details.update(view="audit-verify", ok=report.ok, count=report.count)
+    if not report.ok and report.problem is not None:
+        audit.record(
+            AuditEventId.security_alert,
+            event_type="integrity_failure",
+            outcome=Outcome.serious_failure,
+            actor=user.name,
+            details={
+                "kind": report.problem.kind,
+                "seq": report.problem.seq,
+                "reason": report.problem.message,
+            },
+        )
+    return _page(request, "audit_verify.html", user, report=report)
