@@ -32,6 +32,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import free_port
 from tests.console_support import result_json
+from tests.peers import wait_for
 
 from triagenode.api import create_app
 from triagenode.api.tokens import TokenStore
@@ -186,8 +187,7 @@ def main() -> int:
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    while not server.started:
-        time.sleep(0.05)
+    wait_for(lambda: server.started, timeout=30, what="uvicorn to start")
     rng = random.Random(3)
     pages: dict[str, Any] = {
         "worklist": lambda: "/ui",
