@@ -13,8 +13,7 @@ from typing import Annotated
 
 from fastapi import Form, Request
 
-from triagenode.api.deps import CallAuditDep
-from triagenode.api.deps import _rate_limit as rate_limit
+from triagenode.api.deps import CallAuditDep, rate_limit
 from triagenode.api.middleware import CallAudit
 from triagenode.api.problems import Problem
 from triagenode.api.tokens import Role

@@ -17,17 +17,18 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from sqlalchemy import select
 
-from triagenode.api.deps import AuditDep, CallAuditDep, DbDep, SettingsDep
-from triagenode.api.deps import _rate_limit as rate_limit
+from triagenode.api.deps import AuditDep, CallAuditDep, DbDep, SettingsDep, rate_limit
+from triagenode.api.middleware import CallAudit
 from triagenode.api.problems import Problem
 from triagenode.api.routes.exports import requeue_export
 from triagenode.api.tokens import AuthFailure, Role, TokenStore
-from triagenode.audit.events import AuditEventId, Outcome
+from triagenode.audit.events import AuditEventId, AuditLog, Outcome
 from triagenode.console import queries
 from triagenode.console.auth import ConsoleUser, checked_form, viewer
 from triagenode.console.session import COOKIE, LOGIN_COOKIE, SessionCodec
 from triagenode.domain import Priority, StudyState
 from triagenode.pipeline import actions
+from triagenode.store.db import Database
 from triagenode.store.models import ApiToken, Export, Study
 
 __all__ = ["router", "templates"]
@@ -58,7 +59,7 @@ Leaver = Annotated[
 
 NOTICES = {
     "reprocess": "The study will be classified again as a new run.",
-    "complete": "The study's quiet period was ended; it is queued for classification.",
+    "complete": "The study's quiet period was ended; it will be queued for classification.",
     "retry": "The export is queued to be sent again.",
     "refused": "Nothing was changed: the study or export is not in a state that allows it.",
 }
@@ -236,7 +237,7 @@ def study(
 
 
 def _study_action(
-    db: Any, audit: Any, call: Any, study_uid: str, actor: str, action: str
+    db: Database, audit: AuditLog, call: CallAudit, study_uid: str, actor: str, action: str
 ) -> Response:
     call.study_uid = study_uid[:64]
     with db.session() as session:
