@@ -9,6 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tests.api_support import STUDY_UID, ApiWorld, build_world, events
+from tests.audit_support import drop_append_only_guard
 from tests.console_support import seed_console
 from tests.factory import PATIENT_ID
 from triagenode.console.session import COOKIE, SessionCodec
@@ -117,6 +118,7 @@ def test_audit_chain_verification_page(world: ApiWorld) -> None:
     (verified,) = events(world, event_id="110101", event_type="verify")
     assert verified.details and verified.details["ok"] is True and verified.details["count"] >= 2
     with world.db.write_session() as session:  # someone edits an event behind the node's back
+        drop_append_only_guard(session.connection())  # as only the table's owner could
         session.execute(
             AuditEvent.__table__.update().where(AuditEvent.seq == 1).values(actor="someone-else")  # type: ignore[attr-defined]
         )
