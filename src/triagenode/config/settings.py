@@ -192,7 +192,7 @@ class DatabaseSettings(Section):
 
 class ModelSettings(Section):
     source: str = DEFAULT_MODEL_SOURCE
-    backend: Literal["auto", "torch", "onnxruntime", "tensorrt"] = "auto"
+    backend: Literal["auto", "torch", "onnxruntime", "openvino", "tensorrt"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "fp16", "bf16", "int8"] = "auto"
     max_batch: int = Field(default=32, ge=1, le=4096)
@@ -208,6 +208,10 @@ class ModelSettings(Section):
     )
     graph_optimization: Literal["disable", "basic", "extended", "all"] = Field(
         default="all", description="ONNX Runtime graph optimisation level (onnxruntime backend)"
+    )
+    performance_hint: Literal["latency", "throughput"] = Field(
+        default="latency",
+        description="OpenVINO PERFORMANCE_HINT (openvino backend): latency = one stream",
     )
 
     @field_validator("source")
