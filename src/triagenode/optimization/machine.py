@@ -174,7 +174,9 @@ def _openvino_factory(loaded: Any, folder: Path, precision: str, threads: int) -
             openvino_dir(folder),
             precision=precision,
             source_onnx=onnx if onnx.is_file() else None,
-            threads=threads,
+            # Built (or refused) beforehand by the benchmark's preparation, so the row's
+            # memory figure is the backend serving, not its build.
+            build=False,
         )
         return OpenVinoImageEncoder(path, precision=precision, threads=threads)
 
