@@ -150,6 +150,7 @@ def test_missing_openvino_is_named_with_its_pip_extra(loaded_demo, tmp_path, mon
     assert isinstance(encoder, TorchImageEncoder)  # explicit backend: warned fallback
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("triagenode[openvino]" in w and "falling back" in w for w in warnings)
+    assert "native bf16 (AMX)" in caplog.text  # why OpenVINO bf16 was tried first
 
 
 # With OpenVINO installed --------------------------------------------------------------------

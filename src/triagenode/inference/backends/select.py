@@ -306,6 +306,14 @@ def select_backend(
     """
     machine = machine or Machine.detect()
     candidates = plan_candidates(model_settings, artifacts_dir, machine)
+    log.info(
+        "CPU %s: %s; openvino %s",
+        machine.cpu.describe(),
+        "native bf16 (" + ("AMX" if machine.cpu.amx else "AVX-512 BF16") + ")"
+        if machine.cpu.bf16
+        else "no native bf16",
+        "installed" if machine.openvino else "not installed",
+    )
     folder = Path(artifacts_dir) if artifacts_dir is not None else Path(".")
     explicit = model_settings.backend != "auto"
     failures: list[str] = []
