@@ -22,6 +22,15 @@ key images' thumbnails read and windowed, the card laid out and drawn, the Secon
 Capture, the Encapsulated PDF and the Key Object Selection built and written, with the
 worker's own functions, for a 1-image CR and a CT whose 4 key slices are 512x512. Goal:
 under 150 ms per study.
+
+
+``--encoder-ratio`` measures instead, in this process and without the network, how close a
+study's classification comes to its encoder-only time: ``study time / encoder-only time`` for
+a 1-image CR and a CT with 8 selected slices, serial (the classifier's own steps: decode and
+preprocess every image, then encode) and overlapped (:mod:`triagenode.inference.prefetch`),
+and sustained CR throughput of one worker against the encoder bound::
+
+    python benchmarks/pipeline.py --encoder-ratio --random-biomedclip --backend auto
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import statistics
 import sys
@@ -157,8 +167,167 @@ def summary_objects(size: int, repeat: int) -> dict:
     return results
 
 
+def _median_s(run, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return float(statistics.median(times))
+
+
+def encoder_ratio(args: argparse.Namespace) -> dict:
+    """Study time / encoder-only time, serial and overlapped; CR throughput vs its bound."""
+    import numpy as np
+
+    from triagenode.config.labels import LabelSettings
+    from triagenode.config.settings import ModelSettings
+    from triagenode.domain import ImageRef
+    from triagenode.inference import model as models
+    from triagenode.inference.backends.select import select_backend
+    from triagenode.inference.classifier import ZeroShotClassifier
+    from triagenode.inference.prefetch import StudyPrefetcher, study_embeddings
+    from triagenode.inference.preprocess import preprocess_file
+    from triagenode.optimization.onnx_export import export_onnx
+
+    work = Path(tempfile.mkdtemp(prefix="triagenode-bench-ratio-"))
+    cache = work / "cache"
+    if args.random_biomedclip:
+        loaded = models.build_biomedclip(random_weights=True, cache_dir=cache)
+    else:
+        loaded = models.build_demo_model(cache)
+    artifacts = args.artifacts or work / "engines"
+    if (
+        args.backend in ("auto", "onnxruntime", "openvino")
+        and not (artifacts / "image.onnx").exists()
+    ):
+        export_onnx(loaded, artifacts, text=False, n_images=8)
+    settings = ModelSettings(
+        source="demo", backend=args.backend, precision=args.precision, threads=args.threads
+    )
+    encoder = select_backend(settings, artifacts, loaded)
+    classifier = ZeroShotClassifier(loaded, encoder, LabelSettings(), None)
+    prefetcher = StudyPrefetcher(workers=args.prefetch_workers, lookahead=8)
+    studies = {}
+    _, cr = make_cr_study(work / "cr", size=args.cr_size, seed=1)
+    _, ct = make_ct_study(work / "ct", 8, args.size)
+    studies["cr_1_image"] = ("chest_xray", cr)
+    studies["ct_8_slices"] = ("ct", ct)
+    out: dict = {
+        "backend": f"{encoder.backend}/{encoder.precision}",
+        "model": loaded.identity.display_name,
+        "load_average_start": list(os.getloadavg()),
+    }
+    try:
+        for name, (label_set, paths) in studies.items():
+            refs = []
+            for path in paths:
+                ds = pydicom.dcmread(path, stop_before_pixels=True)
+                refs.append(
+                    (ImageRef(ds.SOPClassUID, ds.SOPInstanceUID, ds.SeriesInstanceUID), path)
+                )
+            classifier.text_embeddings(label_set)  # cached, as in a running node
+            arrays = np.stack([preprocess_file(p, loaded.preprocess)[0] for p in paths])
+            encoder.encode(arrays)  # warm-up
+            encode_s = _median_s(lambda a=arrays: encoder.encode(a), args.repeats)
+            prepare_s = _median_s(
+                lambda ps=paths: [preprocess_file(p, loaded.preprocess) for p in ps], args.repeats
+            )
+            serial_s = _median_s(
+                lambda r=refs, ls=label_set: classifier.classify_study("1.2.3", r, ls),
+                args.repeats,
+            )
+            overlapped_s = _median_s(
+                lambda r=refs: study_embeddings(
+                    r, loaded.preprocess, encoder.encode, prefetcher, settings.max_batch
+                ),
+                args.repeats,
+            )
+            out[name] = {
+                "images": len(paths),
+                "encoder_only_s": round(encode_s, 4),
+                "decode_preprocess_s": round(prepare_s, 4),
+                "study_serial_s": round(serial_s, 4),
+                "study_overlapped_s": round(overlapped_s, 4),
+                "ratio_serial": round(serial_s / encode_s, 3),
+                "ratio_overlapped": round(overlapped_s / encode_s, 3),
+            }
+        # Sustained CR stream, one worker: N one-image studies back to back.
+        stream = [
+            make_cr_study(work / f"crs{i}", size=args.cr_size, seed=i)[1][0]
+            for i in range(args.cr_stream)
+        ]
+        one_cr = np.stack([preprocess_file(stream[0], loaded.preprocess)[0]])
+        bound_s = _median_s(lambda: encoder.encode(one_cr), args.repeats)
+        started = time.perf_counter()
+        for path in stream:
+            classifier.classify_study(
+                "1.2.3", [(ImageRef("1.2", path.name, "1"), path)], "chest_xray"
+            )
+        serial_stream_s = time.perf_counter() - started
+
+        def prepare(path: Path) -> list:
+            return [preprocess_file(path, loaded.preprocess)[0]]
+
+        started = time.perf_counter()
+        # Overlapped across studies: the next study's image decodes while this one encodes
+        # (max_batch 1: each study still gets its own encoder call).
+        prefetcher.run(stream, prepare, encoder.encode, max_batch=1)
+        overlapped_stream_s = time.perf_counter() - started
+        n = len(stream)
+        out["cr_stream"] = {
+            "studies": n,
+            "encoder_bound_per_hour": round(3600 / bound_s),
+            "serial_per_hour": round(3600 * n / serial_stream_s),
+            "overlapped_per_hour": round(3600 * n / overlapped_stream_s),
+            "ratio_serial": round(serial_stream_s / (n * bound_s), 3),
+            "ratio_overlapped": round(overlapped_stream_s / (n * bound_s), 3),
+        }
+    finally:
+        prefetcher.close()
+        encoder.close()
+        out["load_average_end"] = list(os.getloadavg())
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def print_ratio(result: dict) -> None:
+    print(
+        f"{result['model']} on {result['backend']}; load average "
+        f"{result['load_average_start'][0]:.1f}-{result['load_average_end'][0]:.1f}"
+    )
+    print(
+        f"{'study':<12}{'encoder s':>10}{'decode s':>10}{'serial s':>10}{'overlap s':>10}"
+        f"{'ratio serial':>14}{'ratio overlap':>15}"
+    )
+    for name in ("cr_1_image", "ct_8_slices"):
+        r = result[name]
+        print(
+            f"{name:<12}{r['encoder_only_s']:>10.3f}{r['decode_preprocess_s']:>10.3f}"
+            f"{r['study_serial_s']:>10.3f}{r['study_overlapped_s']:>10.3f}"
+            f"{r['ratio_serial']:>14.2f}{r['ratio_overlapped']:>15.2f}"
+        )
+    s = result["cr_stream"]
+    print(
+        f"CR stream ({s['studies']} studies, one worker): "
+        f"encoder bound {s['encoder_bound_per_hour']}/h, "
+        f"serial {s['serial_per_hour']}/h (x{s['ratio_serial']:.2f}), "
+        f"overlapped {s['overlapped_per_hour']}/h (x{s['ratio_overlapped']:.2f})"
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--encoder-ratio", action="store_true", help="study / encoder-only time")
+    parser.add_argument("--random-biomedclip", action="store_true")
+    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--prefetch-workers", type=int, default=1)
+    parser.add_argument("--cr-size", type=int, default=2048)
+    parser.add_argument("--cr-stream", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--artifacts", type=Path, default=None)
     parser.add_argument("--ct-slices", type=int, default=200)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--quiet", type=float, default=1.0, help="study.stable_after_s")
@@ -176,6 +345,12 @@ def main() -> int:
         measured = summary_objects(args.size, args.repeat)
         if args.json_out:
             args.json_out.write_text(json.dumps(measured, indent=2))
+
+    if args.encoder_ratio:
+        result = encoder_ratio(args)
+        print_ratio(result)
+        if args.json_out:
+            args.json_out.write_text(json.dumps(result, indent=2))
         return 0
 
     work = Path(tempfile.mkdtemp(prefix="triagenode-bench-pipeline-"))

@@ -208,7 +208,7 @@ class ModelSettings(Section):
         description="Commit (40 hex digits) an hf-hub: source is pinned to; required in "
         "production, so every node loads the same weights. Results record the commit loaded",
     )
-    backend: Literal["auto", "torch", "onnxruntime", "tensorrt"] = "auto"
+    backend: Literal["auto", "torch", "onnxruntime", "openvino", "tensorrt"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "fp16", "bf16", "int8"] = "auto"
     max_batch: int = Field(default=32, ge=1, le=4096)
@@ -232,6 +232,10 @@ class ModelSettings(Section):
         default=None,
         description="Site calibration file from `triagenode calibrate` (per-finding calibration "
         "and thresholds); refused when made for other model weights",
+    )
+    performance_hint: Literal["latency", "throughput"] = Field(
+        default="latency",
+        description="OpenVINO PERFORMANCE_HINT (openvino backend): latency = one stream",
     )
 
     @field_validator("source")
