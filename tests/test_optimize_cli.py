@@ -121,3 +121,14 @@ def test_benchmark_backends_table_and_json(workdir, capsys):
     assert "onnxruntime-cpu-int8-dynamic" in rows or (
         "parity below threshold" in report["skipped"]["onnxruntime-cpu-int8-dynamic"]
     )
+    # OpenVINO fp32/bf16/INT8 and PyTorch bf16 sit beside them, agreement measured the same way.
+    pytest.importorskip("openvino")
+    from triagenode.inference.backends.cpu import detect_cpu
+
+    ov = rows["openvino-cpu-fp32"]
+    assert ov["backend"] == "openvino" and ov["cosine_min"] > 0.9999
+    assert "centred_top1_agreement" in ov
+    if detect_cpu().bf16:
+        for name in ("openvino-cpu-bf16", "torch-cpu-bf16"):
+            assert rows[name]["precision"] == "bf16" and rows[name]["cosine_min"] > 0.999
+    assert "openvino-cpu-int8" in rows or "parity" in report["skipped"]["openvino-cpu-int8"]

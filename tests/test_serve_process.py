@@ -82,6 +82,7 @@ name = "pacs"
 ae_title = "PACS"
 host = "127.0.0.1"
 port = {pacs.port}
+send = ["sr"]  # these tests count SRs; the summary objects: test_summary_exports.py
 {extra}
 """,
         encoding="utf-8",

@@ -21,6 +21,7 @@ from sqlalchemy import select
 
 from tests import factory
 from tests.peers import run_tool, wait_for
+from tests.test_end_to_end import send_to_node
 from triagenode.metrics import STUDIES_PROCESSED
 from triagenode.node import Node
 from triagenode.store.models import AuditEvent, Result, Study
@@ -84,15 +85,7 @@ def test_each_study_gets_a_sensible_label_set_or_a_recorded_not_applicable(
     not_applicable_before = STUDIES_PROCESSED.labels("not_applicable", "routine")._value.get()
     uids = {}
     for name, (paths, _expected) in studies.items():
-        sent = run_tool(
-            "storescu",
-            "-aec",
-            settings.scp.ae_title,
-            "127.0.0.1",
-            str(settings.scp.port),
-            *map(str, paths),
-        )
-        assert sent.returncode == 0, f"{name}: {sent.stderr}"
+        send_to_node(settings, paths)
         uids[name] = str(pydicom.dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
 
     def finished() -> dict[str, Study] | None:
@@ -144,10 +137,7 @@ def test_reprocessing_writes_the_next_sr_of_the_series_referencing_the_first(
     settings = node.settings
     path = factory.write(factory.cr_image(), tmp_path / "cr.dcm")
     study_uid = str(pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID)
-    sent = run_tool(
-        "storescu", "-aec", settings.scp.ae_title, "127.0.0.1", str(settings.scp.port), str(path)
-    )
-    assert sent.returncode == 0, sent.stderr
+    send_to_node(settings, [path])
 
     def results(count: int) -> list[Result] | None:
         with node.db.session() as session:

@@ -129,7 +129,9 @@ def test_studies_cli(
         "first_received_at",
         "last_received_at",
         "stable_at",
+        "delivery",  # sent, or held by shadow mode (empty before a result exists)
     }
+    assert rows[0]["delivery"] == ""
     assert main(["studies", "complete", "1.5.1", "--config", str(config)]) == 0
     capsys.readouterr()
     assert main(["studies", "--config", str(config), "--state", "stable"]) == 0

@@ -111,6 +111,9 @@ class LabelFinding:
     escalates: bool = False  # ... and its threshold is calibrated: the study becomes stat
     calibrated: bool = False  # the score went through a fitted calibration
     images: tuple[ImageRef, ...] = ()  # images whose own score reached the threshold
+    # the study's raw logit: the set's aggregation rule over the images' uncalibrated logits
+    # (what a site calibration is fitted on); None where not known
+    logit: float | None = None
 
 
 @dataclass(frozen=True)

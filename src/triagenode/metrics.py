@@ -15,6 +15,8 @@ __all__ = [
     "BATCH_SIZE",
     "EXPORT_ATTEMPTS",
     "EXPORT_FAILURES",
+    "FINDING_POSITIVE",
+    "FINDING_SCORE",
     "INFERENCE_SECONDS",
     "INSTANCES_RECEIVED",
     "INSTANCES_REJECTED",
@@ -76,5 +78,21 @@ EXPORT_FAILURES = Counter(
     "triagenode_export_failures",
     "Failed C-STORE attempts of SRs to destinations",
     ["destination"],
+    registry=REGISTRY,
+)
+
+# Drift monitoring (validation): per label set and finding, the distribution of study scores
+# and how often the finding is called present; a rate() over a window shows a change.
+FINDING_SCORE = Histogram(
+    "triagenode_finding_score",
+    "Study-level score of each finding, per label set",
+    ["label_set", "finding"],
+    buckets=tuple(round(0.05 * i, 2) for i in range(1, 21)),
+    registry=REGISTRY,
+)
+FINDING_POSITIVE = Counter(
+    "triagenode_finding_positive",
+    "Studies in which a finding was called present (score at or above its threshold)",
+    ["label_set", "finding"],
     registry=REGISTRY,
 )

@@ -31,11 +31,23 @@ def build_classifier(settings: Settings) -> Any:
     from triagenode.inference.classifier import ZeroShotClassifier
     from triagenode.inference.model import load_model
 
+    calibration = None
+    if settings.model.calibration is not None:
+        from triagenode.validation.calibration_file import apply_calibration, load_calibration
+
+        calibration = load_calibration(settings.model.calibration)  # a bad file fails first
     cache_dir = settings.node.data_dir / "cache"
     model = load_model(settings.model, cache_dir=cache_dir)
+    labels = settings.labels
+    if calibration is not None:
+        # refused for other weights before any backend thread starts
+        labels = apply_calibration(labels, calibration, model.identity.weights_sha256)
+        log.info(
+            "site calibration %s applied to label set %s", calibration.tag, calibration.label_set
+        )
     encoder = select_backend(settings.model, settings.artifacts_dir, model)
     batcher = DynamicBatcher(encoder, settings.model.max_batch, settings.model.max_wait_ms)
-    return ZeroShotClassifier(model, encoder, settings.labels, cache_dir, batcher=batcher)
+    return ZeroShotClassifier(model, encoder, labels, cache_dir, batcher=batcher)
 
 
 @dataclass
@@ -88,6 +100,8 @@ class Node:
         identity = self.classifier.model.identity
         if identity.is_demo:
             log.warning("model is the built-in demo model: %s", DEMO_WARNING)
+        if settings.export.mode == "shadow":
+            log.warning("export.mode is shadow: results and SRs are kept here, nothing is sent")
 
         rules = TriageRules(settings.triage)
         queue = JobQueue(self.db, settings)

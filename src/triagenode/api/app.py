@@ -75,6 +75,9 @@ def create_app(
     install_problem_handlers(app)
     for module in (health, studies, queue, exports, audit_routes, predict, tokens):
         app.include_router(module.router)
+    from triagenode.console import install_console  # the console builds on this package
+
+    install_console(app)
     # Added innermost first: CORS (when configured) sits inside the body limit, inside the
     # audit (so a 413 is recorded too), inside the security headers (which every answer gets).
     if settings.api.cors_origins:

@@ -27,6 +27,7 @@ __all__ = [
     "DbDep",
     "ServicesDep",
     "SettingsDep",
+    "rate_limit",
     "require",
 ]
 
@@ -65,7 +66,8 @@ CallAuditDep = Annotated[CallAudit, Depends(_call_audit)]
 _UNAUTHORIZED = {"WWW-Authenticate": 'Bearer realm="triagenode"'}
 
 
-def _rate_limit(request: Request, call: CallAudit, key: str) -> None:
+def rate_limit(request: Request, call: CallAudit, key: str) -> None:
+    """Admit one more request of ``key`` or raise 429 (recorded once per burst)."""
     limiter: RateLimiter = request.app.state.rate_limiter
     wait = limiter.check(key)
     noted: set[str] = request.app.state.rate_limited
@@ -115,13 +117,13 @@ def require(
         try:
             principal = tokens.authenticate(credentials.credentials if credentials else None)
         except AuthFailure as failure:
-            _rate_limit(request, call, f"address:{client}")
+            rate_limit(request, call, f"address:{client}")
             call.raise_alert(f"{failure.reason}_token", failure.name)
             raise Problem(
                 401, f"bearer token {failure.reason}", "unauthorized", _UNAUTHORIZED
             ) from None
         call.actor = principal.name
-        _rate_limit(request, call, f"token:{principal.name}")
+        rate_limit(request, call, f"token:{principal.name}")
         if not principal.role.allows(role):
             call.raise_alert("use_of_restricted_function", needed=role.value)
             raise Problem(

@@ -37,6 +37,13 @@ _DOCS_CSP = (
     "img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'"
 )
 _API_CSP = "default-src 'none'; frame-ancestors 'none'"
+# The operator console (console/): its own stylesheet and script, inline SVG, forms to itself.
+_CONSOLE_PATH = "/ui"
+_CONSOLE_STATIC = "/ui/static/"
+_CONSOLE_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
+)
 
 
 class SecurityHeadersMiddleware:
@@ -48,6 +55,7 @@ class SecurityHeadersMiddleware:
             await self.app(scope, receive, send)
             return
         docs = scope["path"].startswith(_DOCS_PATHS)
+        console = scope["path"] == _CONSOLE_PATH or scope["path"].startswith(_CONSOLE_PATH + "/")
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -55,7 +63,9 @@ class SecurityHeadersMiddleware:
                 headers["X-Content-Type-Options"] = "nosniff"
                 headers["X-Frame-Options"] = "DENY"
                 headers["Referrer-Policy"] = "no-referrer"
-                headers["Content-Security-Policy"] = _DOCS_CSP if docs else _API_CSP
+                headers["Content-Security-Policy"] = (
+                    _DOCS_CSP if docs else _CONSOLE_CSP if console else _API_CSP
+                )
                 if not docs:
                     headers["Cache-Control"] = "no-store"
             await send(message)
@@ -176,8 +186,9 @@ def _outcome(status: int) -> Outcome:
 
 
 class CallAuditMiddleware:
-    """One audit event per ``/api/`` call, with the token name and client address, and one
-    access log line per request without its query string (which may hold a patient ID)."""
+    """One audit event per ``/api/`` call and console (``/ui``) page or action, with the token
+    name and client address, and one access log line per request without its query string
+    (which may hold a patient ID)."""
 
     def __init__(self, app: ASGIApp, audit: AuditLog) -> None:
         self.app = app
@@ -187,7 +198,11 @@ class CallAuditMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        audited = scope["path"].startswith("/api/")
+        path = scope["path"]
+        audited = path.startswith("/api/") or (
+            (path == _CONSOLE_PATH or path.startswith(_CONSOLE_PATH + "/"))
+            and not path.startswith(_CONSOLE_STATIC)
+        )
         call = CallAudit()
         scope.setdefault("state", {})["call_audit"] = call
         client = scope.get("client")

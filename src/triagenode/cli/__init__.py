@@ -23,6 +23,9 @@ __all__ = ["main"]
 COMMANDS = (
     "serve",
     "classify",
+    "evaluate",
+    "calibrate",
+    "monitor",
     "studies",
     "exports",
     "triage",

@@ -19,6 +19,7 @@ COLUMNS = [
     "first_received_at",
     "last_received_at",
     "stable_at",
+    "delivery",
 ]
 
 
@@ -51,6 +52,7 @@ def _rows(args: argparse.Namespace) -> list[dict[str, Any]]:
             query = query.where(Study.state == args.state)
         with db.session() as session:
             studies = session.execute(query).scalars().all()
+            delivery = _delivery(session, [s.id for s in studies])
             return [
                 {
                     "study_uid": s.study_uid,
@@ -63,11 +65,36 @@ def _rows(args: argparse.Namespace) -> list[dict[str, Any]]:
                     "first_received_at": s.first_received_at.isoformat(timespec="seconds"),
                     "last_received_at": s.last_received_at.isoformat(timespec="seconds"),
                     "stable_at": s.stable_at.isoformat(timespec="seconds") if s.stable_at else "",
+                    "delivery": delivery.get(s.id, ""),
                 }
                 for s in studies
             ]
     finally:
         db.dispose()
+
+
+def _delivery(session: Any, study_ids: list[int]) -> dict[int, str]:
+    """What happened to each study's newest result: sent, or held in shadow mode."""
+    from sqlalchemy import select
+
+    from triagenode.store.models import Result
+
+    if not study_ids:
+        return {}
+    rows = session.execute(
+        select(Result.study_id, Result.findings)
+        .where(Result.study_id.in_(study_ids))
+        .order_by(Result.run, Result.id)
+    ).all()
+    out: dict[int, str] = {}
+    for study_id, findings in rows:
+        info = (findings or {}).get("delivery") or {}
+        targets = ",".join(info.get("destinations") or []) or "(no destinations)"
+        if info.get("mode") == "shadow":
+            out[study_id] = f"shadow: would send to {targets}"
+        elif info:
+            out[study_id] = f"queued to {targets}"
+    return out
 
 
 def _list(args: argparse.Namespace) -> int:

@@ -60,11 +60,24 @@ class Calibration(Section):
     minus similarity to its "absent" prompts); the identity score is ``sigmoid(z)``.
     """
 
-    method: Literal["identity", "temperature", "platt"] = "identity"
+    method: Literal["identity", "temperature", "platt", "isotonic"] = "identity"
     temperature: float = Field(default=1.0, gt=0, description="score = sigmoid(z / temperature)")
     slope: float = Field(default=1.0, description="Platt: score = sigmoid(slope * z + intercept)")
     intercept: float = 0.0
     name: str = Field(default="", max_length=128, description="e.g. 'site fit 2026-11-28, n=412'")
+    # isotonic: score interpolated between (logit, score) breakpoints, constant outside them
+    breakpoints: list[tuple[float, float]] = Field(default_factory=list, max_length=10000)
+
+    @model_validator(mode="after")
+    def _isotonic_has_breakpoints(self) -> Calibration:
+        if self.method == "isotonic":
+            xs = [x for x, _ in self.breakpoints]
+            ys = [y for _, y in self.breakpoints]
+            if len(xs) < 2 or xs != sorted(xs) or ys != sorted(ys):
+                raise ValueError("isotonic needs >= 2 breakpoints, logits and scores ascending")
+            if not all(0.0 <= y <= 1.0 for y in ys):
+                raise ValueError("isotonic breakpoint scores must lie in [0, 1]")
+        return self
 
     @property
     def is_calibrated(self) -> bool:
@@ -74,6 +87,9 @@ class Calibration(Section):
     def apply(self, logits: np.ndarray) -> np.ndarray:
         """Scores in (0, 1) from raw logits, float32, any shape."""
         z = np.asarray(logits, dtype=np.float32)
+        if self.method == "isotonic":
+            xs, ys = zip(*self.breakpoints, strict=True)
+            return np.interp(z, xs, ys).astype(np.float32)
         if self.method == "temperature":
             z = z / np.float32(self.temperature)
         elif self.method == "platt":
@@ -86,6 +102,8 @@ class Calibration(Section):
             text = f"temperature T={self.temperature:g}"
         elif self.method == "platt":
             text = f"Platt a={self.slope:g} b={self.intercept:g}"
+        elif self.method == "isotonic":
+            text = f"isotonic ({len(self.breakpoints)} breakpoints)"
         else:
             return "none (identity; scores are not probabilities)"
         return f"{text} ({self.name})" if self.name else text

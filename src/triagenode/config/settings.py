@@ -208,7 +208,7 @@ class ModelSettings(Section):
         description="Commit (40 hex digits) an hf-hub: source is pinned to; required in "
         "production, so every node loads the same weights. Results record the commit loaded",
     )
-    backend: Literal["auto", "torch", "onnxruntime", "tensorrt"] = "auto"
+    backend: Literal["auto", "torch", "onnxruntime", "openvino", "tensorrt"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "fp16", "bf16", "int8"] = "auto"
     max_batch: int = Field(default=32, ge=1, le=4096)
@@ -227,6 +227,15 @@ class ModelSettings(Section):
     )
     graph_optimization: Literal["disable", "basic", "extended", "all"] = Field(
         default="all", description="ONNX Runtime graph optimisation level (onnxruntime backend)"
+    )
+    calibration: Path | None = Field(
+        default=None,
+        description="Site calibration file from `triagenode calibrate` (per-finding calibration "
+        "and thresholds); refused when made for other model weights",
+    )
+    performance_hint: Literal["latency", "throughput"] = Field(
+        default="latency",
+        description="OpenVINO PERFORMANCE_HINT (openvino backend): latency = one stream",
     )
 
     @field_validator("source")
@@ -254,6 +263,9 @@ class ModelSettings(Section):
         return self
 
 
+SendKind = Literal["sr", "summary-sc", "summary-pdf", "kos"]
+
+
 class Destination(Section):
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
     ae_title: str
@@ -263,11 +275,26 @@ class Destination(Section):
     tls_ca: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    send: list[SendKind] = Field(
+        default_factory=lambda: list[SendKind](["sr", "summary-sc"]),
+        min_length=1,
+        description="What this destination gets of each classified study: the TID 1500 SR "
+        '("sr"), the summary card as a Secondary Capture ("summary-sc") and as an '
+        'Encapsulated PDF ("summary-pdf"), the Key Object Selection of the key images ("kos")',
+    )
 
     @field_validator("ae_title")
     @classmethod
     def _ae_title_valid(cls, value: str) -> str:
         return _check_ae_title(value)
+
+    @field_validator("send")
+    @classmethod
+    def _send_unique(cls, value: list[SendKind]) -> list[SendKind]:
+        repeated = sorted({kind for kind in value if value.count(kind) > 1})
+        if repeated:
+            raise ValueError(f"each kind at most once (repeated: {', '.join(repeated)})")
+        return value
 
 
 class ExportSettings(Section):
@@ -293,6 +320,11 @@ class ExportSettings(Section):
         le=3600,
         description="Seconds between background C-ECHOs of every destination; /readyz "
         "reports the last result and its age, and never opens an association itself",
+    )
+    mode: Literal["send", "shadow"] = Field(
+        default="send",
+        description="'shadow' classifies and keeps SRs and results locally but sends nothing "
+        "(validation before go-live)",
     )
 
 

@@ -198,9 +198,12 @@ class ZeroShotClassifier:
     def scores(self, embeddings: np.ndarray, label_set: str) -> np.ndarray:
         """Per-image, per-finding scores ``(N, labels)`` in (0, 1), each label's calibration
         applied to its own column."""
-        logits = self.logits(embeddings, label_set)
+        return self._calibrated(self.logits(embeddings, label_set), self.label_set(label_set))
+
+    @staticmethod
+    def _calibrated(logits: np.ndarray, label_set: LabelSet) -> np.ndarray:
         out = np.empty_like(logits)
-        for column, label in enumerate(self.label_set(label_set).labels):
+        for column, label in enumerate(label_set.labels):
             out[:, column] = label.calibration.apply(logits[:, column])
         return out
 
@@ -350,8 +353,10 @@ class ZeroShotClassifier:
                 f"study {study_uid}: none of its {len(images)} images could be classified "
                 f"({reasons})"
             )
-        image_scores = self.scores(np.stack(embeddings), name)
+        image_logits = self.logits(np.stack(embeddings), name)
+        image_scores = self._calibrated(image_logits, chosen)
         study_scores = chosen.aggregate(image_scores)
+        study_logits = chosen.aggregate(image_logits)
         findings = []
         for column, label in enumerate(chosen.labels):
             score = float(study_scores[column])
@@ -374,6 +379,7 @@ class ZeroShotClassifier:
                     escalates=label.escalates and present,
                     calibrated=label.calibration.is_calibrated,
                     images=support,
+                    logit=round(float(study_logits[column]), 6),
                 )
             )
         total_ms = (time.perf_counter() - started) * 1000

@@ -56,6 +56,7 @@ __all__ = [
     "OPENAI_STD",
     "PreprocessConfig",
     "apply_window",
+    "display_dataset",
     "modality_default_window",
     "number_of_frames",
     "preprocess_dataset",
@@ -260,6 +261,17 @@ def preprocess_dataset(
         No pixel data, an undecodable transfer syntax, an unsupported photometric
         interpretation, a frame out of range, or a bad window.
     """
+    return preprocess_pixels(display_dataset(ds, frame, window=window), config)
+
+
+def display_dataset(
+    ds: Dataset, frame: int | None = None, *, window: Window | None = None
+) -> np.ndarray:
+    """One image (or frame) of a dataset as the model sees it before resizing: display
+    values in [0, 1], ``(H, W)`` or ``(H, W, 3)`` (the summary card's thumbnails).
+
+    Parameters and errors as for :func:`preprocess_dataset`.
+    """
     if not any(keyword in ds for keyword in _PIXEL_KEYWORDS):
         meta = getattr(ds, "file_meta", None)
         sop = ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta else None)
@@ -279,7 +291,7 @@ def preprocess_dataset(
     display = to_display(pixels, ds, frame=frame, window=window)
     if not np.isfinite(display).all():
         display = np.nan_to_num(display, nan=0.0, posinf=1.0, neginf=0.0)
-    return preprocess_pixels(display, config)
+    return display
 
 
 def _image_file(path: Path, config: PreprocessConfig) -> np.ndarray:

@@ -1,8 +1,9 @@
 """What this machine can run: its description, and an encoder factory per backend.
 
 :func:`machine_backends` lists PyTorch fp32 first (the reference every comparison is made
-against), then every ONNX artefact on the CPU provider, then, on a GPU machine, PyTorch
-CUDA, ONNX Runtime's CUDA/TensorRT providers and TensorRT engines.
+against), PyTorch bf16 (autocast) where the CPU has native bf16, then every ONNX artefact on
+the CPU provider, OpenVINO fp32/bf16/INT8 when it is installed, then, on a GPU machine,
+PyTorch CUDA, ONNX Runtime's CUDA/TensorRT providers and TensorRT engines.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from triagenode.inference.backends.base import ImageEncoder
+from triagenode.inference.backends.cpu import detect_cpu
 
 __all__ = ["EncoderFactory", "machine_backends", "machine_info"]
 
@@ -33,12 +35,22 @@ def machine_info() -> dict[str, Any]:
         "torch": torch.__version__,
         "onnxruntime": ort.__version__,
         "ort_providers": ort.get_available_providers(),
+        "openvino": _openvino_version(),
+        "cpu_flags": sorted(detect_cpu().flags),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "torch_threads": torch.get_num_threads(),
         # Other work on a shared machine shows here; compare runs only at similar load.
         "load_average_start": list(os.getloadavg()),
     }
     return info
+
+
+def _openvino_version() -> str | None:
+    if importlib.util.find_spec("openvino") is None:
+        return None
+    import openvino
+
+    return str(openvino.get_version())
 
 
 def _cpu_name() -> str:
@@ -81,6 +93,15 @@ def machine_backends(
             lambda: TorchImageEncoder(loaded, device="cpu", precision="fp32", max_batch=max_batch),
         ),
     ]
+    if detect_cpu().bf16:
+        out.append(
+            (
+                "torch-cpu-bf16",
+                lambda: TorchImageEncoder(
+                    loaded, device="cpu", precision="bf16", max_batch=max_batch
+                ),
+            )
+        )
     folder = Path(artifacts_dir)
 
     def ort(path: Path, provider: str) -> EncoderFactory:
@@ -102,6 +123,9 @@ def machine_backends(
         if path.name not in known:
             label = path.name.removeprefix("image.").removesuffix(".onnx")
             out.append((f"onnxruntime-cpu-{label}", ort(path, "CPUExecutionProvider")))
+    if importlib.util.find_spec("openvino") is not None:
+        for prec in ("fp32", "bf16", "int8"):
+            out.append((f"openvino-cpu-{prec}", _openvino_factory(loaded, folder, prec, threads)))
     if torch.cuda.is_available():
         for prec in ("fp16", "bf16"):
             out.append((f"torch-cuda-{prec}", _torch_factory(loaded, prec, max_batch)))
@@ -132,6 +156,31 @@ def _torch_factory(loaded: Any, precision: str, max_batch: int) -> EncoderFactor
     return lambda: TorchImageEncoder(
         loaded, device="cuda", precision=precision, max_batch=max_batch
     )
+
+
+def _openvino_factory(loaded: Any, folder: Path, precision: str, threads: int) -> EncoderFactory:
+    def make() -> ImageEncoder:
+        from triagenode.errors import ModelLoadError
+        from triagenode.inference.backends.artifacts import IMAGE_FP32, openvino_dir
+        from triagenode.inference.backends.openvino import OpenVinoImageEncoder
+        from triagenode.optimization.openvino_build import ensure_openvino_model
+
+        cpu = detect_cpu()
+        if precision == "bf16" and not cpu.bf16:
+            raise ModelLoadError(f"CPU {cpu.name} has no native bf16 (AMX or AVX-512 BF16)")
+        onnx = folder / IMAGE_FP32
+        path = ensure_openvino_model(
+            loaded,
+            openvino_dir(folder),
+            precision=precision,
+            source_onnx=onnx if onnx.is_file() else None,
+            # Built (or refused) beforehand by the benchmark's preparation, so the row's
+            # memory figure is the backend serving, not its build.
+            build=False,
+        )
+        return OpenVinoImageEncoder(path, precision=precision, threads=threads)
+
+    return make
 
 
 def _trt_factory(

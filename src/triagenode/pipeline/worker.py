@@ -22,23 +22,26 @@ from triagenode.config.settings import Settings
 from triagenode.domain import Priority, StudyResult, StudyState
 from triagenode.errors import TriageNodeError
 from triagenode.inference.classifier import NoUsableImagesError, ZeroShotClassifier
-from triagenode.inference.select import (
-    InstanceRecord,
-    Selection,
-    SeriesPreference,
-    choose_images,
-)
-from triagenode.metrics import STUDIES_PROCESSED
+from triagenode.inference.plan import plan_study
+from triagenode.inference.preprocess import display_dataset, read_dataset
+from triagenode.inference.select import InstanceRecord, Selection
+from triagenode.metrics import FINDING_POSITIVE, FINDING_SCORE, STUDIES_PROCESSED
 from triagenode.pipeline.notify import CriticalFindingNotifier
 from triagenode.pipeline.queue import ClaimedJob, JobQueue
+from triagenode.reports.content import SrUids
+from triagenode.reports.kos import build_kos
+from triagenode.reports.objects import ObjectKind, key_images, write_objects
 from triagenode.reports.result_json import result_to_json
 from triagenode.reports.sr import build_sr, write_sr
+from triagenode.reports.summary_card import Thumbnail, layout_card
+from triagenode.reports.summary_pdf import build_summary_pdf
+from triagenode.reports.summary_sc import build_summary_sc
 from triagenode.scp.exporter import ExportOutbox
 from triagenode.store.db import Database
 from triagenode.store.models import Instance, Result, Series, Study
 from triagenode.store.study_state import set_study_state
 
-__all__ = ["StudyProcessor", "WorkerPool"]
+__all__ = ["StudyProcessor", "WorkerPool", "build_summary_objects", "key_thumbnails"]
 
 log = logging.getLogger(__name__)
 
@@ -134,18 +137,16 @@ class StudyProcessor:
         snapshot = self._snapshot(job.study_id)
         with self.db.write_session() as session:
             set_study_state(session, snapshot.study_id, StudyState.processing, "worker claimed job")
-        label_set: str | None
-        if snapshot.label_set:
-            label_set, why = snapshot.label_set, f"set by triage rule {snapshot.priority_rule!r}"
-        else:
-            choice = self.classifier.labels.explain_choice(snapshot.triage_inputs)
-            label_set, why = choice.label_set, choice.reason
-        selection = choose_images(
+        plan = plan_study(
+            self.classifier.labels,
             snapshot.records,
+            snapshot.triage_inputs,
             slices_per_series=self.settings.model.slices_per_series,
             max_images=self.settings.model.max_images_per_study,
-            prefer=self._preference(label_set),
+            label_set=snapshot.label_set or None,
+            label_set_reason=f"set by triage rule {snapshot.priority_rule!r}",
         )
+        label_set, why, selection = plan.label_set, plan.reason, plan.selection
         if not selection.images:
             reason = "no classifiable images" + _skipped_note(selection)
             self._set_state(snapshot, StudyState.ignored, reason)
@@ -172,7 +173,14 @@ class StudyProcessor:
                 result, priority=Priority.stat, priority_rule=f"critical finding: {escalated}"
             )
         classify_ms = (time.perf_counter() - started) * 1000
-        self._report(snapshot, result, selection.images[0].path)
+        for finding in result.findings:
+            FINDING_SCORE.labels(result.label_set, finding.name).observe(finding.score)
+            if finding.present:
+                FINDING_POSITIVE.labels(result.label_set, finding.name).inc()
+        chosen = self.classifier.label_set(label_set)
+        window = (chosen.window.center, chosen.window.width) if chosen.window else None
+        paths = {image.ref.sop_instance_uid: image.path for image in selection.images}
+        self._report(snapshot, result, selection.images[0].path, paths, window)
         log.info(
             "study %s classified: label_set=%s top=%s critical=%s flagged=%s images=%d "
             "failed=%d %.0f ms%s",
@@ -187,18 +195,6 @@ class StudyProcessor:
             " [DEMO, NOT FOR CLINICAL USE]" if result.model.is_demo else "",
         )
         return result
-
-    def _preference(self, label_set: str | None) -> SeriesPreference | None:
-        """What the label set's diagnostic series looks like, for image selection."""
-        if label_set is None:
-            return None
-        rules = [r for r in self.classifier.labels.domains if r.label_set == label_set]
-        chosen = self.classifier.label_set(label_set)
-        return SeriesPreference(
-            modalities=tuple(m for r in rules for m in r.modalities),
-            body_parts=tuple(b for r in rules for b in r.body_parts),
-            keywords=tuple(chosen.series_keywords),
-        )
 
     def _predecessor(self, snapshot: _StudySnapshot) -> list[pydicom.Dataset]:
         """The newest SR of an earlier run of this study, which the new one supersedes."""
@@ -222,11 +218,62 @@ class StudyProcessor:
             log.warning("study %s: earlier SR unreadable (%s)", snapshot.study_uid, exc)
             return []
 
-    def _report(self, snapshot: _StudySnapshot, result: StudyResult, source_path: Path) -> None:
+    def _summaries(
+        self,
+        snapshot: _StudySnapshot,
+        result: StudyResult,
+        source: pydicom.Dataset,
+        sr: pydicom.Dataset,
+        paths: dict[str, Path],
+        window: tuple[float, float] | None,
+    ) -> list[tuple[ObjectKind, str, Path]]:
+        """Build and write the summary objects some destination takes; (kind, SOP Instance
+        UID, file) of each. A failure here costs only the summaries, never the SR."""
+        kinds = [
+            k
+            for k in (ObjectKind.summary_sc, ObjectKind.summary_pdf, ObjectKind.kos)
+            if self.outbox.wanted(k.value)
+        ]
+        if not kinds:
+            return []
+        written: list[tuple[ObjectKind, str, Path]] = []
+        try:
+            objects = build_summary_objects(
+                result,
+                source,
+                sr,
+                self.settings,
+                kinds,
+                run=snapshot.run,
+                paths=paths,
+                window=window,
+            )
+            paths_written = write_objects([dataset for _kind, dataset in objects], self.settings)
+            for (kind, dataset), path in zip(objects, paths_written, strict=True):
+                written.append((kind, str(dataset.SOPInstanceUID), path))
+        except Exception as exc:
+            log.error(
+                "study %s: summary objects not made (%s: %s); the SR is still sent",
+                snapshot.study_uid,
+                type(exc).__name__,
+                exc,
+                exc_info=not isinstance(exc, TriageNodeError),
+            )
+        return written
+
+    def _report(
+        self,
+        snapshot: _StudySnapshot,
+        result: StudyResult,
+        source_path: Path,
+        paths: dict[str, Path] | None = None,
+        window: tuple[float, float] | None = None,
+    ) -> None:
         source = pydicom.dcmread(source_path, stop_before_pixels=True)
         predecessors = self._predecessor(snapshot)
         sr = build_sr(result, source, self.settings, run=snapshot.run, predecessors=predecessors)
         sr_path = write_sr(sr, self.settings, result=result)
+        summaries = self._summaries(snapshot, result, source, sr, paths or {}, window)
         relative = sr_path.relative_to(self.settings.node.data_dir)
         priority = int(max(snapshot.priority, result.priority))
         supersedes = str(predecessors[0].SOPInstanceUID) if predecessors else None
@@ -255,6 +302,16 @@ class StudyProcessor:
                 sr_series_uid=sr.SeriesInstanceUID,
                 supersedes=supersedes,
             )
+            shadow = self.settings.export.mode == "shadow"
+            # what would have been sent, and whether it was: the API and the CLI show it
+            row.findings = {
+                **row.findings,
+                "delivery": {
+                    "mode": self.settings.export.mode,
+                    "destinations": [d.name for d in self.settings.destinations],
+                    "sent": not shadow,
+                },
+            }
             row.sr_sop_instance_uid = sr.SOPInstanceUID
             row.sr_series_uid = sr.SeriesInstanceUID
             row.sr_path = str(relative)
@@ -265,14 +322,39 @@ class StudyProcessor:
             if result.critical and study.priority < Priority.stat:
                 study.priority = int(Priority.stat)
                 study.priority_rule = result.priority_rule
-            self.outbox.enqueue(
-                row.id,
-                snapshot.study_uid,
-                sr.SOPInstanceUID,
-                relative,
-                priority=priority,
-                session=session,
-            )
+            if shadow:
+                # shadow mode (validation before go-live): the SR and the result stay here
+                self.audit.record(
+                    AuditEventId.export,
+                    event_type="shadow-not-sent",
+                    study_uid=snapshot.study_uid,
+                    patient_ref=study.patient_ref,
+                    actor=self.settings.scp.ae_title,
+                    details={
+                        "sr_uid": sr.SOPInstanceUID,
+                        "would_send_to": [d.name for d in self.settings.destinations],
+                    },
+                    session=session,
+                )
+            else:
+                self.outbox.enqueue(
+                    row.id,
+                    snapshot.study_uid,
+                    sr.SOPInstanceUID,
+                    relative,
+                    priority=priority,
+                    session=session,
+                )
+            for kind, sop_instance_uid, path in [] if shadow else summaries:
+                self.outbox.enqueue(
+                    row.id,
+                    snapshot.study_uid,
+                    sop_instance_uid,
+                    path.relative_to(self.settings.node.data_dir),
+                    priority=priority,
+                    session=session,
+                    kind=kind.value,
+                )
             set_study_state(session, snapshot.study_id, StudyState.reported, None)
             if result.flagged:
                 self.audit.record(
@@ -289,10 +371,75 @@ class StudyProcessor:
                     session=session,
                 )
         STUDIES_PROCESSED.labels("reported", snapshot.priority.name).inc()
-        if self.on_exports_queued is not None:
+        if self.on_exports_queued is not None and not shadow:
             self.on_exports_queued()
         if result.critical and self.notifier is not None:
             self.notifier.notify(result, sr_uid=sr.SOPInstanceUID)
+
+
+def key_thumbnails(
+    result: StudyResult, paths: dict[str, Path], window: tuple[float, float] | None
+) -> list[Thumbnail]:
+    """The key images as the model saw them (same display pipeline and window); an image
+    whose file is not at hand or does not decode is left out."""
+    thumbnails = []
+    for ref in key_images(result):
+        path = paths.get(ref.sop_instance_uid)
+        if path is None:
+            continue
+        try:
+            pixels = display_dataset(read_dataset(path), ref.frame, window=window)
+        except Exception as exc:  # a thumbnail is not worth failing the card for
+            log.warning("study %s: no thumbnail of an image (%s)", result.study_uid, exc)
+            continue
+        names = [
+            f.code_meaning
+            for f in sorted(result.findings, key=lambda f: (not f.present, -f.score))
+            if any(i.sop_instance_uid == ref.sop_instance_uid for i in f.images)
+        ]
+        caption = ", ".join(names[:2]) or "analysed image"
+        if ref.frame is not None:
+            caption += f" (frame {ref.frame})"
+        thumbnails.append(Thumbnail(ref, pixels, caption))
+    return thumbnails
+
+
+def build_summary_objects(
+    result: StudyResult,
+    source: pydicom.Dataset,
+    sr: pydicom.Dataset,
+    settings: Settings,
+    kinds: list[ObjectKind],
+    *,
+    run: int,
+    paths: dict[str, Path],
+    window: tuple[float, float] | None,
+) -> list[tuple[ObjectKind, pydicom.Dataset]]:
+    """The summary SC, PDF and KOS of ``result`` that ``kinds`` asks for (not written).
+
+    The SC and PDF share one layout and one set of thumbnails; the PDF and KOS reference
+    the SR ``sr``.
+    """
+    objects: list[tuple[ObjectKind, pydicom.Dataset]] = []
+    if ObjectKind.summary_sc in kinds or ObjectKind.summary_pdf in kinds:
+        thumbnails = key_thumbnails(result, paths, window)
+        layout = layout_card(result, thumbnails)
+        if ObjectKind.summary_sc in kinds:
+            sc = build_summary_sc(
+                result, source, settings, run=run, thumbnails=thumbnails, layout=layout
+            )
+            objects.append((ObjectKind.summary_sc, sc))
+        if ObjectKind.summary_pdf in kinds:
+            sr_ids = SrUids(result.study_uid, sr.SeriesInstanceUID, sr.SOPInstanceUID)
+            pdf = build_summary_pdf(
+                result, source, settings, run=run, sr=sr_ids, thumbnails=thumbnails, layout=layout
+            )
+            objects.append((ObjectKind.summary_pdf, pdf))
+    if ObjectKind.kos in kinds:
+        objects.append(
+            (ObjectKind.kos, build_kos(result, source, settings, run=run, companions=[sr]))
+        )
+    return objects
 
 
 def _skipped_note(selection: Selection) -> str:

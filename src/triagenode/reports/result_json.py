@@ -102,6 +102,7 @@ def result_to_json(
                     "meaning": f.code_meaning,
                 },
                 "score": float(f.score),
+                "logit": f.logit,
                 "calibrated": f.calibrated,
                 "threshold": float(f.threshold),
                 "present": f.present,

@@ -153,24 +153,40 @@ class ExportOutbox:
         file_path: Path | str,
         priority: int,
         session: Session | None = None,
+        *,
+        kind: str = "sr",
     ) -> list[int]:
-        """One row per configured destination for the SR ``sop_instance_uid``.
+        """One row per configured destination that takes ``kind`` for the object
+        ``sop_instance_uid`` (the SR, or a summary SC, PDF or KOS).
 
         Idempotent: a (destination, SOP Instance UID) that already has a row keeps it (its
-        id is returned), so enqueuing the same SR twice never sends it twice. With
+        id is returned), so enqueuing the same object twice never sends it twice. With
         ``session`` the rows join the caller's transaction (e.g. the one storing the result).
+
+        Parameters
+        ----------
+        kind
+            What the object is, as ``destinations[].send`` names it (``sr``,
+            ``summary-sc``, ``summary-pdf``, ``kos``): only destinations whose ``send``
+            lists it get a row.
 
         Returns
         -------
         list[int]
-            Row ids in the order of ``settings.destinations``; empty when none is configured.
+            Row ids in the order of ``settings.destinations``; empty when none takes it.
         """
         if session is not None:
             return self._enqueue(
-                session, result_id, study_uid, sop_instance_uid, file_path, priority
+                session, result_id, study_uid, sop_instance_uid, file_path, priority, kind
             )
         with self.db.write_session() as own:
-            return self._enqueue(own, result_id, study_uid, sop_instance_uid, file_path, priority)
+            return self._enqueue(
+                own, result_id, study_uid, sop_instance_uid, file_path, priority, kind
+            )
+
+    def wanted(self, kind: str) -> bool:
+        """Whether any configured destination takes objects of ``kind``."""
+        return any(kind in d.send for d in self.settings.destinations)
 
     def _enqueue(
         self,
@@ -180,10 +196,13 @@ class ExportOutbox:
         sop_instance_uid: str,
         file_path: Path | str,
         priority: int,
+        kind: str = "sr",
     ) -> list[int]:
         ids: list[int] = []
         stored_path = self._relative(file_path)
         for destination in self.settings.destinations:
+            if kind not in destination.send:
+                continue
             existing = session.scalar(
                 select(Export.id).where(
                     Export.destination == destination.name,
@@ -222,8 +241,12 @@ class ExportOutbox:
                 ids.append(winner)
         if not self.settings.destinations:
             log.warning("no destinations configured: SR %s is not exported", sop_instance_uid)
+        elif not ids:
+            log.info("no destination takes %s: %s is not exported", kind, sop_instance_uid)
         else:
-            log.info("export queued sop=%s rows=%s priority=%d", sop_instance_uid, ids, priority)
+            log.info(
+                "export queued %s sop=%s rows=%s priority=%d", kind, sop_instance_uid, ids, priority
+            )
         return ids
 
     # Queries --------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from triagenode.domain import Priority, StudyState
 from triagenode.store.db import Database
 from triagenode.store.fast_sql import FastStatement
 from triagenode.store.group_commit import GroupCommitter, PendingWrite
-from triagenode.store.models import Instance, Result, Series, Study, StudyEvent
+from triagenode.store.models import Export, Instance, Result, Series, Study, StudyEvent
 from triagenode.store.recovery import remove_instance_row
 
 __all__ = ["IngestOutcome", "InstanceRecord", "StudyIngest"]
@@ -45,8 +45,14 @@ _SERIES = cast(Table, Series.__table__)
 _INSTANCES = cast(Table, Instance.__table__)
 _EVENTS = cast(Table, StudyEvent.__table__)
 _RESULTS = cast(Table, Result.__table__)
+_EXPORTS = cast(Table, Export.__table__)
 # Structured Report storage SOP classes (PS3.4 B.5): 1.2.840.10008.5.1.4.1.1.88.x
 _SR_SOP_CLASS_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
+# The classes of the node's summary objects (Secondary Capture, Encapsulated PDF, KOS):
+# such an instance coming back is the node's own when the outbox has sent it.
+_SUMMARY_SOP_CLASSES = frozenset(
+    {"1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.104.1", "1.2.840.10008.5.1.4.1.1.88.59"}
+)
 _INSTANCE_COLUMNS = (
     "sop_instance_uid",
     "replaced_count",
@@ -399,7 +405,19 @@ class StudyIngest:
 
     @staticmethod
     def _is_own_report(conn: Connection, item: InstanceRecord) -> bool:
-        """True for an SR this node made (its UID is in the results table)."""
+        """True for an SR this node made (its UID is in the results table), or one of its
+        summary objects (SC, PDF, KOS: its UID is in the study's export rows)."""
+        if item.sop_class_uid in _SUMMARY_SOP_CLASSES:
+            sent = conn.execute(
+                select(_EXPORTS.c.id)
+                .where(
+                    _EXPORTS.c.study_uid == item.study_uid,
+                    _EXPORTS.c.sop_instance_uid == item.sop_instance_uid,
+                )
+                .limit(1)
+            ).first()
+            if sent is not None:
+                return True
         if not item.sop_class_uid.startswith(_SR_SOP_CLASS_PREFIX):
             return False
         found = conn.execute(

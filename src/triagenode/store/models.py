@@ -74,6 +74,11 @@ class Base(DeclarativeBase):
 
 class Study(Base):
     __tablename__ = "studies"
+    __table_args__ = (
+        # The console's worklist order, whole and per state (migration 0006_console_indexes).
+        Index("ix_studies_worklist", "priority", "last_received_at", "id"),
+        Index("ix_studies_state_worklist", "state", "priority", "last_received_at", "id"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_uid: Mapped[str] = mapped_column(UID, unique=True)

@@ -18,7 +18,7 @@ from triagenode.config.settings import Settings
 from triagenode.store.db import Database
 from triagenode.store.models import Export, utcnow
 
-__all__ = ["router"]
+__all__ = ["requeue_export", "router"]
 
 router = APIRouter(prefix="/api/v1/exports", tags=["exports"])
 Reader = Annotated[Principal, Depends(require(Role.auditor, AuditEventId.query))]
@@ -51,7 +51,7 @@ def list_exports(
     return Page[ExportOut](items=items, total=total, limit=limit, offset=offset)
 
 
-def _retry(db: Database, audit: AuditLog, settings: Settings, export_id: int) -> bool:
+def requeue_export(db: Database, audit: AuditLog, settings: Settings, export_id: int) -> bool:
     """Requeue through the exporter's outbox when it is installed, else by a DB update."""
     try:
         from triagenode.scp.outbox import ExportOutbox
@@ -84,7 +84,7 @@ def retry_export(
             raise Problem(404, f"no export {export_id}", "not-found")
         call.study_uid, state = row.study_uid, row.state
     call.details["export_id"] = export_id
-    if not _retry(db, audit, settings, export_id):
+    if not requeue_export(db, audit, settings, export_id):
         raise Problem(
             409, f"export {export_id} is {state}; only dead exports are retried", "conflict"
         )

@@ -1,7 +1,7 @@
 """Where optimised model artefacts live and what they say about themselves.
 
 ``triagenode optimize`` writes these files into the artefacts folder (``model.artifacts_dir``,
-default ``<data_dir>/engines``); the ``onnxruntime`` and ``tensorrt`` backends and the
+default ``<data_dir>/engines``); the ``onnxruntime``, ``openvino`` and ``tensorrt`` backends and the
 ``auto`` selection read them. Every ONNX file carries the identity of the weights it was
 exported from in its ``metadata_props``, so a stale artefact (exported from other weights)
 is detected instead of silently serving another model.
@@ -21,6 +21,7 @@ __all__ = [
     "METADATA_PREFIX",
     "TEXT_FP32",
     "engines_dir",
+    "openvino_dir",
     "read_onnx_metadata",
 ]
 
@@ -35,6 +36,11 @@ METADATA_PREFIX = "triagenode."
 def engines_dir(artifacts_dir: Path) -> Path:
     """Folder of cached TensorRT engines inside the artefacts folder."""
     return Path(artifacts_dir) / "trt"
+
+
+def openvino_dir(artifacts_dir: Path) -> Path:
+    """Folder of cached OpenVINO models (IR per CPU, OpenVINO version, source, precision)."""
+    return Path(artifacts_dir) / "openvino"
 
 
 def read_onnx_metadata(path: Path) -> dict[str, Any]:

@@ -15,10 +15,10 @@ class ImageEncoder(Protocol):
 
     Input: float32 array of shape ``(N, 3, H, W)``, already resized and normalised by the
     model's preprocess config. Output: float32 array ``(N, embed_dim)`` with unit rows.
-    Backends: ``torch`` (PyTorch), ``onnxruntime``, ``tensorrt``.
+    Backends: ``torch`` (PyTorch), ``onnxruntime``, ``openvino``, ``tensorrt``.
     """
 
-    backend: str  # "torch", "onnxruntime" or "tensorrt"
+    backend: str  # "torch", "onnxruntime", "openvino" or "tensorrt"
     device: str  # "cpu" or "cuda[:n]"
     precision: str  # "fp32", "fp16", "bf16" or "int8"
     embed_dim: int

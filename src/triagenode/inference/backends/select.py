@@ -5,12 +5,18 @@ Order (README, "Backends"):
 - GPU: TensorRT engine > ONNX Runtime (TensorRT EP, then CUDA EP) > PyTorch CUDA (bf16,
   then fp16). Not measured here (no GPU on this workplace's machines): it follows the
   usual ranking of these runtimes and is to be confirmed with ``benchmarks/gpu_suite.py``.
+- CPU with native bf16 (AMX or AVX-512 BF16, :mod:`~triagenode.inference.backends.cpu`):
+  OpenVINO bf16 first when ``image.onnx`` is exported (built from it, parity-checked and
+  cached on first start in seconds; figures in ``docs/performance.md``), then:
 - CPU, measured on the 2-core AVX-512 VNNI/AMX Xeon of this workplace, BiomedCLIP
   architecture: ONNX Runtime dynamic INT8 (batch-1 latency 46 ms idle, 75 ms at load 1-2;
   3.0x PyTorch fp32 at batch 1, 3.7x at batch 8; top-1 agreement with fp32 100 % on 100
   phantoms) > PyTorch fp32 >
   ONNX Runtime fp32 (faster than PyTorch at batch 1, equal at batch 8, but only a copy of
-  the reference numerics that needs an artefact).
+  the reference numerics that needs an artefact). PyTorch bf16 (autocast) only on request.
+- ``backend = "openvino"``: bf16 where the CPU has it, else fp32 (an INFO line says so), from
+  ``image.onnx`` or, without it, converted from PyTorch; ``precision = "int8"`` quantises
+  with NNCF on first start.
 
 A candidate whose artefact is missing is skipped (logged at INFO: that is the normal state of
 a fresh node); an artefact exported from other weights is refused as stale; a candidate that
@@ -27,20 +33,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from triagenode.errors import ModelLoadError
+from triagenode.errors import ConfigError, ModelLoadError
 from triagenode.inference.backends.artifacts import (
     IMAGE_FP16,
     IMAGE_FP32,
     IMAGE_INT8_DYNAMIC,
     IMAGE_INT8_STATIC,
     engines_dir,
+    openvino_dir,
     read_onnx_metadata,
 )
 from triagenode.inference.backends.base import ImageEncoder
+from triagenode.inference.backends.cpu import CpuCapabilities, detect_cpu
 
 __all__ = ["Candidate", "Machine", "plan_candidates", "select_backend"]
 
 log = logging.getLogger(__name__)
+
+_UNKNOWN_CPU = CpuCapabilities("unknown", frozenset())
 
 
 @dataclass(frozen=True)
@@ -50,6 +60,8 @@ class Machine:
     cuda: bool
     tensorrt: bool
     ort_providers: tuple[str, ...]
+    openvino: bool = False
+    cpu: CpuCapabilities = _UNKNOWN_CPU
 
     @classmethod
     def detect(cls) -> Machine:
@@ -63,17 +75,23 @@ class Machine:
             import onnxruntime as ort
 
             providers = tuple(ort.get_available_providers())
-        return cls(cuda, importlib.util.find_spec("tensorrt") is not None, providers)
+        return cls(
+            cuda,
+            importlib.util.find_spec("tensorrt") is not None,
+            providers,
+            openvino=importlib.util.find_spec("openvino") is not None,
+            cpu=detect_cpu(),
+        )
 
 
 @dataclass(frozen=True)
 class Candidate:
     """One way to run the image tower, in order of preference."""
 
-    backend: str  # torch, onnxruntime, tensorrt
+    backend: str  # torch, onnxruntime, openvino, tensorrt
     device: str  # cpu or cuda
     precision: str  # fp32, fp16, bf16, int8
-    artifact: Path | None = None  # ONNX file for onnxruntime/tensorrt
+    artifact: Path | None = None  # ONNX file for onnxruntime/tensorrt (openvino: if any)
     missing: str | None = field(default=None, compare=False)  # why it cannot be used
 
     def describe(self) -> str:
@@ -134,11 +152,47 @@ def plan_candidates(settings: Any, artifacts_dir: Path | None, machine: Machine)
         add("torch", "cuda", "fp16")
         add("onnxruntime", "cuda", "fp32", (IMAGE_FP32,), no_ep)
         add("torch", "cuda", "fp32")
+    _add_openvino(out, settings, artifacts_dir, machine)
     add("onnxruntime", "cpu", "int8", (IMAGE_INT8_DYNAMIC, IMAGE_INT8_STATIC))
     add("torch", "cpu", "fp32")
     add("onnxruntime", "cpu", "fp32", (IMAGE_FP32,))
-    add("torch", "cpu", "bf16", on_request=True)  # slower than fp32 without AMX-aware kernels
+    add("torch", "cpu", "bf16", on_request=True)  # autocast; a measured option, not a default
     return out
+
+
+def _add_openvino(
+    out: list[Candidate], settings: Any, artifacts_dir: Path | None, machine: Machine
+) -> None:
+    """OpenVINO candidates: bf16 first under ``auto`` on a bf16 CPU, any precision on request."""
+    from triagenode.inference.backends.openvino import INSTALL_HINT, resolve_openvino_precision
+
+    wanted, precision = settings.backend, settings.precision
+    if wanted == "auto":
+        if not (machine.cpu.bf16 and precision in ("auto", "bf16")):
+            return
+        resolved = "bf16"
+    elif wanted == "openvino":
+        try:
+            resolved = resolve_openvino_precision(precision, machine.cpu)
+        except ConfigError as exc:
+            out.append(Candidate("openvino", "cpu", precision, None, str(exc)))
+            return
+    else:
+        return
+    missing = None if machine.openvino else f"openvino is not installed ({INSTALL_HINT})"
+    if artifacts_dir is None and missing is None:
+        missing = "no model.artifacts_dir to cache the OpenVINO model in"
+    onnx = Path(artifacts_dir) / IMAGE_FP32 if artifacts_dir is not None else None
+    source = onnx if onnx is not None and onnx.is_file() else None
+    if wanted == "auto" and source is None and missing is None:
+        # Converting from PyTorch traces the model (10 s for the demo, minutes for ViT-B on
+        # 2 cores); auto, like for TensorRT, does not start that at every fresh start.
+        missing = (
+            f"no {IMAGE_FP32} in {artifacts_dir} (run `triagenode optimize export-onnx`, "
+            'or set model.backend = "openvino" to convert from PyTorch)'
+        )
+    artifact = source if source is not None or missing is None else onnx
+    out.append(Candidate("openvino", "cpu", resolved, artifact, missing))
 
 
 def _check_weights(candidate: Candidate, loaded_model: Any) -> None:
@@ -167,6 +221,23 @@ def _build(
             threads=settings.threads,
             graph_optimization=getattr(settings, "graph_optimization", "all"),
             max_batch=settings.max_batch,
+        )
+    if candidate.backend == "openvino":
+        from triagenode.inference.backends.openvino import OpenVinoImageEncoder
+        from triagenode.optimization.openvino_build import ensure_openvino_model
+
+        path = ensure_openvino_model(
+            loaded_model,
+            openvino_dir(artifacts_dir),
+            precision=candidate.precision,
+            source_onnx=candidate.artifact,
+            threads=settings.threads,
+        )
+        return OpenVinoImageEncoder(
+            path,
+            precision=candidate.precision,
+            threads=settings.threads,
+            performance_hint=getattr(settings, "performance_hint", "latency"),
         )
     if candidate.backend == "tensorrt":
         from triagenode.inference.backends.tensorrt import TensorRTImageEncoder
@@ -235,6 +306,14 @@ def select_backend(
     """
     machine = machine or Machine.detect()
     candidates = plan_candidates(model_settings, artifacts_dir, machine)
+    log.info(
+        "CPU %s: %s; openvino %s",
+        machine.cpu.describe(),
+        "native bf16 (" + ("AMX" if machine.cpu.amx else "AVX-512 BF16") + ")"
+        if machine.cpu.bf16
+        else "no native bf16",
+        "installed" if machine.openvino else "not installed",
+    )
     folder = Path(artifacts_dir) if artifacts_dir is not None else Path(".")
     explicit = model_settings.backend != "auto"
     failures: list[str] = []

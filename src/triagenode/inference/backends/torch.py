@@ -1,6 +1,9 @@
 """The PyTorch backend: the model's image tower in eager PyTorch, on CPU or CUDA.
 
-- CPU: fp32 (bf16 on request), batches as given.
+- CPU: fp32, or bf16 on request: fp32 weights run under ``torch.autocast(bfloat16)``, so
+  matrix products use the CPU's bf16 units (AMX or AVX-512 BF16, through oneDNN) while
+  normalisation and softmax stay fp32. A CPU without native bf16 gets fp32 (an INFO line).
+  Batches as given.
 - CUDA: fp16 or bf16 weights (``auto``: bf16 where the GPU supports it), timm's fused
   scaled-dot-product attention switched on in every block, batches padded up to a bucket
   size (powers of two up to ``max_batch``) and one CUDA graph captured per bucket on first
@@ -20,6 +23,7 @@ import torch
 from torch.nn import functional
 
 from triagenode.errors import ConfigError
+from triagenode.inference.backends.cpu import CpuCapabilities, detect_cpu
 
 __all__ = ["TorchImageEncoder", "batch_buckets", "resolve_device", "resolve_precision"]
 
@@ -37,8 +41,12 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def resolve_precision(precision: str, device: str) -> str:
-    """``auto`` is fp32 on CPU and bf16 (else fp16) on CUDA; int8 belongs to other backends."""
+def resolve_precision(precision: str, device: str, cpu: CpuCapabilities | None = None) -> str:
+    """``auto`` is fp32 on CPU and bf16 (else fp16) on CUDA; int8 belongs to other backends.
+
+    bf16 on a CPU without native bf16 (``cpu``, detected when None) becomes fp32 with an
+    INFO line: emulated bf16 is slower than fp32 there.
+    """
     if precision == "auto":
         if not device.startswith("cuda"):
             return "fp32"
@@ -50,6 +58,14 @@ def resolve_precision(precision: str, device: str) -> str:
         )
     if precision == "fp16" and not device.startswith("cuda"):
         raise ConfigError("model.precision 'fp16' needs CUDA; on CPU use fp32 or bf16")
+    if precision == "bf16" and not device.startswith("cuda"):
+        cpu = cpu or detect_cpu()
+        if not cpu.bf16:
+            log.info(
+                "CPU %s has no native bf16 (AMX or AVX-512 BF16): torch runs fp32 instead",
+                cpu.name,
+            )
+            return "fp32"
     return precision
 
 
@@ -107,6 +123,8 @@ class TorchImageEncoder:
         Largest batch sent to the model; bigger inputs are split.
     cuda_graphs
         Capture a CUDA graph per bucket (CUDA only).
+    cpu
+        The CPU's capabilities (bf16 or not); detected when None.
     """
 
     backend = "torch"
@@ -118,14 +136,18 @@ class TorchImageEncoder:
         precision: str = "auto",
         max_batch: int = 32,
         cuda_graphs: bool = True,
+        cpu: CpuCapabilities | None = None,
     ) -> None:
         self.device = resolve_device(device)
-        self.precision = resolve_precision(precision, self.device)
+        self.precision = resolve_precision(precision, self.device, cpu)
         self.dtype = _DTYPES[self.precision]
         self.max_batch = int(max_batch)
         self.embed_dim = int(loaded_model.embed_dim)
         self.image_size = int(loaded_model.preprocess.image_size)
         self._cuda = self.device.startswith("cuda")
+        # CPU bf16: fp32 weights under autocast (LayerNorm, softmax and the residual stream
+        # stay fp32: closer to the reference than casting the whole module).
+        self._autocast = not self._cuda and self.precision == "bf16"
         self._use_graphs = cuda_graphs and self._cuda
         self._buckets = batch_buckets(self.max_batch)
         self._graphs: dict[int, _Graph] = {}
@@ -134,7 +156,8 @@ class TorchImageEncoder:
         for module in visual.modules():
             if hasattr(module, "fused_attn"):
                 module.fused_attn = True  # timm Attention: F.scaled_dot_product_attention
-        self.module = visual.to(device=self.device, dtype=self.dtype)
+        weights = torch.float32 if self._autocast else self.dtype
+        self.module = visual.to(device=self.device, dtype=weights)
         log.info(
             "torch image encoder on %s, %s, max batch %d%s",
             self.device,
@@ -158,9 +181,12 @@ class TorchImageEncoder:
         count = chunk.shape[0]
         tensor = torch.from_numpy(np.ascontiguousarray(chunk, dtype=np.float32))
         if not self._cuda:
-            with torch.inference_mode():
-                out = self.module(tensor.to(self.dtype))
-                return functional.normalize(out.float(), dim=-1).numpy()
+            with (
+                torch.inference_mode(),
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=self._autocast),
+            ):
+                out = self.module(tensor)
+            return functional.normalize(out.float(), dim=-1).numpy()
         tensor = tensor.pin_memory().to(self.device, non_blocking=True).to(self.dtype)
         bucket = self._bucket(count)
         if self._use_graphs:
