@@ -19,7 +19,13 @@ from dataclasses import dataclass, field
 from triagenode.audit.events import AuditEventId, AuditLog, Outcome
 from triagenode.errors import StorageError
 from triagenode.metrics import INSTANCES_RECEIVED, INSTANCES_REJECTED, RECEIVED_BYTES
-from triagenode.scp.header import HEAD_BYTES, InstanceHeader, parse_header
+from triagenode.scp.header import (
+    HEAD_BYTES,
+    IncompleteDataset,
+    InstanceHeader,
+    check_complete,
+    parse_header,
+)
 from triagenode.scp.status import StoreStatus
 from triagenode.store.group_commit import PendingWrite
 from triagenode.store.ingest import IngestOutcome, InstanceRecord, StudyIngest
@@ -276,10 +282,21 @@ class PendingInstance:
             status, reason = _spool_status(self._error or SpoolError("spool"))
             return self._refuse(status, reason)
         info = self._info
+        head = bytes(self._head)
+        try:
+            check_complete(
+                head,
+                incoming.dataset_size,
+                self.transfer_syntax_uid,
+                incoming.temp_path,
+                len(self._meta),
+            )
+        except IncompleteDataset as exc:
+            return self._refuse(StoreStatus.cannot_understand_incomplete, str(exc))
         try:
             header = parse_header(
                 self._meta,
-                bytes(self._head),
+                head,
                 incoming.dataset_size <= len(self._head),
                 self.transfer_syntax_uid,
                 incoming.temp_path,
