@@ -39,7 +39,11 @@ from triagenode.scp.status import RejectReason
 from triagenode.scp.storage import AssociationInfo, InstanceStorage
 from triagenode.store.db import Database
 from triagenode.store.ingest import StudyIngest
-from triagenode.store.recovery import RunMarker, remove_rows_without_files
+from triagenode.store.recovery import (
+    RunMarker,
+    remove_files_without_rows,
+    remove_rows_without_files,
+)
 from triagenode.store.spool import Spool
 
 __all__ = ["ACCEPTED_TRANSFER_SYNTAXES", "VERIFICATION_SOP_CLASS", "DicomReceiver"]
@@ -146,6 +150,7 @@ class DicomReceiver:
         unclean, since = self._marker.unclean_since()
         if unclean:
             remove_rows_without_files(self.db, self.storage.spool.data_dir, since)
+            remove_files_without_rows(self.db, self.storage.spool.data_dir, since)
         self._marker.mark_running()
         if self.settings.scp.tls_enabled:
             from triagenode.scp.tls import server_context
@@ -161,7 +166,7 @@ class DicomReceiver:
             raise ConfigError(
                 f"scp.port: cannot listen on {scp.host}:{scp.port} ({exc.strerror})"
             ) from None
-        listener.listen(max(64, scp.max_associations * 2))
+        listener.listen(max(128, scp.max_associations * 2 + scp.max_pending_connections))
         listener.settimeout(0.2)
         self._listener = listener
         self._stopping.clear()
