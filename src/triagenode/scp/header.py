@@ -403,11 +403,10 @@ class _InflatedSource:
         return self._at >= len(self._buffer)
 
     def check_stream_end(self) -> None:
+        # Bytes after the end of the stream (a pad byte, or the CRC and size trailer some
+        # encoders add) carry no dataset: only an unterminated stream is incomplete.
         if not self._inflater.eof:
             raise IncompleteDataset("deflate stream not terminated")
-        rest = self._inflater.unused_data + self._file.read(2)
-        if rest not in (b"", b"\0"):  # PS3.5 A.5: one pad byte after an odd-length stream
-            raise IncompleteDataset("bytes after the deflate stream")
 
 
 _Walkable = _Source | _InflatedSource
@@ -516,6 +515,8 @@ def check_complete(
             _walk(inflated, True, False)
             inflated.check_stream_end()
         return
+    if not implicit and len(head) >= 6 and not (head[4:6].isalpha() and head[4:6].isupper()):
+        implicit = True  # sent implicit whatever was negotiated; pydicom reads it so too
     if dataset_size <= len(head):
         _walk(_Source(head, dataset_size, None, 0), little, implicit)
         return
