@@ -42,7 +42,8 @@ from tests.bad_peer import (
 )
 from tests.receiver_fixtures import Node, dataset_part, node, node_factory
 from triagenode.scp.association import Association
-from triagenode.scp.header import HEAD_BYTES, IncompleteDataset, check_complete
+from triagenode.scp.header import HEAD_BYTES
+from triagenode.scp.structure import IncompleteDataset, check_complete
 
 __all__ = ["node", "node_factory"]
 

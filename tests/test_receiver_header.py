@@ -9,9 +9,11 @@ from pathlib import Path
 import pydicom
 import pydicom.data
 import pytest
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from triagenode.scp import header
-from triagenode.scp.header import HEAD_BYTES, check_complete, parse_header
+from triagenode.scp.header import HEAD_BYTES, parse_header
+from triagenode.scp.structure import IncompleteDataset, check_complete
 
 
 def _part10_files() -> list[Path]:
@@ -98,15 +100,17 @@ def test_completeness_check_passes_whole_files_and_refuses_every_cut_one(tmp_pat
         meta_end = 144 + struct.unpack_from("<I", raw, 140)[0]
         body = raw[meta_end:]
         if "truncated" in path.name:  # pydicom's deliberately cut files
-            with pytest.raises(header.IncompleteDataset):
+            with pytest.raises(IncompleteDataset):
                 check_complete(body[:HEAD_BYTES], len(body), syntax, path, meta_end)
             continue
         check_complete(body[:HEAD_BYTES], len(body), syntax, path, meta_end)
         # The last byte gone: the last element (or the deflate stream) ends early.
         cut = tmp_path / "cut.dcm"
-        cut.write_bytes(raw[:-1] if syntax != header._DEFLATED else raw[: meta_end + 100])
+        cut.write_bytes(
+            raw[:-1] if syntax != DeflatedExplicitVRLittleEndian else raw[: meta_end + 100]
+        )
         size = cut.stat().st_size - meta_end
-        with pytest.raises(header.IncompleteDataset):
+        with pytest.raises(IncompleteDataset):
             check_complete(body[: min(HEAD_BYTES, size)], size, syntax, cut, meta_end)
         checked += 1
     assert checked > 50
@@ -115,7 +119,7 @@ def test_completeness_check_passes_whole_files_and_refuses_every_cut_one(tmp_pat
 def test_large_deflated_dataset_header_is_read_by_streaming(tmp_path: Path) -> None:
     """Compressed far beyond the kept 64 KiB, header beyond it too once inflated."""
     import numpy as np
-    from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import generate_uid
 
     from tests import factory
 

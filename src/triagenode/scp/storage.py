@@ -19,14 +19,9 @@ from dataclasses import dataclass, field
 from triagenode.audit.events import AuditEventId, AuditLog, Outcome
 from triagenode.errors import StorageError
 from triagenode.metrics import INSTANCES_RECEIVED, INSTANCES_REJECTED, RECEIVED_BYTES
-from triagenode.scp.header import (
-    HEAD_BYTES,
-    IncompleteDataset,
-    InstanceHeader,
-    check_complete,
-    parse_header,
-)
+from triagenode.scp.header import HEAD_BYTES, InstanceHeader, parse_header
 from triagenode.scp.status import StoreStatus
+from triagenode.scp.structure import IncompleteDataset, check_complete
 from triagenode.store.group_commit import PendingWrite
 from triagenode.store.ingest import IngestOutcome, InstanceRecord, StudyIngest
 from triagenode.store.models import utcnow
