@@ -11,6 +11,7 @@ import struct
 import time
 from pathlib import Path
 
+import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
@@ -226,6 +227,8 @@ def test_one_pdv_larger_than_the_chunk_is_stored_whole(
     assert peer.response_status() == StoreStatus.success
     [row] = node.instances()
     assert dataset_part(node.data_dir / row.file_path) == dataset
+    meta = pydicom.dcmread(node.data_dir / row.file_path, stop_before_pixels=True).file_meta
+    assert meta.TransferSyntaxUID == EXPLICIT  # the context's, always
 
 
 # Negotiation (Sta2) ----------------------------------------------------------------------
