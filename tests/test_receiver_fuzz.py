@@ -202,7 +202,7 @@ _examples = itertools.count(1)
 
 
 def _instance_uid(number: int) -> str:
-    return _UID_ROOT + str(number).zfill(38)  # always 64 characters
+    return _UID_ROOT + "9" + str(number).zfill(37)  # always 64 characters, no leading 0
 
 
 @pytest.fixture(scope="module")
