@@ -32,7 +32,7 @@ def demo_cr_result() -> tuple[StudyResult, Dataset]:
     findings = (
         LabelFinding("pneumothorax", "SCT", "36118008", "Pneumothorax", 0.18, 0.5, False),
         LabelFinding("pleural_effusion", "SCT", "60046008", "Pleural effusion", 0.64, 0.5, True),
-        LabelFinding("no_finding", "DCM", "121071", "Finding", 0.2, 0.5, False),
+        LabelFinding("cardiomegaly", "SCT", "287272002", "Cardiomegaly", 0.57, 0.5, True),
     )
     result = StudyResult(
         study_uid=source.StudyInstanceUID,
@@ -40,7 +40,7 @@ def demo_cr_result() -> tuple[StudyResult, Dataset]:
         findings=findings,
         model=DEMO_MODEL,
         backend="torch",
-        aggregation="max probability per label across images",
+        aggregation="maximum image score per finding",
         images_used=(image,),
         priority=Priority.routine,
         timings_ms={"preprocess": 3.5, "encode": 41.0},
@@ -60,19 +60,30 @@ def ct_result() -> tuple[StudyResult, Dataset]:
         LabelFinding(
             "hemorrhage",
             "SCT",
-            "50960005",
-            "Hemorrhage",
+            "1386000",
+            "Intracranial hemorrhage",
             0.93,
             0.4,
             True,
             critical=True,
+            escalates=True,
+            calibrated=True,
             images=(singles[1], frames[0], frames[2]),
         ),
-        LabelFinding("infarct", "SCT", "55641003", "Infarct", 0.41, 0.6, False),
         LabelFinding(
-            "mass", "SCT", "4147007", "Mass", 0.55, 0.5, True, images=(singles[2], frames[1])
+            "infarct", "SCT", "432504007", "Cerebral infarction", 0.41, 0.6, False, calibrated=True
         ),
-        LabelFinding("normal", "SCT", "17621005", "Normal", 0.05, 0.5, False),
+        LabelFinding(
+            "mass",
+            "SCT",
+            "4147007",
+            "Mass",
+            0.55,
+            0.5,
+            True,
+            calibrated=True,
+            images=(singles[2], frames[1]),
+        ),
     )
     result = StudyResult(
         study_uid=study_uid,
@@ -80,11 +91,12 @@ def ct_result() -> tuple[StudyResult, Dataset]:
         findings=findings,
         model=BIOMEDCLIP,
         backend="onnxruntime",
-        aggregation="max probability per label across images",
+        aggregation="mean of the top 3 image scores per finding",
+        calibration="site fit 2026-11 (Platt)",
         images_used=singles + frames,
         images_failed=(failed,),
         priority=Priority.stat,
-        priority_rule="critical finding",
+        priority_rule="critical finding: hemorrhage",
         timings_ms={"encode": 812.0},
     )
     return result, slices[0]

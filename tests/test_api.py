@@ -17,6 +17,7 @@ from tests.api_support import (
     events,
     shared_world,
 )
+from tests.audit_support import drop_append_only_guard
 from tests.factory import PATIENT_ID
 from triagenode.api import ApiServices
 from triagenode.audit.atna import schema
@@ -173,6 +174,7 @@ def test_audit_verify_and_export(world: ApiWorld) -> None:
     bad_anchor = {"expect_head": "1:nothex"}
     assert client.get("/api/v1/audit/verify", params=bad_anchor, headers=headers).status_code == 422
     with world.db.engine.begin() as connection:
+        drop_append_only_guard(connection)
         connection.execute(text("UPDATE audit_events SET actor = 'mallory' WHERE seq = 1"))
     broken = client.get("/api/v1/audit/verify", headers=headers).json()
     assert not broken["ok"] and broken["problem"]["kind"] == "edited"
@@ -213,7 +215,8 @@ def test_security_headers_docs_and_cors(shared: ApiWorld, make_settings, tmp_pat
     assert "default-src 'none'" in api.headers["content-security-policy"]
     docs = client.get("/docs")
     assert docs.status_code == 200 and "swagger-ui" in docs.text
-    assert "https://cdn.jsdelivr.net" in docs.headers["content-security-policy"]
+    assert "script-src 'self';" in docs.headers["content-security-policy"]
+    assert "https:" not in docs.headers["content-security-policy"]
     spec = client.get("/openapi.json").json()
     assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
     preflight = {"Origin": "https://console.example", "Access-Control-Request-Method": "GET"}

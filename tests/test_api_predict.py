@@ -11,10 +11,13 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from tests import factory
 from tests.api_support import build_world
+from tests.hostile import deflated_dicom_bomb, png_bomb
 from triagenode.api import ApiServices, Predictor
+from triagenode.api.uploads import ImageLimits, decode_picture, reduce_factor
 from triagenode.config.settings import load_settings
 from triagenode.store import migrate
 from triagenode.store.db import Database
@@ -167,3 +170,192 @@ def test_unknown_label_set(client: tuple[TestClient, dict[str, str]]) -> None:
     )
     assert answer.status_code == 422
     assert "brain" in answer.json()["detail"]
+
+
+# Hostile images: measured from their headers and refused before anything is decoded ------
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _ct_declaring(tmp_path: Path, **header: int) -> str:
+    ds = factory.ct_slice("1.2.3.4", "1.2.3.4.1", 1)
+    for keyword, value in header.items():
+        setattr(ds, keyword, value)
+    return _b64(factory.write(ds, tmp_path / "declares.dcm").read_bytes())
+
+
+@pytest.mark.parametrize(("width", "height"), [(13000, 13000), (20000, 20000), (30001, 1000)])
+def test_huge_png_is_refused_from_its_header(
+    client: tuple[TestClient, dict[str, str]], width: int, height: int
+) -> None:
+    http, headers = client
+    # only the first row of pixel data is present: a 413 (not "cannot be decoded") proves
+    # the size was read from the header and nothing was decoded
+    image = _b64(png_bomb(width, height, complete=False))
+    answer = http.post("/api/v1/predict", json={"image": image, "queries": ["x"]}, headers=headers)
+    assert answer.status_code == 413, answer.text
+    assert answer.headers["content-type"] == "application/problem+json"
+    problem = answer.json()
+    assert problem["type"] == "urn:triagenode:problem:image-too-large"
+    assert f"{width}x{height}" in problem["detail"]
+    assert "api.max_image_pixels" in problem["detail"]
+
+
+def test_deflated_dicom_bomb_is_refused_while_inflating(
+    client: tuple[TestClient, dict[str, str]], tmp_path: Path
+) -> None:
+    http, headers = client
+    bomb = deflated_dicom_bomb(200 * 1024 * 1024)  # 0.2 MB that inflates to 200 MiB
+    assert len(bomb) < 300_000
+    answer = http.post(
+        "/api/v1/batch-predict",
+        json={"images": [_png(), _b64(bomb)], "label_set": "chest"},
+        headers=headers,
+    )
+    assert answer.status_code == 413, answer.text
+    detail = answer.json()["detail"]
+    assert detail.startswith("image 1:") and "api.max_inflated_bytes" in detail
+
+
+def test_small_deflated_dicom_is_scored(
+    client: tuple[TestClient, dict[str, str]], tmp_path: Path
+) -> None:
+    http, headers = client
+    ds = factory.ct_slice("1.2.3.4", "1.2.3.4.1", 1)
+    path = factory.write(ds, tmp_path / "deflated.dcm", DeflatedExplicitVRLittleEndian)
+    answer = http.post(
+        "/api/v1/predict",
+        json={"image": _b64(path.read_bytes()), "label_set": "chest"},
+        headers=headers,
+    )
+    assert answer.status_code == 200, answer.text
+
+
+@pytest.mark.parametrize(
+    ("header", "status", "words"),
+    [
+        ({"Rows": 20000, "Columns": 20000}, 413, "20000x20000"),
+        ({"NumberOfFrames": 100000}, 413, "api.max_frames"),
+        ({"BitsAllocated": 12}, 422, "BitsAllocated"),
+    ],
+    ids=["pixels", "frames", "bits"],
+)
+def test_dicom_header_limits(
+    client: tuple[TestClient, dict[str, str]],
+    tmp_path: Path,
+    header: dict[str, int],
+    status: int,
+    words: str,
+) -> None:
+    http, headers = client
+    answer = http.post(
+        "/api/v1/predict",
+        json={"image": _ct_declaring(tmp_path, **header), "queries": ["x"]},
+        headers=headers,
+    )
+    assert answer.status_code == status, answer.text
+    assert words in answer.json()["detail"]
+
+
+def test_large_pictures_are_reduced_while_decoding() -> None:
+    limits = ImageLimits(max_pixels=30_000_000, max_frames=10, max_inflated_bytes=1 << 20)
+    rng = np.random.default_rng(3)
+    grey = Image.fromarray(rng.integers(0, 255, (2100, 4100), dtype=np.uint8), "L")
+    sixteen = Image.fromarray(rng.integers(0, 65535, (2100, 3000), dtype=np.uint16))
+    colour = Image.fromarray(rng.integers(0, 255, (4500, 4200, 3), dtype=np.uint8), "RGB")
+    small = Image.fromarray(rng.integers(0, 255, (300, 200), dtype=np.uint8), "L")
+    cases = [
+        (grey, "PNG", (525, 1025)),
+        (sixteen, "PNG", (525, 750)),
+        (small, "PNG", (300, 200)),
+    ]
+    for image, fmt, shape in [*cases, (colour, "JPEG", None)]:
+        buffer = io.BytesIO()
+        image.save(buffer, format=fmt)
+        pixels = decode_picture(buffer.getvalue(), limits)
+        if shape is not None:
+            assert pixels.shape == shape
+        else:  # JPEG: the decoder's own 1/2 ... 1/8 scaling, never below the kept side
+            assert pixels.shape[2] == 3 and 512 <= min(pixels.shape[:2]) < 1024
+    assert decode_picture(_png_bytes(sixteen), limits).dtype == np.uint16
+
+
+@pytest.mark.parametrize(
+    ("size", "factor"),
+    [((300, 200), 1), ((1023, 1023), 1), ((1024, 1024), 2), ((6000, 5000), 9), ((1000, 30000), 3)],
+)
+def test_reduce_factor(size: tuple[int, int], factor: int) -> None:
+    # the shortest side is kept at 512 or more; a long thin picture goes to about 4 M pixels
+    # while its shortest side stays at 256 or more
+    assert reduce_factor(*size) == factor
+
+
+def test_a_batch_holds_a_bounded_number_of_decoded_bytes(tmp_path: Path) -> None:
+    settings = load_settings(
+        None,
+        node={"data_dir": str(tmp_path)},
+        audit={"secret": "predict-secret-0123456789"},
+        api={"max_decoded_bytes": 2 * 1024 * 1024},
+    )
+    database = Database(f"sqlite:///{tmp_path / 'api.sqlite3'}")
+    migrate.upgrade(database)
+    world = build_world(settings, database, ApiServices(predictor=DemoPredictor()))
+    rng = np.random.default_rng(5)
+    # 1000x1000 grey is kept whole (shortest side under 1024): 1 MB each after decoding
+    image = _b64(_png_bytes(Image.fromarray(rng.integers(0, 255, (1000, 1000), dtype=np.uint8))))
+    http = TestClient(world.app)
+    headers = world.auth("operator")
+    two = http.post(
+        "/api/v1/batch-predict", json={"images": [image] * 2, "queries": ["x"]}, headers=headers
+    )
+    assert two.status_code == 200, two.text
+    three = http.post(
+        "/api/v1/batch-predict", json={"images": [image] * 3, "queries": ["x"]}, headers=headers
+    )
+    assert three.status_code == 413
+    assert three.json()["detail"].startswith("image 2: images 0-2 together hold 3000000 bytes")
+    assert "api.max_decoded_bytes" in three.json()["detail"]
+    database.dispose()
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_predict_answers_busy_when_every_slot_is_taken(
+    client: tuple[TestClient, dict[str, str]],
+) -> None:
+    http, headers = client
+    slots = http.app.state.predict_slots  # type: ignore[attr-defined]
+    assert slots.size == 2
+    with slots, slots:
+        answer = http.post(
+            "/api/v1/predict", json={"image": _png(), "queries": ["x"]}, headers=headers
+        )
+    assert answer.status_code == 503
+    assert answer.headers["retry-after"] == "2"
+    assert answer.json()["type"] == "urn:triagenode:problem:busy"
+    again = http.post("/api/v1/predict", json={"image": _png(), "queries": ["x"]}, headers=headers)
+    assert again.status_code == 200  # the slots were given back
+
+
+@pytest.mark.parametrize("side", [10000, 60000])
+def test_huge_jpeg_is_refused_from_its_header(
+    client: tuple[TestClient, dict[str, str]], side: int
+) -> None:
+    # a 16x16 JPEG whose frame header (SOF0) is rewritten to declare side x side pixels
+    buffer = io.BytesIO()
+    Image.new("L", (16, 16)).save(buffer, format="JPEG")
+    data = bytearray(buffer.getvalue())
+    start = data.index(b"\xff\xc0")
+    data[start + 5 : start + 9] = side.to_bytes(2, "big") * 2
+    http, headers = client
+    answer = http.post(
+        "/api/v1/predict", json={"image": _b64(bytes(data)), "queries": ["x"]}, headers=headers
+    )
+    assert answer.status_code == 413, answer.text
+    assert "api.max_image_pixels" in answer.json()["detail"]

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select, text
 
+from tests.audit_support import drop_append_only_guard
 from tests.factory import PATIENT_ID
 from triagenode.audit import AuditEventId, AuditLog, Outcome, load_or_create_secret, verify
 from triagenode.audit.chain import GENESIS
@@ -35,6 +36,7 @@ def _fill(log: AuditLog, n: int = 6) -> None:
 
 def _sql(db: Database, *statements: str) -> None:
     with db.engine.begin() as connection:
+        drop_append_only_guard(connection)
         for statement in statements:
             connection.execute(text(statement))
 

@@ -14,6 +14,7 @@ import pytest
 from lxml import etree
 from sqlalchemy import text
 
+from tests.audit_support import drop_append_only_guard
 from tests.factory import PATIENT_ID
 from tests.peers import free_port, wait_for
 from triagenode.audit import AuditEventId, AuditLog, load_or_create_secret
@@ -90,6 +91,7 @@ def test_audit_verify_export_list(
     listed = capsys.readouterr().out
     assert '"received"' in listed and PATIENT_ID not in listed
     with log.db.engine.begin() as connection:
+        drop_append_only_guard(connection)
         connection.execute(text("DELETE FROM audit_events WHERE seq = 2"))
     capsys.readouterr()
     assert main(["audit", "verify", *args]) == 1
@@ -147,3 +149,25 @@ def test_api_command_serves_until_interrupted(config: Path, tmp_path: Path) -> N
     collector.close()
     assert all("DICOM+RFC3881" in line for line in forwarded)
     assert "110113" in "".join(forwarded)  # the refused call reached the collector
+
+
+def test_cli_events_name_the_os_user_and_host(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import pwd
+
+    from triagenode.store.models import AuditEvent
+
+    args = ["--config", str(config)]
+    assert main(["token", "create", *args, "--name", "ops", "--role", "operator"]) == 0
+    assert main(["audit", "verify", *args]) == 0
+    capsys.readouterr()
+    log = _log(config)
+    with log.db.session() as session:
+        rows = session.query(AuditEvent).order_by(AuditEvent.seq).all()
+    user = pwd.getpwuid(os.getuid()).pw_name
+    assert [r.actor for r in rows] == [f"cli:{user}", f"cli:{user}"]
+    for row in rows:
+        assert row.actor_address == socket.gethostname()
+        assert row.details["os_user"] == user and row.details["uid"] == os.getuid()
+        assert row.details["host"] == socket.gethostname()

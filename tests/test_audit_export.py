@@ -19,7 +19,7 @@ from tests.peers import free_port, wait_for
 from triagenode.audit import AuditEventId, AuditLog, Outcome
 from triagenode.audit.atna import AuditSource, schema
 from triagenode.audit.export import export_chunks
-from triagenode.audit.syslog import AuditForwarder, SyslogForwarder, SyslogSpool
+from triagenode.audit.syslog import AuditForwarder, SyslogSender
 from triagenode.config.settings import SyslogSettings
 from triagenode.store.db import Database
 
@@ -189,7 +189,7 @@ def _tls_material(folder: Path) -> tuple[Path, Path]:
 
 
 @pytest.mark.parametrize("protocol", ["udp", "tcp", "tls"])
-def test_forwarding_spools_while_the_collector_is_down(
+def test_forwarding_keeps_events_while_the_collector_is_down(
     db: Database, tmp_path: Path, protocol: str
 ) -> None:
     log = AuditLog(db, SECRET)
@@ -204,18 +204,15 @@ def test_forwarding_spools_while_the_collector_is_down(
         settings = SyslogSettings(
             enabled=True, host="127.0.0.1", port=port, protocol="tls", tls_ca=cert
         )
-    spool = SyslogSpool(tmp_path / "syslog.spool")
-    forwarder = AuditForwarder(
-        db, SyslogForwarder(settings, spool, timeout=2), SOURCE, tmp_path / "syslog.seq"
-    )
+    forwarder = AuditForwarder(db, SyslogSender(settings, timeout=2), SOURCE, tmp_path)
     received: list[bytes] = []
     if protocol != "udp":  # a UDP sender cannot tell that nobody listens
         assert forwarder.pump() == 0
-        assert len(spool.pending()) == 4
+        assert forwarder.acked_seq() == 0 and forwarder.lag() == 4
     server = _collector(protocol, port, received, context)
     try:
         assert forwarder.pump() == 4
-        assert spool.pending() == []
+        assert forwarder.acked_seq() == 4 and forwarder.lag() == 0
         log.record(AuditEventId.query, actor="auditor", actor_address="127.0.0.1")
         assert forwarder.pump() == 1
         wait_for(lambda: len(received) == 5, timeout=10, what="5 syslog messages")

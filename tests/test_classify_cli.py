@@ -54,12 +54,15 @@ def test_classify_folder_json_lines(dataset_dir: Path, capsys: pytest.CaptureFix
     by_status = {}
     for line in images:
         by_status.setdefault(line["status"], []).append(Path(line["path"]).name)
-    assert sorted(by_status["ok"]) == ["0.dcm", "1.dcm", "2.dcm", "chest.dcm", "photo.png"]
+    assert sorted(by_status["ok"]) == ["0.dcm", "1.dcm", "2.dcm", "chest.dcm"]
     assert by_status["skipped"] == ["notes.txt"]
     assert by_status["failed"] == ["broken.dcm"]
-    assert {s["label_set"] for s in studies} == {"ct", "chest_xray"}
-    ct = next(s for s in studies if s["label_set"] == "ct")
-    assert ct["images"] == 3 and ct["top_probability"] == max(ct["probabilities"].values())
+    # a PNG says nothing of its modality or anatomy: no label set is guessed for it
+    assert by_status["not_applicable"] == ["photo.png"]
+    assert {s["label_set"] for s in studies} == {"ct_head", "chest_xray"}
+    ct = next(s for s in studies if s["label_set"] == "ct_head")
+    assert ct["images"] == 3 and ct["top_score"] == max(ct["scores"].values())
+    assert ct["aggregation"] == "mean of the top 3 image scores per finding"
     assert all(line["warning"] == DEMO_WARNING for line in lines)
     assert "files" in captured.err and DEMO_WARNING in captured.err  # progress + warning
 
@@ -71,7 +74,8 @@ def test_classify_is_deterministic_and_writes_csv(
     target = str(dataset_dir / "ct")
     assert main(["classify", target, "--demo-model", "--out", str(first)]) == 0
     assert (
-        main(["classify", target, "--demo-model", "--label-set", "ct", "--out", str(second)]) == 0
+        main(["classify", target, "--demo-model", "--label-set", "ct_head", "--out", str(second)])
+        == 0
     )
     json_rows = [r for r in _lines(first.read_text()) if r["status"] == "ok"]
     with second.open(newline="") as handle:
@@ -79,7 +83,7 @@ def test_classify_is_deterministic_and_writes_csv(
     assert len(json_rows) == len(csv_rows) == 4  # three images and their study
     for a, b in zip(json_rows, csv_rows, strict=True):
         assert a["type"] == b["type"] and a["top_label"] == b["top_label"]
-        assert a["probabilities"] == json.loads(b["probabilities"])
+        assert a["scores"] == json.loads(b["scores"])
 
 
 def test_unknown_label_set_is_refused(
@@ -87,3 +91,33 @@ def test_unknown_label_set_is_refused(
 ) -> None:
     assert main(["classify", str(dataset_dir), "--demo-model", "--label-set", "nope"]) == 2
     assert "label set 'nope' is not configured" in capsys.readouterr().err
+
+
+def test_pydicoms_test_files_get_a_fitting_label_set_or_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every bundled pydicom file, as a new user would try them: each image gets the label
+    set of its modality and anatomy, or is recorded not applicable; no ultrasound, nuclear
+    medicine or secondary capture is read as a chest radiograph."""
+    import pydicom
+
+    from tests.factory import PYDICOM_TEST_FILES
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["classify", str(PYDICOM_TEST_FILES), "--demo-model", "--json"]) == 0
+    images = [r for r in _lines(capsys.readouterr().out) if r["type"] == "image"]
+    assert len(images) > 100
+    statuses = {r["status"] for r in images}
+    assert statuses <= {"ok", "skipped", "failed", "not_applicable"}
+    family = {"CR": "chest_xray", "DX": "chest_xray", "CT": "ct_", "MR": "mr_"}
+    seen = {"ok": 0, "not_applicable": 0}
+    for record in images:
+        if record["status"] not in seen:
+            continue
+        seen[record["status"]] += 1
+        modality = str(pydicom.dcmread(record["path"], stop_before_pixels=True).get("Modality"))
+        if record["status"] == "ok":
+            assert record["label_set"].startswith(family[modality]), (record["path"], modality)
+        else:
+            assert record["label_set"] is None and record["reason"], record["path"]
+    assert seen["ok"] > 0 and seen["not_applicable"] > 10

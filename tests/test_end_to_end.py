@@ -123,14 +123,14 @@ def test_orthanc_sends_study_and_receives_sr(make_settings, tmp_path: Path, runn
             assert result.is_demo
             assert result.findings["warning"] == DEMO_WARNING
             stored_findings = result.findings["findings"]
-        # The SR Orthanc holds says what the node decided: same labels, codes, probabilities,
+        # The SR Orthanc holds says what the node decided: same labels, codes, scores,
         # present/absent, and image references among the images sent.
         summary = summarize_sr(sr)
         assert [f.name for f in summary.findings] == [f["name"] for f in stored_findings]
         for in_sr, decided in zip(summary.findings, stored_findings, strict=True):
             assert in_sr.code_value == decided["code"]["value"]
             assert in_sr.present == decided["present"]
-            assert in_sr.probability == pytest.approx(decided["probability"], abs=1e-6)
+            assert in_sr.score == pytest.approx(decided["score"], abs=1e-6)
             assert {uid for uid, _ in in_sr.images} <= sent
         # dsrdump reads the SR Orthanc holds without complaint
         sr_file = tmp_path / "sr.dcm"

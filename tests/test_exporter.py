@@ -132,3 +132,17 @@ def test_stale_sending_rows_come_back(outbox: ExportOutbox, db: Database, settin
     assert {r.state for r in restarted.list()} == {ExportState.pending.value}
     with db.session() as session:
         assert session.query(Export).count() == 2
+
+
+def test_claim_serves_one_lane_at_a_time(outbox: ExportOutbox) -> None:
+    routine = _enqueue(outbox, 1, Priority.routine)  # [pacs, archive]
+    stat = _enqueue(outbox, 2, Priority.stat)
+    now = utcnow() + timedelta(seconds=1)
+    pacs = outbox.claim(now=now, destination="pacs")
+    assert [r.id for r in pacs] == [stat[0], routine[0]]  # stat first within the lane
+    assert outbox.next_due_at(destination="pacs") is not None  # leased, due at the lease end
+    assert outbox.claim(now=now, not_in=["pacs", "archive"]) == []
+    stray = outbox.claim(now=now, not_in=["pacs"])  # "archive" is no longer configured
+    assert [r.id for r in stray] == [stat[1], routine[1]]
+    assert outbox.claim(now=now, destination="archive") == []  # already claimed
+    assert outbox.next_due_at(destination="elsewhere") is None

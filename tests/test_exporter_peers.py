@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from sqlalchemy import select
 from tests import peers
 from tests.orthanc import OrthancServer
 from tests.sr_cases import ct_result, demo_cr_result
+from tests.tcp_tap import TcpTap
 from triagenode.audit.events import AuditLog
 from triagenode.config.settings import Settings
 from triagenode.domain import StudyResult
@@ -289,10 +291,68 @@ def test_export_over_mutual_tls_to_storescp(
         process.wait(10)
 
 
-def test_echo_destinations_tells_which_answer(
+def test_echo_tells_which_destinations_answer(
     tmp_path: Path, sqlite_db: Database, make_settings, pacs: OrthancServer
 ) -> None:
     down = {"name": "down", "ae_title": "NOBODY", "host": "127.0.0.1", "port": peers.free_port()}
     settings = _settings(make_settings, _destination("pacs", pacs), down)
     _, exporter = _parts(sqlite_db, settings)
-    assert exporter.echo_destinations(timeout=2) == {"pacs": True, "down": False}
+    answers = {d.name: exporter.echo(d, timeout=2) for d in settings.destinations}
+    assert answers == {"pacs": True, "down": False}
+
+
+def test_a_silent_destination_does_not_delay_a_healthy_one(
+    pacs: OrthancServer, sqlite_db: Database, make_settings
+) -> None:
+    # The silent PACS accepts the connection and never answers: each attempt to it waits the
+    # whole export timeout. It comes first in the configuration and in the outbox.
+    timeout = 20.0
+    with TcpTap() as hole:
+        silent = {"name": "silent", "ae_title": "SILENT", "host": "127.0.0.1", "port": hole.port}
+        settings = _settings(
+            make_settings, silent, _destination("pacs", pacs), timeout_s=timeout, senders=1
+        )
+        outbox, exporter = _parts(sqlite_db, settings)
+        stat_result, stat_path, stat_ids = _queue_sr(outbox, settings, priority=40)
+        result, path, ids = _queue_sr(outbox, settings, case=demo_cr_result)
+        started = time.monotonic()
+        exporter.start()
+        try:
+            peers.wait_for(
+                lambda: (
+                    pacs.instance_uids(stat_result.study_uid)
+                    and pacs.instance_uids(result.study_uid)
+                ),
+                timeout=timeout / 2,
+                interval=0.05,
+                what="both SRs in Orthanc while the silent PACS holds its association",
+            )
+            elapsed = time.monotonic() - started
+            peers.wait_for(lambda: hole.accepted >= 1, what="an attempt to the silent PACS")
+            silent_rows = [outbox.get(stat_ids[0]), outbox.get(ids[0])]
+        finally:
+            hole.close()  # ends the silent attempt at once, so stop() need not wait for it
+            exporter.stop()
+    assert elapsed < timeout / 4, f"Orthanc's SRs took {elapsed:.1f} s"
+    assert pacs.instance_uids(stat_result.study_uid) == [stat_path.stem]
+    assert pacs.instance_uids(result.study_uid) == [path.stem]
+    assert all(r is not None and r.state == ExportState.sending.value for r in silent_rows)
+    assert outbox.get(stat_ids[1]).state == ExportState.sent.value  # type: ignore[union-attr]
+
+
+def test_rows_of_a_removed_destination_fail_and_end_dead(
+    pacs: OrthancServer, sqlite_db: Database, make_settings
+) -> None:
+    gone = {"name": "old-pacs", "ae_title": "OLD", "host": "127.0.0.1", "port": 9}
+    before = _settings(make_settings, _destination("pacs", pacs), gone, max_attempts=2)
+    outbox, _ = _parts(sqlite_db, before)
+    _result, _path, ids = _queue_sr(outbox, before, case=demo_cr_result)
+    # The operator removes the old PACS from the configuration and restarts.
+    after = _settings(make_settings, _destination("pacs", pacs), max_attempts=2)
+    outbox, exporter = _parts(sqlite_db, after)
+    _drain(exporter, outbox)
+    kept, removed = outbox.get(ids[0]), outbox.get(ids[1])
+    assert kept is not None and kept.state == ExportState.sent.value
+    assert removed is not None and removed.state == ExportState.dead.value
+    assert removed.attempts == 2
+    assert "'old-pacs' is no longer configured" in (removed.last_error or "")

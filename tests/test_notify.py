@@ -108,7 +108,7 @@ def test_webhook_receives_the_finding_without_phi(
     [body] = hook_ok.received
     assert body["event"] == "critical_finding"
     assert body["study_uid"] == STUDY_UID and body["sr_uid"] == "2.25.1234"
-    assert body["finding"] == "intracranial_hemorrhage" and body["probability"] == 0.91
+    assert body["finding"] == "intracranial_hemorrhage" and body["score"] == 0.91
     assert body["priority"] == "stat" and body["triage_priority"] == "routine"
     assert body["code"] == {
         "scheme": "SCT",
@@ -193,7 +193,7 @@ def test_log_only_and_quiet_modes(caplog: pytest.LogCaptureFixture) -> None:
 
 def test_finding_is_the_most_probable_critical_label() -> None:
     finding = CriticalFinding.from_result(result(), sr_uid=None)
-    assert (finding.finding, finding.probability, finding.label_set) == (
+    assert (finding.finding, finding.score, finding.label_set) == (
         "intracranial_hemorrhage",
         0.91,
         "ct_head",

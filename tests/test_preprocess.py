@@ -123,7 +123,9 @@ def test_voi_lut_sequence_wins_over_the_window() -> None:
 def test_normalisation_uses_the_model_mean_and_std() -> None:
     out = preprocess_pixels(np.full((40, 50), 0.5, np.float32), CONFIG)
     assert out.shape == (3, 32, 32) and out.dtype == np.float32
-    expected = (0.5 - np.array(CONFIG.mean)) / np.array(CONFIG.std)
+    # display values are quantised to 8 bits first, as the model's training figures were:
+    # 0.5 * 255 = 127.5 rounds (half to even) to 128
+    expected = (128 / 255 - np.array(CONFIG.mean)) / np.array(CONFIG.std)
     np.testing.assert_allclose(out[:, 10, 10], expected, rtol=1e-5)
 
 

@@ -185,29 +185,27 @@ class _Webhook(BaseHTTPRequestHandler):
 
 
 def test_critical_finding_escalates_end_to_end(tmp_path: Path, pacs: StoreScp) -> None:
-    """A critical label above its threshold: stat priority, critical flag in the SR, an
-    audit event, a webhook call."""
+    """A critical label above its site-calibrated threshold: stat priority, critical flag in
+    the SR, an audit event, a webhook call."""
     webhook = HTTPServer(("127.0.0.1", 0), _Webhook)
     _Webhook.bodies = []
     threading.Thread(target=webhook.serve_forever, daemon=True).start()
     labels = f"""
 [triage.notify]
 webhook_url = "http://127.0.0.1:{webhook.server_address[1]}/hook"
-[labels]
-default_set = "bleed"
-domains = []
+[[labels.domains]]
+label_set = "bleed"
+modalities = ["CT"]
 [labels.sets.bleed]
-description = "test set: the critical label passes any probability"
+description = "test set: the critical label passes any score"
 [[labels.sets.bleed.labels]]
 name = "hemorrhage"
-code = {{ scheme = "SCT", value = "50960005", meaning = "Hemorrhage" }}
+code = {{ scheme = "SCT", value = "1386000", meaning = "Intracranial hemorrhage" }}
 prompts = ["a head CT showing hemorrhage"]
+absent_prompts = ["a head CT showing no hemorrhage"]
 critical = true
+threshold_calibrated = true
 threshold = 0.0
-[[labels.sets.bleed.labels]]
-name = "normal"
-code = {{ scheme = "SCT", value = "17621005", meaning = "Normal" }}
-prompts = ["a normal head CT"]
 """
     config, port = write_config(tmp_path, pacs, labels)
     log = tmp_path / "serve.log"

@@ -121,5 +121,6 @@ def test_command_line_flags_win_over_the_environment(
     with pytest.raises(ConfigError, match=r"scp\.port: "):
         settings_from_args(args, scp={"port": 0})
     monkeypatch.setenv("TRIAGENODE_NODE__ENVIRONMENT", "production")
+    monkeypatch.setenv("TRIAGENODE_SCP__ALLOW_ANY_CALLING_AE", "true")
     with pytest.raises(ConfigError, match="'demo' is refused"):
         settings_from_args(args, model={"source": "demo"})

@@ -65,13 +65,13 @@ def test_dsr2html_renders(written, tmp_path: Path) -> None:
     run = peers.run_tool("dsr2html", str(path), str(html))
     assert run.returncode == 0, run.stderr
     text = html.read_text(encoding="utf-8", errors="replace")
-    assert "not for diagnostic use" in text
+    assert "AI triage, not a diagnosis" in text
     for finding in result.findings:
         assert finding.code_meaning in text
     assert (DEMO_WARNING in text) == result.model.is_demo
 
 
-def test_srread_reads_back_findings_probabilities_and_references(written) -> None:
+def test_srread_reads_back_findings_scores_and_references(written) -> None:
     result, path, _source = written
     sr = hd.sr.srread(path)
     assert isinstance(sr, hd.sr.Comprehensive3DSR)
@@ -85,13 +85,14 @@ def test_srread_reads_back_findings_probabilities_and_references(written) -> Non
             expected.code_meaning,
         )
         assert got.present is expected.present
-        assert got.probability == pytest.approx(expected.probability, abs=1e-6)
+        assert got.score == pytest.approx(expected.score, abs=1e-6)
+        assert got.calibrated is expected.calibrated
         refs = expected.images or result.images_used
         assert got.images == tuple(
             (uid, frames) for uid, (_ref, frames) in unique_images(refs).items()
         )
     assert summary.priority is result.priority
-    assert summary.critical is result.critical
+    assert summary.critical is result.flagged
     assert summary.library_images == tuple(unique_images(result.images_used))
     assert f"weights_sha256={result.model.weights_sha256}" in summary.algorithm_parameters
     assert f"label_set={result.label_set}" in summary.algorithm_parameters
@@ -133,7 +134,8 @@ def test_json_twin_beside_sr(written) -> None:
     ds = pydicom.dcmread(path)
     assert data["sr"]["sop_instance_uid"] == ds.SOPInstanceUID == path.stem
     assert path.parent.name == result.study_uid
-    assert [f["probability"] for f in data["findings"]] == [f.probability for f in result.findings]
+    assert [f["score"] for f in data["findings"]] == [f.score for f in result.findings]
+    assert [f["calibrated"] for f in data["findings"]] == [f.calibrated for f in result.findings]
     assert data["model"]["weights_sha256"] == result.model.weights_sha256
     assert data["priority"] == result.priority.name
     assert len(data["images_failed"]) == len(result.images_failed)
@@ -162,6 +164,9 @@ def test_uids_are_deterministic_per_study_model_and_run(make_settings) -> None:
     )
     uids = {first.SOPInstanceUID, rerun.SOPInstanceUID, other_model.SOPInstanceUID}
     assert len(uids) == 3
+    # runs of one model are instances of one series, numbered by run
+    assert rerun.SeriesInstanceUID == first.SeriesInstanceUID != other_model.SeriesInstanceUID
+    assert (first.InstanceNumber, rerun.InstanceNumber) == (1, 2)
     assert first.SOPInstanceUID.startswith(settings.node.uid_root + ".")
 
 
@@ -181,17 +186,60 @@ def test_critical_and_priority_are_coded(make_settings) -> None:
     result, source = ct_result()
     summary = summarize_sr(build_sr(result, source, settings, run=1))
     assert summary.critical is True and summary.priority is Priority.stat
-    assert "Critical finding suspected: Hemorrhage" in (summary.summary or "")
-    assert f"STAT (rule {result.priority_rule})" in (summary.summary or "")
+    text = summary.summary or ""
+    assert "AI flags: Intracranial hemorrhage (CRITICAL) probability 0.93 (threshold 0.40)" in text
+    assert f"Priority STAT (rule {result.priority_rule})" in text
     calm = replace(
         result,
-        findings=tuple(replace(f, critical=False) for f in result.findings),
+        findings=tuple(replace(f, critical=False, escalates=False) for f in result.findings),
         priority=Priority.low,
         priority_rule=None,
     )
     calm_summary = summarize_sr(build_sr(calm, source, settings, run=1))
     assert calm_summary.critical is False and calm_summary.priority is Priority.low
-    assert "LOW (no rule matched)" in (calm_summary.summary or "")
+    assert "Priority LOW (no triage rule matched)" in (calm_summary.summary or "")
+
+
+def test_summary_reads_as_scores_until_calibrated(make_settings) -> None:
+    settings = make_settings()
+    result, source = demo_cr_result()
+    text = summarize_sr(build_sr(result, source, settings, run=1)).summary or ""
+    assert text.startswith("DEMO, NOT FOR CLINICAL USE. AI flags: Pleural effusion score 0.64")
+    assert "Cardiomegaly score 0.57 (threshold 0.50)" in text
+    assert "Scores are not probabilities; AI triage, not a diagnosis." in text
+    assert "probability" not in text
+    nothing = replace(result, findings=tuple(replace(f, present=False) for f in result.findings))
+    quiet = summarize_sr(build_sr(nothing, source, settings, run=1)).summary or ""
+    assert "AI flags nothing above threshold (checked: Pneumothorax, Pleural effusion," in quiet
+
+
+def test_summary_comes_first_in_the_content_tree(written) -> None:
+    """Text viewers (dsrdump, dsr2html, Weasis) render the tree in order."""
+    _result, path, _source = written
+    run = peers.run_tool("dsrdump", str(path))
+    assert run.returncode == 0, run.stderr
+    tree = run.stdout[run.stdout.index("<CONTAINER:") :]
+    summary = tree.index('"Summary")=')
+    assert summary < tree.index('"Image Library")') < tree.index('"Imaging Measurements")')
+    before = tree[:summary]
+    assert '"Qualitative Evaluations")' in before and '"Measurement Group")' not in before
+
+
+def test_flagged_critical_without_calibrated_threshold_is_not_escalated(make_settings) -> None:
+    settings = make_settings()
+    result, source = ct_result()
+    flagged = replace(
+        result,
+        findings=tuple(replace(f, escalates=False) for f in result.findings),
+        priority=Priority.routine,
+        priority_rule=None,
+    )
+    assert flagged.flagged and not flagged.critical
+    summary = summarize_sr(build_sr(flagged, source, settings, run=1))
+    assert summary.critical is True and summary.priority is Priority.routine
+    assert "flagged but not escalated: its threshold is not site-calibrated" in (
+        summary.summary or ""
+    )
 
 
 def test_refuses_result_without_findings_or_source_of_other_study(make_settings) -> None:
@@ -239,3 +287,96 @@ def test_result_to_json_takes_uids_either_way() -> None:
     assert by_object["sr"] == {"series_instance_uid": "2.25.1", "sop_instance_uid": "2.25.2"}
     assert result_to_json(result)["sr"] is None
     assert json.loads(json.dumps(by_object)) == by_object
+
+
+def _all_codes(item: pydicom.Dataset):
+    for keyword in (
+        "ConceptNameCodeSequence",
+        "ConceptCodeSequence",
+        "MeasurementUnitsCodeSequence",
+    ):
+        yield from item.get(keyword) or []
+    for keyword in ("ContentSequence", "ContentTemplateSequence"):
+        for child in item.get(keyword) or []:
+            yield from _all_codes(child)
+
+
+def test_every_private_scheme_is_declared(make_settings, tmp_path: Path) -> None:
+    """PS3.16 8: a "99" designator is private and must be in the Coding Scheme
+    Identification Sequence, including a site's own finding codes."""
+    settings = make_settings()
+    result, source = demo_cr_result()
+    site = replace(result.findings[0], code_scheme="99MYSITE", code_value="PTX1")
+    result = replace(result, findings=(site, *result.findings[1:]))
+    sr = build_sr(result, source, settings, run=1)
+    used = {str(c.CodingSchemeDesignator) for c in _all_codes(sr)}
+    declared = {str(i.CodingSchemeDesignator) for i in sr.CodingSchemeIdentificationSequence}
+    private = {d for d in used if d.startswith("99")}
+    assert private == {"99MYSITE", "99TRIAGENODE"}
+    assert private <= declared
+    path = write_sr(sr, settings)
+    lines = peers.run_tool("dciodvfy", str(path)).stderr.splitlines()
+    assert not [line for line in lines if line.startswith("Error")], lines
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "chrH31.dcm",
+        "chrH32.dcm",
+        "chrI2.dcm",
+        "chrKoreanMulti.dcm",
+        "chrJapMulti.dcm",
+        "chrArab.dcm",
+        "chrX2.dcm",
+        "chrRuss.dcm",
+        "chrGreek.dcm",
+        "chrFrenMulti.dcm",
+    ],
+)
+def test_sr_for_sources_in_any_character_set(name: str, make_settings) -> None:
+    """ISO 2022 IR 87 (Japanese), IR 149 (Korean), GB18030 and the ISO 8859 sets: the SR is
+    written in UTF-8 with the names decoded, and dciodvfy finds no error."""
+    settings = make_settings()
+    from pydicom.data import get_charset_files
+
+    [file] = get_charset_files(name)  # bundled with pydicom: no download
+    source = pydicom.dcmread(file)
+    result, _ = demo_cr_result()
+    result = replace(result, study_uid=source.StudyInstanceUID)
+    sr = build_sr(result, source, settings, run=1)
+    path = write_sr(sr, settings, result=result)
+    back = pydicom.dcmread(path)
+    assert back.SpecificCharacterSet == "ISO_IR 192"
+    assert str(back.PatientName) == str(source.PatientName)
+    assert b"\x1b$B" not in path.read_bytes()  # no ISO 2022 escape sequences left
+    run = peers.run_tool("dciodvfy", str(path))
+    errors = [line for line in run.stderr.splitlines() if line.startswith("Error")]
+    assert errors == [], run.stderr
+
+
+def test_legacy_date_and_time_values_and_timezone(make_settings) -> None:
+    settings = make_settings()
+    result, source = demo_cr_result()
+    source.StudyDate = "2004.01.30"
+    source.StudyTime = "14:04:38"
+    sr = build_sr(result, source, settings, run=1)
+    assert (sr.StudyDate, sr.StudyTime) == ("20040130", "140438")
+    assert len(sr.TimezoneOffsetFromUTC) == 5 and sr.TimezoneOffsetFromUTC[0] in "+-"
+    source.TimezoneOffsetFromUTC = "+0900"
+    assert build_sr(result, source, settings, run=1).TimezoneOffsetFromUTC == "+0900"
+
+
+def test_a_rerun_supersedes_the_earlier_sr(make_settings) -> None:
+    settings = make_settings()
+    result, source = ct_result()
+    first = build_sr(result, source, settings, run=1)
+    write_sr(first, settings, result=result)
+    second = build_sr(result, source, settings, run=2, predecessors=[first])
+    path = write_sr(second, settings, result=result)
+    [study] = second.PredecessorDocumentsSequence
+    [series] = study.ReferencedSeriesSequence
+    assert series.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == first.SOPInstanceUID
+    assert json.loads(path.with_suffix(".json").read_text())["supersedes"] == first.SOPInstanceUID
+    lines = peers.run_tool("dciodvfy", str(path)).stderr.splitlines()
+    assert not [line for line in lines if line.startswith("Error")], lines

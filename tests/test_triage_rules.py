@@ -324,7 +324,11 @@ def test_cli_explain_a_file(
     assert f"== {path}" in out
     assert "3. head-ct-emergency -> stat: MATCH" in out
     assert "yes keywords: ReasonForStudy 'suspected SAH' contains 'SAH'" in out
-    assert out.rstrip().endswith("decision: stat (rule 'head-ct-emergency')")
+    assert "\ndecision: stat (rule 'head-ct-emergency')\n" in out
+    assert "request priority: not known" in out
+    assert out.rstrip().endswith(
+        "label set: ct_head (domain rule 3: Modality CT, BodyPartExamined HEAD)"
+    )
     assert factory.PATIENT_NAME not in out and factory.PATIENT_ID not in out
 
 
@@ -344,6 +348,7 @@ def test_cli_explain_assumed_sender_json_and_bad_file(
     captured = capsys.readouterr()
     [report] = json.loads(captured.out)
     assert report["inputs"]["RequestPriority"] == "HIGH"
+    assert report["request_priority"] == {"name": "HIGH", "value": 1}
     assert report["inputs"]["CallingAETitle"] == "CR_ROOM2"
     assert (report["rule"], report["priority"]) == ("sender-high-priority", "urgent")
     assert report["checks"][0] == {
@@ -428,5 +433,21 @@ def test_unknown_label_set_stops_the_start(make_settings) -> None:  # type: igno
     rule = {"name": "stroke", "priority": "stat", "modality": ["CT"], "label_set": "ct_brain"}
     with pytest.raises(ConfigError, match=r"'stroke'\.label_set: unknown label set 'ct_brain'"):
         make_settings(triage={"rules": [rule]})
-    settings = make_settings(triage={"rules": [{**rule, "label_set": "ct"}]})
-    assert settings.triage.rules[0].label_set == "ct"
+    settings = make_settings(triage={"rules": [{**rule, "label_set": "ct_head"}]})
+    assert settings.triage.rules[0].label_set == "ct_head"
+
+
+def test_cli_explain_names_request_priority_and_label_set(
+    tmp_path: Path, cli_config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """PS3.7 9.3.1.1: HIGH is 0x0001; a hand radiograph gets no chest label set."""
+    from tests import factory
+    from triagenode.cli import main
+
+    hand_ds = factory.cr_image(BodyPartExamined="HAND", StudyDescription="XR HAND 3 VIEWS")
+    hand = factory.write(hand_ds, tmp_path / "hand.dcm")
+    argv = ["triage", "explain", str(hand), "--request-priority", "HIGH"]
+    assert main([*argv, "--config", str(cli_config)]) == 0
+    out = capsys.readouterr().out
+    assert "request priority: HIGH (0x0001)" in out
+    assert "label set: none, not classified (no domain rule fits Modality 'CR'" in out

@@ -7,14 +7,44 @@ of them identifies a patient.
 
 from __future__ import annotations
 
+import enum
 from typing import Any
 
 from pydicom.dataset import Dataset
 
-__all__ = ["C_STORE_PRIORITY", "TRIAGE_KEYWORDS", "merge_triage_inputs", "triage_inputs"]
+__all__ = [
+    "C_STORE_PRIORITY",
+    "TRIAGE_KEYWORDS",
+    "RequestPriority",
+    "merge_triage_inputs",
+    "triage_inputs",
+]
 
-# C-STORE request Priority (PS3.7 9.1.1.1): 0x0002 HIGH, 0x0000 MEDIUM, 0x0001 LOW.
-C_STORE_PRIORITY = {2: "HIGH", 0: "MEDIUM", 1: "LOW"}
+
+class RequestPriority(enum.IntEnum):
+    """The Priority (0000,0700) of a DIMSE request, as PS3.7 section 9.3.1.1 and annex E
+    define it: ``LOW = 0002H``, ``MEDIUM = 0000H``, ``HIGH = 0001H``.
+
+    The numbers do not follow urgency (MEDIUM is the zero default), so never compare them:
+    compare :attr:`rank`.
+    """
+
+    MEDIUM = 0x0000
+    HIGH = 0x0001
+    LOW = 0x0002
+
+    @property
+    def rank(self) -> int:
+        """0 for LOW, 1 for MEDIUM, 2 for HIGH: the order of urgency."""
+        return {RequestPriority.LOW: 0, RequestPriority.MEDIUM: 1, RequestPriority.HIGH: 2}[self]
+
+    def describe(self) -> str:
+        """``"HIGH (0x0001)"``: the name and the number on the wire."""
+        return f"{self.name} (0x{int(self):04X})"
+
+
+# Wire value -> name, for the receiver's triage inputs.
+C_STORE_PRIORITY = {int(p): p.name for p in RequestPriority}
 
 # Top-level keywords copied as text (first value for multi-valued attributes).
 TRIAGE_KEYWORDS = (
@@ -48,6 +78,20 @@ def _text(value: Any) -> str | None:
     return str(value).strip() or None
 
 
+def _anatomic_region(ds: Dataset) -> str | None:
+    """The first Anatomic Region Sequence code as ``value^scheme^meaning``, if any."""
+    try:
+        item = (ds.get("AnatomicRegionSequence") or [None])[0]
+        if item is None:
+            return None
+        value = _text(item.get("CodeValue"))
+        scheme = _text(item.get("CodingSchemeDesignator")) or ""
+        meaning = _text(item.get("CodeMeaning")) or ""
+    except (AttributeError, TypeError, ValueError, IndexError):
+        return None
+    return f"{value}^{scheme}^{meaning}" if value else None
+
+
 def triage_inputs(
     ds: Dataset, request_priority: int | None, calling_ae: str | None
 ) -> dict[str, str]:
@@ -73,6 +117,9 @@ def triage_inputs(
                 text = _text(item.get(keyword))
                 if text and keyword not in found:
                     found[keyword] = text
+    region = _anatomic_region(ds)
+    if region:
+        found["AnatomicRegion"] = region
     if request_priority in C_STORE_PRIORITY:
         found["RequestPriority"] = C_STORE_PRIORITY[request_priority]
     if calling_ae:
@@ -80,7 +127,8 @@ def triage_inputs(
     return found
 
 
-_PRIORITY_RANK = {"LOW": 0, "MEDIUM": 1, "HIGH": 2}
+def _rank(name: str) -> int:
+    return RequestPriority[name].rank if name in RequestPriority.__members__ else -1
 
 
 def merge_triage_inputs(old: dict[str, str] | None, new: dict[str, str]) -> dict[str, str]:
@@ -93,7 +141,5 @@ def merge_triage_inputs(old: dict[str, str] | None, new: dict[str, str]) -> dict
     merged = dict(new)
     merged.update(old)
     if "RequestPriority" in new and "RequestPriority" in old:
-        merged["RequestPriority"] = max(
-            new["RequestPriority"], old["RequestPriority"], key=_PRIORITY_RANK.__getitem__
-        )
+        merged["RequestPriority"] = max(new["RequestPriority"], old["RequestPriority"], key=_rank)
     return merged

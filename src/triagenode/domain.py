@@ -16,6 +16,7 @@ __all__ = [
     "LabelFinding",
     "ModelIdentity",
     "Priority",
+    "SkippedSeries",
     "StudyResult",
     "StudyState",
 ]
@@ -61,6 +62,9 @@ class StudyState(str, enum.Enum):
     reported = "reported"  # an SR was written and its exports are queued
     failed = "failed"  # processing failed; ``state_reason`` says why
     ignored = "ignored"  # nothing to classify (e.g. only SR/PR objects, or our own SR)
+    # images, but no label set is made for them (e.g. ultrasound, a hand radiograph):
+    # recorded with the reason, never guessed with another domain's findings
+    not_applicable = "not_applicable"
 
 
 @dataclass(frozen=True)
@@ -90,17 +94,32 @@ class ImageRef:
 
 @dataclass(frozen=True)
 class LabelFinding:
-    """The study-level outcome for one label of the label set."""
+    """The study-level outcome for one finding of the label set, decided on its own.
+
+    ``score`` is in [0, 1]; it is a probability only when ``calibrated`` (a site calibration
+    was applied), and is never called one otherwise.
+    """
 
     name: str
     code_scheme: str  # e.g. "SCT"
     code_value: str
     code_meaning: str
-    probability: float  # aggregated over images, 0..1
+    score: float  # the study's score for this finding, by the result's aggregation rule
     threshold: float
-    present: bool
-    critical: bool = False  # the label is critical and its probability passed the threshold
-    images: tuple[ImageRef, ...] = ()  # images that support this finding
+    present: bool  # score >= threshold
+    critical: bool = False  # a critical finding is present: flagged in the SR and API
+    escalates: bool = False  # ... and its threshold is calibrated: the study becomes stat
+    calibrated: bool = False  # the score went through a fitted calibration
+    images: tuple[ImageRef, ...] = ()  # images whose own score reached the threshold
+
+
+@dataclass(frozen=True)
+class SkippedSeries:
+    """A series the image selection left out, and why (in words)."""
+
+    series_uid: str
+    instances: int
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -112,17 +131,26 @@ class StudyResult:
     findings: tuple[LabelFinding, ...]
     model: ModelIdentity
     backend: str
-    aggregation: str  # documented rule, e.g. "max probability per label across images"
+    aggregation: str  # the rule in words, e.g. "mean of the top 3 image scores per finding"
     images_used: tuple[ImageRef, ...]
     images_failed: tuple[tuple[ImageRef, str], ...] = ()  # (image, reason)
     priority: Priority = Priority.routine
     priority_rule: str | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)
+    label_set_reason: str = ""  # why this label set (the domain rule, or the triage rule)
+    calibration: str = "none"  # the calibration in use, in words ("none" = raw scores)
+    series_skipped: tuple[SkippedSeries, ...] = ()
 
     @property
     def critical(self) -> bool:
+        """A critical finding whose calibrated threshold lets it raise the priority."""
+        return any(f.escalates for f in self.findings)
+
+    @property
+    def flagged(self) -> bool:
+        """Any critical finding at or above its threshold (calibrated or not)."""
         return any(f.critical for f in self.findings)
 
     @property
     def top_finding(self) -> LabelFinding | None:
-        return max(self.findings, key=lambda f: f.probability, default=None)
+        return max(self.findings, key=lambda f: f.score, default=None)

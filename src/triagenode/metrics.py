@@ -62,7 +62,7 @@ BATCH_SIZE = Histogram(
 )
 STUDIES_PROCESSED = Counter(
     "triagenode_studies_processed",
-    "Studies classified, by outcome (reported, failed, ignored) and priority",
+    "Studies processed, by outcome (reported, failed, ignored, not_applicable) and priority",
     ["outcome", "priority"],
     registry=REGISTRY,
 )

@@ -14,7 +14,6 @@ from typing import Any
 
 from triagenode import __version__
 from triagenode.audit.events import AuditEventId, AuditLog, Outcome
-from triagenode.audit.keys import load_or_create_secret
 from triagenode.config.settings import Settings
 from triagenode.domain import DEMO_WARNING
 from triagenode.store import migrate
@@ -55,9 +54,10 @@ class Node:
         for noisy in ("pynetdicom", "pydicom"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
         self.db = Database(self.settings.database_url, echo=self.settings.database.echo)
-        self.audit = AuditLog(self.db, load_or_create_secret(self.settings))
+        self.audit = AuditLog.from_settings(self.settings, self.db)
         self.classifier: Any = None
         self.receiver: Any = None
+        self.probe: Any = None
         self.api_server: Any = None
         self._api_thread: threading.Thread | None = None
         self._forwarder: Any = None
@@ -72,6 +72,7 @@ class Node:
         from triagenode.pipeline.triage import TriageRules
         from triagenode.pipeline.worker import StudyProcessor, WorkerPool
         from triagenode.scp.exporter import Exporter, ExportOutbox
+        from triagenode.scp.probe import DestinationProbe
         from triagenode.scp.receiver import DicomReceiver
 
         settings = self.settings
@@ -116,6 +117,13 @@ class Node:
             part.start()
             self._parts.append(part)
         if settings.api.enabled:
+            self.probe = DestinationProbe(
+                settings.destinations,
+                lambda destination: exporter.echo(destination, settings.export.timeout_s),
+                settings.export.probe_interval_s,
+            )
+            self.probe.start()
+            self._parts.append(self.probe)
             self._start_api()
         if settings.audit.syslog.enabled:
             self._start_audit_forwarder()
@@ -144,7 +152,8 @@ class Node:
         services = ApiServices(
             predictor=ClassifierPredictor(self.classifier),
             model_loaded=lambda: self.classifier is not None,
-            destinations_reachable=self.exporter.echo_destinations,
+            destinations_reachable=self.probe.reachable,
+            destinations_probed_at=self.probe.probed_at,
         )
         app = create_app(self.settings, self.db, self.audit, services)
         server = build_server(app, self.settings.api.host, self.settings.api.port)
@@ -158,7 +167,7 @@ class Node:
     def _start_audit_forwarder(self) -> None:
         from triagenode.audit.syslog import AuditForwarder
 
-        forwarder = AuditForwarder.from_settings(self.settings, self.db)
+        forwarder = AuditForwarder.from_settings(self.settings, self.db, self.audit)
         forwarder.start()
         self._forwarder = forwarder
 

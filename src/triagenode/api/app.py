@@ -6,9 +6,11 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from triagenode import __version__
+from triagenode.api.docs import install_docs
 from triagenode.api.middleware import (
     BodyLimitMiddleware,
     CallAuditMiddleware,
+    NulRefusingMiddleware,
     SecurityHeadersMiddleware,
 )
 from triagenode.api.problems import install_problem_handlers
@@ -17,6 +19,7 @@ from triagenode.api.routes import audit as audit_routes
 from triagenode.api.routes import exports, health, predict, queue, studies, tokens
 from triagenode.api.services import ApiServices, Predictor
 from triagenode.api.tokens import TokenStore
+from triagenode.api.uploads import PredictSlots
 from triagenode.audit.events import AuditLog
 from triagenode.config.settings import Settings
 from triagenode.store.db import Database
@@ -57,9 +60,10 @@ def create_app(
         title="triagenode admin API",
         version=__version__,
         description=_DESCRIPTION,
-        docs_url="/docs",
+        docs_url=None,  # installed below from the package's own assets, not a CDN
         redoc_url=None,
     )
+    install_docs(app)
     app.state.settings = settings
     app.state.db = db
     app.state.audit = audit
@@ -67,6 +71,7 @@ def create_app(
     app.state.tokens = TokenStore(db)
     app.state.rate_limiter = RateLimiter(settings.api.rate_limit_per_minute)
     app.state.rate_limited = set()
+    app.state.predict_slots = PredictSlots(settings.api.max_concurrent_predictions)
     install_problem_handlers(app)
     for module in (health, studies, queue, exports, audit_routes, predict, tokens):
         app.include_router(module.router)
@@ -79,6 +84,7 @@ def create_app(
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type"],
         )
+    app.add_middleware(NulRefusingMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.api.max_body_bytes)
     app.add_middleware(CallAuditMiddleware, audit=audit)
     app.add_middleware(SecurityHeadersMiddleware)

@@ -18,17 +18,23 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from triagenode.api.problems import problem_response
 from triagenode.audit.events import AuditEventId, AuditLog, Outcome
 
-__all__ = ["BodyLimitMiddleware", "CallAudit", "CallAuditMiddleware", "SecurityHeadersMiddleware"]
+__all__ = [
+    "BodyLimitMiddleware",
+    "CallAudit",
+    "CallAuditMiddleware",
+    "NulRefusingMiddleware",
+    "SecurityHeadersMiddleware",
+]
 
 log = logging.getLogger("triagenode.api.access")
 
-_DOCS_PATHS = ("/docs", "/redoc")
-# Swagger UI comes from jsDelivr with an inline start-up script; everything else the API
-# serves is data and may load nothing at all.
+_DOCS_PATHS = ("/docs",)
+# Swagger UI's scripts and styles come from the node itself (api/static/swagger-ui) and the
+# page has no inline script; Swagger UI sets inline style attributes, hence style-src.
+# Everything else the API serves is data and may load nothing at all.
 _DOCS_CSP = (
-    "default-src 'self'; script-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net; "
-    "style-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net; "
-    "img-src 'self' data: https://fastapi.tiangolo.com; frame-ancestors 'none'"
+    "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'"
 )
 _API_CSP = "default-src 'none'; frame-ancestors 'none'"
 
@@ -112,6 +118,29 @@ class BodyLimitMiddleware:
             instance=scope["path"],
         )
         await response(scope, receive, send)
+
+
+class NulRefusingMiddleware:
+    """Refuse with 400 a request whose path or query holds a NUL character.
+
+    No database column can hold NUL (PostgreSQL's driver raises on it), so such a value can
+    name nothing the node has; answering before any route runs keeps it from becoming a 500.
+    The call is still audited (this sits inside the audit middleware).
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            query = scope.get("query_string", b"").lower()
+            if "\x00" in scope["path"] or b"%00" in query or b"\x00" in query:
+                response = problem_response(
+                    400, "a NUL character is not allowed in a request", "bad-request"
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 @dataclass

@@ -119,6 +119,10 @@ class ResultOut(_Out):
     sr_sop_instance_uid: str | None
     sr_series_uid: str | None
     created_at: datetime
+    current: bool = Field(description="The newest run's result: the one the PACS should show")
+    supersedes: str | None = Field(
+        default=None, description="SOP Instance UID of the earlier SR this one replaces"
+    )
 
 
 class ExportOut(_Out):
@@ -215,6 +219,9 @@ class VerifyOut(_Out):
     head_seq: int | None
     head_hash: str | None
     problem: ChainProblemOut | None
+    checkpoints: int | None = Field(
+        default=None, description="Signed checkpoints checked; None when the node has none"
+    )
 
 
 class ReadyOut(_Out):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -39,8 +40,8 @@ class Predictor(Protocol):
         Returns
         -------
         list of dict
-            JSON-able results, e.g. ``{"labels": [...], "similarities": [...],
-            "probabilities": [...]}``.
+            JSON-able results, e.g. ``{"labels": [...], "scores": [...], "scoring": "..."}``
+            (with a label set also ``thresholds``, ``present`` and ``calibrated``).
         """
         ...
 
@@ -51,5 +52,9 @@ class ApiServices:
 
     predictor: Predictor | None = None
     model_loaded: Callable[[], bool] | None = None
-    # Destination name -> reachable (a C-ECHO or a TCP connect, the caller decides).
-    destinations_reachable: Callable[[], Mapping[str, bool]] | None = None
+    # Destination name -> reachable (a C-ECHO or a TCP connect, the caller decides; None while
+    # not yet known). Must answer from a cache: /readyz is unauthenticated.
+    destinations_reachable: Callable[[], Mapping[str, bool | None]] | None = None
+    # Destination name -> when its answer above was found (UTC; None before the first), for
+    # the answer's age in /readyz.
+    destinations_probed_at: Callable[[], Mapping[str, datetime | None]] | None = None

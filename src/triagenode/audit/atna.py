@@ -16,13 +16,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timezone
 from importlib import resources
+from types import SimpleNamespace
 from typing import Any
 
 from lxml import etree
 
+from triagenode.audit.encoding import xml_safe
 from triagenode.config.settings import Settings
 
-__all__ = ["AuditSource", "audit_message", "export_document", "schema", "to_bytes"]
+__all__ = ["AuditSource", "audit_message", "defanged", "export_document", "schema", "to_bytes"]
 
 _DCM = "DCM"
 # HL7's convention for locally defined coding schemes: a "99" prefix.
@@ -77,10 +79,18 @@ class AuditSource:
         )
 
 
+def _sub(parent: etree._Element, tag: str, attributes: dict[str, Any]) -> etree._Element:
+    """A child element whose attribute values, from wherever they came, are valid XML."""
+    return etree.SubElement(parent, tag, {k: xml_safe(v) for k, v in attributes.items()})
+
+
+def _set(element: etree._Element, attributes: dict[str, Any]) -> None:
+    for name, value in attributes.items():
+        element.set(name, xml_safe(value))
+
+
 def _coded(parent: etree._Element, tag: str, code: str, system: str, meaning: str) -> None:
-    etree.SubElement(
-        parent, tag, {"csd-code": code, "codeSystemName": system, "originalText": meaning}
-    )
+    _sub(parent, tag, {"csd-code": code, "codeSystemName": system, "originalText": meaning})
 
 
 def _access_point(address: str | None) -> dict[str, str]:
@@ -97,7 +107,28 @@ def _access_point(address: str | None) -> dict[str, str]:
 
 def _b64(value: Any) -> str:
     text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
-    return base64.b64encode(text.encode("utf-8")).decode("ascii")
+    return base64.b64encode(text.encode("utf-8", "backslashreplace")).decode("ascii")
+
+
+def defanged(row: Any) -> Any:
+    """A copy of an audit row with every string replaced by its ASCII ``repr`` body: the
+    fallback rendering of a row that could not be written as it is (never expected, as every
+    value is escaped, but one row must not stop an export or the forwarder)."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, str):
+            return ascii(value)[1:-1]
+        if isinstance(value, dict):
+            return {plain(str(k)): plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+
+    names = (
+        "seq", "at", "event_id", "event_type", "action", "outcome", "actor", "actor_address",
+        "study_uid", "patient_ref", "details", "prev_hash", "row_hash",
+    )  # fmt: skip
+    return SimpleNamespace(**{name: plain(getattr(row, name)) for name in names})
 
 
 def audit_message(row: Any, source: AuditSource) -> etree._Element:
@@ -112,7 +143,7 @@ def audit_message(row: Any, source: AuditSource) -> etree._Element:
     """
     message = etree.Element("AuditMessage")
     at = row.at.astimezone(timezone.utc).isoformat(timespec="microseconds")
-    identification = etree.SubElement(
+    identification = _sub(
         message,
         "EventIdentification",
         {
@@ -134,21 +165,21 @@ def audit_message(row: Any, source: AuditSource) -> etree._Element:
         _coded(identification, "EventTypeCode", code, system, meaning)
     reason = (row.details or {}).get("reason") if isinstance(row.details, dict) else None
     if row.outcome and reason:
-        etree.SubElement(identification, "EventOutcomeDescription").text = " ".join(
-            str(reason).split()
+        etree.SubElement(identification, "EventOutcomeDescription").text = xml_safe(
+            " ".join(str(reason).split())
         )
 
     node_is_source = row.event_type in _NODE_IS_SOURCE
     if row.actor:
-        actor = etree.SubElement(
+        actor = _sub(
             message,
             "ActiveParticipant",
             {"UserID": row.actor, "UserIsRequestor": "false" if node_is_source else "true"},
         )
-        actor.attrib.update(_access_point(row.actor_address))
+        _set(actor, _access_point(row.actor_address))
         role = _ROLE_DESTINATION if node_is_source else _ROLE_SOURCE
         _coded(actor, "RoleIDCode", role[0], _DCM, role[1])
-    node = etree.SubElement(
+    node = _sub(
         message,
         "ActiveParticipant",
         {
@@ -158,24 +189,20 @@ def audit_message(row: Any, source: AuditSource) -> etree._Element:
         },
     )
     if source.hostname:
-        node.attrib.update(
-            {"NetworkAccessPointID": source.hostname, "NetworkAccessPointTypeCode": "1"}
-        )
+        _set(node, {"NetworkAccessPointID": source.hostname, "NetworkAccessPointTypeCode": "1"})
     role = (
         _ROLE_SOURCE if node_is_source else (_ROLE_DESTINATION if row.actor else _ROLE_APPLICATION)
     )
     _coded(node, "RoleIDCode", role[0], _DCM, role[1])
 
-    audit_source = etree.SubElement(
-        message, "AuditSourceIdentification", {"AuditSourceID": source.source_id}
-    )
+    audit_source = _sub(message, "AuditSourceIdentification", {"AuditSourceID": source.source_id})
     if source.site_id:
-        audit_source.set("AuditEnterpriseSiteID", source.site_id)
+        _set(audit_source, {"AuditEnterpriseSiteID": source.site_id})
     # RFC 3881 audit source type 4: application server process.
     _coded(audit_source, "AuditSourceTypeCode", "4", _DCM, "Application Server")
 
     if row.study_uid:
-        study = etree.SubElement(
+        study = _sub(
             message,
             "ParticipantObjectIdentification",
             {
@@ -186,7 +213,7 @@ def audit_message(row: Any, source: AuditSource) -> etree._Element:
         )
         _coded(study, "ParticipantObjectIDTypeCode", "110180", _DCM, "Study Instance UID")
     if row.patient_ref:
-        patient = etree.SubElement(
+        patient = _sub(
             message,
             "ParticipantObjectIdentification",
             {
@@ -202,7 +229,7 @@ def audit_message(row: Any, source: AuditSource) -> etree._Element:
             _LOCAL,
             "HMAC-SHA256 of the Patient ID",
         )
-    record = etree.SubElement(
+    record = _sub(
         message,
         "ParticipantObjectIdentification",
         {
@@ -212,17 +239,16 @@ def audit_message(row: Any, source: AuditSource) -> etree._Element:
         },
     )
     _coded(record, "ParticipantObjectIDTypeCode", "AUDIT-RECORD", _LOCAL, "triagenode audit record")
+    extra = row.details if isinstance(row.details, dict) else {"details": row.details}
     details = {
-        **(row.details or {}),
+        **extra,
         "seq": row.seq,
         "prev_hash": row.prev_hash,
         "row_hash": row.row_hash,
     }
     for name in sorted(details):
         if details[name] is not None:
-            etree.SubElement(
-                record, "ParticipantObjectDetail", {"type": name, "value": _b64(details[name])}
-            )
+            _sub(record, "ParticipantObjectDetail", {"type": name, "value": _b64(details[name])})
     return message
 
 

@@ -43,7 +43,7 @@ _PG_LOCK_KEY = 0x7472_6961_6765_0001
 # How far from its stored position verify() looks for a row's original one (reordering).
 _SEARCH_WINDOW = 64
 
-ProblemKind = Literal["edited", "deleted", "inserted", "reordered"]
+ProblemKind = Literal["edited", "deleted", "inserted", "reordered", "forged"]
 
 
 def chain_key(secret: bytes) -> bytes:
@@ -145,8 +145,9 @@ class VerifyReport:
     """What :func:`verify` found.
 
     ``vouched`` rows, from ``first_at`` to ``last_at``, are intact; a clean report vouches
-    for all ``count`` rows. Deleting the newest rows leaves no trace inside the chain: compare
-    ``head_seq``/``head_hash`` with an earlier report or with the forwarded syslog copy.
+    for all ``count`` rows. Deleting the newest rows leaves no trace inside the chain: that is
+    what ``checkpoints`` (how many signed checkpoints were checked; None when none were) and
+    an earlier report's ``head_seq``/``head_hash`` catch.
     """
 
     ok: bool
@@ -157,12 +158,15 @@ class VerifyReport:
     head_seq: int | None
     head_hash: str | None
     problem: ChainProblem | None
+    checkpoints: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         for name in ("first_at", "last_at"):
             value = getattr(self, name)
             data[name] = value.isoformat() if value else None
+        if self.checkpoints is None:  # not checked: the API's schema does not know the key
+            del data["checkpoints"]
         return data
 
 

@@ -7,21 +7,34 @@ Every row is appended to the keyed hash chain of :mod:`triagenode.audit.chain`.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import getpass
 import hashlib
 import hmac
 import logging
-from typing import Any
+import os
+import socket
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
+from sqlalchemy import event, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
-from triagenode.audit.chain import VerifyReport, append, chain_key, verify
+from triagenode.audit.chain import ChainProblem, VerifyReport, append, chain_key, verify
+from triagenode.audit.checkpoint import Checkpoint, CheckpointLog, check_checkpoints
+from triagenode.audit.encoding import storable, storable_details
 from triagenode.errors import StorageError
 from triagenode.store.db import Database
 from triagenode.store.models import AuditEvent
 
-__all__ = ["AuditEventId", "AuditLog", "Outcome"]
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    from triagenode.config.settings import Settings
+
+__all__ = ["AuditEventId", "AuditLog", "LocalActor", "Outcome", "local_actor"]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +79,47 @@ class Outcome(enum.IntEnum):
     major_failure = 12
 
 
+@dataclasses.dataclass(frozen=True)
+class LocalActor:
+    """Who ran a command on the node's machine: the OS account (by its real uid, not the
+    environment), ``sudo``'s invoking user when there is one, and the host."""
+
+    user: str
+    uid: int
+    host: str
+    sudo_user: str | None = None
+
+    @property
+    def actor(self) -> str:
+        return f"cli:{self.user}"
+
+    def details(self) -> dict[str, Any]:
+        found: dict[str, Any] = {"os_user": self.user, "uid": self.uid, "host": self.host}
+        if self.sudo_user:
+            found["sudo_user"] = self.sudo_user  # from the environment: a claim, not proof
+        return found
+
+    def fields(self, details: dict[str, Any] | None = None) -> dict[str, Any]:
+        """``actor``, ``actor_address`` and ``details`` for :meth:`AuditLog.record`."""
+        return {
+            "actor": self.actor,
+            "actor_address": self.host,
+            "details": {**(details or {}), **self.details()},
+        }
+
+
+def local_actor() -> LocalActor:
+    """The :class:`LocalActor` of this process."""
+    uid = os.getuid()
+    try:
+        import pwd
+
+        user = pwd.getpwuid(uid).pw_name
+    except (ImportError, KeyError):
+        user = getpass.getuser() if os.environ.get("USER") else str(uid)
+    return LocalActor(user, uid, socket.gethostname(), os.environ.get("SUDO_USER") or None)
+
+
 class AuditLog:
     """Appends audit events to the database.
 
@@ -75,26 +129,92 @@ class AuditLog:
         The node's database.
     secret
         Key for patient pseudonyms and the hash chain; never logged.
+    checkpoints
+        Where signed checkpoints of the chain head go after each committed event; None for
+        none (tests, tools that only read).
     """
 
-    def __init__(self, db: Database, secret: bytes) -> None:
+    def __init__(
+        self, db: Database, secret: bytes, checkpoints: CheckpointLog | None = None
+    ) -> None:
         self._db = db
         self._secret = secret
         self._chain_key = chain_key(secret)
+        self.checkpoints = checkpoints
+
+    @classmethod
+    def from_settings(cls, settings: Settings, db: Database) -> AuditLog:
+        """The node's audit log: its secret, and checkpoints as configured."""
+        from triagenode.audit.keys import load_or_create_secret
+
+        return cls(db, load_or_create_secret(settings), CheckpointLog.from_settings(settings))
 
     @property
     def db(self) -> Database:
         return self._db
 
-    def verify(self, anchor: tuple[int, str] | None = None) -> VerifyReport:
-        """Walk the chain with this log's secret (see :func:`triagenode.audit.chain.verify`)."""
-        return verify(self._db, self._secret, anchor)
+    def verify(
+        self,
+        anchor: tuple[int, str] | None = None,
+        checkpoints: Iterable[Checkpoint | str] | None = None,
+        public_key: Ed25519PublicKey | None = None,
+    ) -> VerifyReport:
+        """Walk the chain with this log's secret (see :func:`triagenode.audit.chain.verify`),
+        then check ``checkpoints`` against it with ``public_key`` when given."""
+        report = verify(self._db, self._secret, anchor)
+        if checkpoints is None or public_key is None or not report.ok:
+            return report
+        found = check_checkpoints(self._db, checkpoints, public_key, report.head_seq)
+        problem = None
+        if found.problem is not None:
+            kind, seq, message = found.problem
+            problem = ChainProblem(kind, seq, None, message)  # type: ignore[arg-type]
+        return dataclasses.replace(
+            report, ok=problem is None, problem=problem, checkpoints=found.checked
+        )
+
+    def checkpoint(self) -> Checkpoint | None:
+        """Write a checkpoint of the current head now (None without checkpoints or rows)."""
+        if self.checkpoints is None:
+            return None
+        with self._db.session() as session:
+            head = session.execute(
+                select(AuditEvent.seq, AuditEvent.row_hash)
+                .where(AuditEvent.seq.is_not(None))
+                .order_by(AuditEvent.seq.desc())
+                .limit(1)
+            ).first()
+        if head is None:
+            return None
+        return self.checkpoints.write(int(head.seq), head.row_hash)
+
+    def _after_commit(self, session: Session, seq: int, row_hash: str) -> None:
+        """Checkpoint the row once ``session`` commits; forget it if it rolls back (a
+        checkpoint of a row that never existed would read as a deletion)."""
+        checkpoints = self.checkpoints
+        if checkpoints is None:
+            return
+        armed = [True]
+
+        def committed(_session: Session) -> None:
+            if armed and armed.pop():
+                checkpoints.maybe_write(seq, row_hash)
+
+        def rolled_back(_session: Session, _previous: Any = None) -> None:
+            armed.clear()
+
+        event.listen(session, "after_commit", committed, once=True)
+        event.listen(session, "after_rollback", rolled_back, once=True)
 
     def patient_ref(self, patient_id: str | None) -> str | None:
         """HMAC-SHA256 of a patient ID under the audit secret, or None for no ID."""
         if not patient_id:
             return None
-        return hmac.new(self._secret, patient_id.encode("utf-8"), hashlib.sha256).hexdigest()
+        try:  # invalid UTF-8 from a command line hashes as the bytes that were typed
+            data = patient_id.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            data = patient_id.encode("utf-8", "surrogatepass")
+        return hmac.new(self._secret, data, hashlib.sha256).hexdigest()
 
     def record(
         self,
@@ -116,26 +236,32 @@ class AuditLog:
         ``patient_id`` is hashed before it is stored; pass ``patient_ref`` instead when the
         hash is already known. ``details`` must not contain PHI.
         """
+        # Values from outside are kept as received, except what no database can hold (NUL,
+        # invalid UTF-8) and what is longer than its column: see encoding.storable.
         row = AuditEvent(
             event_id=AuditEventId(event_id).value,
-            event_type=event_type,
+            event_type=storable(event_type, 64),
             action=action,
             outcome=int(outcome),
-            actor=actor,
-            actor_address=actor_address,
-            study_uid=study_uid,
-            patient_ref=patient_ref or self.patient_ref(patient_id),
-            details=details,
+            actor=storable(actor, 128),
+            actor_address=storable(actor_address, 128),
+            study_uid=storable(study_uid, 64),
+            patient_ref=storable(patient_ref or self.patient_ref(patient_id), 64),
+            details=storable_details(details),
         )
         if session is not None:
             append(session, self._chain_key, row)
+            self._after_commit(session, int(row.seq or 0), row.row_hash or "")
             return
         # The chain lock makes conflicts rare; a lost race on the unique seq (or a busy
         # SQLite) is retried with a fresh row rather than surfacing to the caller.
         for attempt in range(1, _ATTEMPTS + 1):
             try:
                 with self._db.write_session() as own:
-                    append(own, self._chain_key, _copy(row))
+                    written = append(own, self._chain_key, _copy(row))
+                    seq, row_hash = int(written.seq or 0), written.row_hash or ""
+                if self.checkpoints is not None:
+                    self.checkpoints.maybe_write(seq, row_hash)
                 return
             except (IntegrityError, OperationalError) as exc:
                 if attempt == _ATTEMPTS:

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import logging
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import Any, Literal
 
 from lxml import etree
 from sqlalchemy import select
 
-from triagenode.audit.atna import AuditSource, audit_message
+from triagenode.audit.atna import AuditSource, audit_message, defanged
 from triagenode.audit.syslog import syslog_line
 from triagenode.store.db import Database
 from triagenode.store.models import AuditEvent
 
 __all__ = ["EXPORT_FORMATS", "ExportFormat", "event_dict", "export_chunks", "iter_events"]
+
+log = logging.getLogger(__name__)
 
 ExportFormat = Literal["atna-xml", "syslog", "jsonl"]
 EXPORT_FORMATS: dict[str, str] = {
@@ -66,6 +69,26 @@ def iter_events(
         after = rows[-1].seq or after
 
 
+def _xml(row: Any, source: AuditSource) -> bytes:
+    return etree.tostring(audit_message(row, source), encoding="UTF-8") + b"\n"
+
+
+def _syslog(row: Any, source: AuditSource) -> bytes:
+    return syslog_line(row, source).encode("utf-8") + b"\n"
+
+
+def _jsonl(row: Any, _source: AuditSource) -> bytes:
+    # ASCII escapes keep a lone surrogate (from an old row) from stopping the encoder.
+    return json.dumps(event_dict(row), ensure_ascii=True).encode("ascii") + b"\n"
+
+
+_RENDERERS: dict[str, Callable[[Any, AuditSource], bytes]] = {
+    "atna-xml": _xml,
+    "syslog": _syslog,
+    "jsonl": _jsonl,
+}
+
+
 def export_chunks(
     db: Database,
     fmt: ExportFormat,
@@ -80,12 +103,18 @@ def export_chunks(
         )
     if fmt == "atna-xml":
         yield b'<?xml version="1.0" encoding="UTF-8"?>\n<AuditMessages>\n'
+    render = _RENDERERS[fmt]
     for row in iter_events(db, start, end):
-        if fmt == "atna-xml":
-            yield etree.tostring(audit_message(row, source), encoding="UTF-8") + b"\n"
-        elif fmt == "syslog":
-            yield syslog_line(row, source).encode("utf-8") + b"\n"
-        else:
-            yield json.dumps(event_dict(row), ensure_ascii=False).encode("utf-8") + b"\n"
+        try:
+            chunk = render(row, source)
+        except Exception as exc:  # one row must never cut an export short
+            log.error(
+                "audit row %s cannot be exported as %s (%s); written defanged",
+                row.seq,
+                fmt,
+                type(exc).__name__,
+            )
+            chunk = render(defanged(row), source)
+        yield chunk
     if fmt == "atna-xml":
         yield b"</AuditMessages>\n"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -31,6 +32,7 @@ COMMANDS = (
     "optimize",
     "benchmark",
     "db",
+    "purge",
     "api",
 )
 
@@ -57,7 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Everything the node writes (received images, SRs, the SQLite database, keys) may hold
+# patient data or secrets: owner-only, whatever the account's umask says.
+PRIVATE_UMASK = 0o077
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    os.umask(PRIVATE_UMASK)
     parser = build_parser()
     args = parser.parse_args(argv)
     from triagenode.logs import configure_logging

@@ -20,9 +20,21 @@ def register(subparsers: argparse._SubParsersAction, parent: argparse.ArgumentPa
 
 def build_server(app, host: str, port: int):  # type: ignore[no-untyped-def]
     """A uvicorn server for ``app``: its own access log is off (ours drops query strings,
-    which may hold a patient ID) and it leaves the node's logging configuration alone."""
+    which may hold a patient ID) and it leaves the node's logging configuration alone.
+
+    With ``api.tls_cert`` and ``api.tls_key`` in the app's settings it serves HTTPS only;
+    with ``api.tls_client_ca`` too, every client must present a certificate that CA signed.
+    """
+    import ssl
+
     import uvicorn
 
+    tls: dict[str, object] = {}
+    api = getattr(getattr(app.state, "settings", None), "api", None)
+    if api is not None and api.tls_cert is not None:
+        tls = {"ssl_certfile": str(api.tls_cert), "ssl_keyfile": str(api.tls_key)}
+        if api.tls_client_ca is not None:
+            tls.update(ssl_ca_certs=str(api.tls_client_ca), ssl_cert_reqs=ssl.CERT_REQUIRED)
     config = uvicorn.Config(
         app,
         host=host,
@@ -32,24 +44,25 @@ def build_server(app, host: str, port: int):  # type: ignore[no-untyped-def]
         log_level="warning",
         server_header=False,
         proxy_headers=False,
+        **tls,  # type: ignore[arg-type]
     )
     return uvicorn.Server(config)
 
 
 def _run(args: argparse.Namespace) -> int:
     from triagenode.api import create_app
-    from triagenode.audit import AuditEventId, AuditLog, load_or_create_secret
+    from triagenode.audit import AuditEventId, AuditLog
 
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     settings = settings_from_args(args, **({"api": overrides} if overrides else {}))
     db = open_database(settings)
-    audit = AuditLog(db, load_or_create_secret(settings))
+    audit = AuditLog.from_settings(settings, db)
     app = create_app(settings, db, audit)
     forwarder = None
     if settings.audit.syslog.enabled:
         from triagenode.audit.syslog import AuditForwarder
 
-        forwarder = AuditForwarder.from_settings(settings, db)
+        forwarder = AuditForwarder.from_settings(settings, db, audit)
         forwarder.start()
     audit.record(AuditEventId.application_activity, event_type="start", actor="triagenode-api")
     try:
@@ -58,6 +71,6 @@ def _run(args: argparse.Namespace) -> int:
         audit.record(AuditEventId.application_activity, event_type="stop", actor="triagenode-api")
         if forwarder is not None:
             forwarder.stop()
-            forwarder.pump()  # the stop event too; anything unsent stays spooled
+            forwarder.drain()  # the stop event too; anything unsent is sent next start
         db.dispose()
     return 0

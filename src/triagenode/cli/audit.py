@@ -5,8 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from triagenode.cli.common import open_database, print_json, print_table, settings_from_args
+from triagenode.errors import ConfigError
+
+if TYPE_CHECKING:
+    from triagenode.config.settings import Settings
 
 __all__ = ["register"]
 
@@ -43,7 +49,39 @@ def register(subparsers: argparse._SubParsersAction, parent: argparse.ArgumentPa
         metavar="SEQ:HASH",
         help="head of an earlier report (kept elsewhere): also detects deleted newest rows",
     )
+    verify.add_argument(
+        "--checkpoints",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="also check this copy of the checkpoint file (repeatable); the configured "
+        "checkpoint file is always checked unless --no-checkpoints",
+    )
+    verify.add_argument(
+        "--syslog-copy",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a collector's file of forwarded messages: its checkpoints are checked too",
+    )
+    verify.add_argument(
+        "--public-key",
+        metavar="FILE",
+        help="Ed25519 public key (PEM) to check checkpoint signatures with; default "
+        "audit.checkpoint_public_key",
+    )
+    verify.add_argument(
+        "--no-checkpoints",
+        action="store_true",
+        help="skip the checkpoint file and --checkpoints copies (deleted newest rows then go "
+        "unnoticed unless a --syslog-copy holds checkpoints)",
+    )
     verify.set_defaults(handler=_verify)
+
+    checkpoint = actions.add_parser(
+        "checkpoint", parents=[parent], help="write a signed checkpoint of the chain head now"
+    )
+    checkpoint.set_defaults(handler=_checkpoint)
 
     export = actions.add_parser("export", parents=[parent], help="export events of a time range")
     export.add_argument(
@@ -69,18 +107,57 @@ def register(subparsers: argparse._SubParsersAction, parent: argparse.ArgumentPa
 
 
 def _audit_log(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from triagenode.audit import AuditLog, load_or_create_secret
+    from triagenode.audit import AuditLog
 
     settings = settings_from_args(args)
     db = open_database(settings)
-    return settings, db, AuditLog(db, load_or_create_secret(settings))
+    return settings, db, AuditLog.from_settings(settings, db)
+
+
+def _checkpoint_sources(
+    args: argparse.Namespace, settings: Settings
+) -> tuple[list[Path], list[str]]:
+    """The checkpoint files to check, and warnings to print."""
+    from triagenode.audit.checkpoint import checkpoint_paths
+
+    files = [Path(p) for p in [*args.checkpoints, *args.syslog_copy]]
+    for path in files:
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such checkpoint file or syslog copy")
+    if args.no_checkpoints:
+        return [], []
+    configured, _key, _public = checkpoint_paths(settings)
+    files = [Path(p) for p in args.checkpoints]
+    notes: list[str] = []
+    if configured.exists():
+        files.insert(0, configured)
+    else:
+        notes.append(f"no checkpoint file at {configured}: deleted newest rows cannot be detected")
+    return files, notes
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from triagenode.audit import AuditEventId, Outcome
+    from itertools import chain
 
-    _settings, db, audit = _audit_log(args)
-    report = audit.verify(args.expect_head)
+    from triagenode.audit import AuditEventId, Outcome
+    from triagenode.audit.checkpoint import checkpoint_paths, load_public_key, read_checkpoints
+    from triagenode.audit.syslog import read_syslog_checkpoints
+
+    settings, db, audit = _audit_log(args)
+    files, notes = _checkpoint_sources(args, settings)
+    copies = [Path(p) for p in args.syslog_copy]
+    checkpoints = None
+    public_key = None
+    if files or copies:
+        public_key = load_public_key(
+            Path(args.public_key) if args.public_key else checkpoint_paths(settings)[2]
+        )
+        checkpoints = chain(
+            *(read_checkpoints(f) for f in files), *(read_syslog_checkpoints(c) for c in copies)
+        )
+    report = audit.verify(args.expect_head, checkpoints, public_key)
+    for note in notes:
+        print(f"warning: {note}", file=sys.stderr)
     if args.json:
         print_json(report.to_dict())
     elif report.ok:
@@ -91,6 +168,8 @@ def _verify(args: argparse.Namespace) -> int:
         )
         print(f"audit chain intact: {report.count} events {span}")
         print(f"head: seq {report.head_seq} hash {report.head_hash}")
+        if report.checkpoints is not None:
+            print(f"signed checkpoints checked: {report.checkpoints}")
     else:
         assert report.problem is not None
         print(f"audit chain BROKEN: {report.problem.kind}: {report.problem.message}")
@@ -100,11 +179,29 @@ def _verify(args: argparse.Namespace) -> int:
         event_type="verify" if report.ok else "integrity_failure",
         action="R" if report.ok else "E",
         outcome=Outcome.success if report.ok else Outcome.serious_failure,
-        actor="cli",
-        details={"ok": report.ok, "count": report.count},
+        **_cli_event({"ok": report.ok, "count": report.count}),
     )
     db.dispose()
     return 0 if report.ok else 1
+
+
+def _cli_event(details: dict[str, object]) -> dict[str, object]:
+    """``actor`` (``cli:<OS user>``), ``actor_address`` (host) and ``details`` of an event
+    recorded by this command."""
+    from triagenode.audit.events import local_actor
+
+    return local_actor().fields(details)
+
+
+def _checkpoint(args: argparse.Namespace) -> int:
+    _settings, db, audit = _audit_log(args)
+    written = audit.checkpoint()
+    db.dispose()
+    if written is None:
+        print("the audit trail is empty: nothing to checkpoint")
+        return 0
+    print(f"checkpoint: seq {written.seq} hash {written.row_hash} at {written.at}")
+    return 0
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -124,8 +221,7 @@ def _export(args: argparse.Namespace) -> int:
         AuditEventId.audit_log_used,
         event_type="export",
         action="R",
-        actor="cli",
-        details={"format": args.fmt},
+        **_cli_event({"format": args.fmt}),
     )
     db.dispose()
     return 0
@@ -162,10 +258,9 @@ def _list(args: argparse.Namespace) -> int:
         AuditEventId.audit_log_used,
         event_type="list",
         action="R",
-        actor="cli",
         study_uid=args.study_uid,
         patient_ref=reference,
-        details={"count": len(rows)},
+        **_cli_event({"count": len(rows)}),
     )
     if args.json:
         print_json(rows)

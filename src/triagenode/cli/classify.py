@@ -31,9 +31,9 @@ CSV_COLUMNS = (
     "status",
     "reason",
     "top_label",
-    "top_probability",
+    "top_score",
     "critical",
-    "probabilities",
+    "scores",
     "warning",
 )
 
@@ -105,10 +105,10 @@ class _Writer:
             self.handle.write(json.dumps(record) + "\n")
         elif self.mode == "csv":
             row = dict(record)
-            row["probabilities"] = json.dumps(record.get("probabilities") or {})
+            row["scores"] = json.dumps(record.get("scores") or {})
             self.csv.writerow(row)
         elif record["type"] == "study":
-            top = f"{record['top_label']} {record['top_probability']:.3f}"
+            top = f"{record['top_label']} {record['top_score']:.3f}"
             flag = " CRITICAL" if record["critical"] else ""
             print(
                 f"{record['study_uid']}  {record['label_set']}  {top}{flag}  "
@@ -161,8 +161,12 @@ class _Run:
                 "study_uid": None,
                 "sop_instance_uid": None,
                 "frame": None,
-                "label_set": self.label_set or self.classifier.labels.default_set,
+                "label_set": self.label_set,
             }
+            if self.label_set is None:
+                # a PNG says nothing about its modality or anatomy: no domain rule can fit
+                self._result(base, "not_applicable", "an image file needs --label-set")
+                return
             self._add(base, lambda: preprocess_file(path, config)[0])
             return
         self._add_dicom(path)
@@ -170,6 +174,7 @@ class _Run:
     def _add_dicom(self, path: Path) -> None:
         from triagenode.dicom_attrs import triage_inputs
         from triagenode.errors import PreprocessError
+        from triagenode.inference.classifier import NoLabelSetError
         from triagenode.inference.preprocess import (
             number_of_frames,
             preprocess_dataset,
@@ -199,15 +204,20 @@ class _Run:
             base["label_set"] = self.label_set or self.classifier.choose_label_set(
                 triage_inputs(ds, None, None)
             )
+        except NoLabelSetError as exc:
+            self._result(base, "not_applicable", exc.reason)
+            return
         except Exception as exc:
             self._result(base, "failed", str(exc))
             return
         frames = number_of_frames(ds)
         chosen = [i + 1 for i in evenly_spaced(frames, self.slices)] if frames > 1 else [None]
         config = self.classifier.model.preprocess
+        label_set = self.classifier.label_set(base["label_set"])
+        window = (label_set.window.center, label_set.window.width) if label_set.window else None
         for frame in chosen:
             record = {**base, "frame": frame}
-            self._add(record, lambda f=frame: preprocess_dataset(ds, config, f))
+            self._add(record, lambda f=frame: preprocess_dataset(ds, config, f, window=window))
 
     def _add(self, record: dict[str, Any], make: Any) -> None:
         from triagenode.errors import TriageNodeError
@@ -235,7 +245,7 @@ class _Run:
             {
                 "study_uid": record["study_uid"],
                 "label_set": record["label_set"],
-                "max": None,
+                "scores": [],
                 "images": 0,
                 "failed": 0,
             },
@@ -249,8 +259,8 @@ class _Run:
         self.pending.clear()
         for record, embedding in zip(records, embeddings, strict=True):
             label_set = self.classifier.label_set(record["label_set"])
-            probs = self.classifier.probabilities(embedding[None], record["label_set"])[0]
-            top = int(np.argmax(probs))
+            scores = self.classifier.scores(embedding[None], record["label_set"])[0]
+            top = int(np.argmax(scores))
             self.images += 1
             self._emit(
                 {
@@ -259,37 +269,39 @@ class _Run:
                     "status": "ok",
                     "reason": None,
                     "top_label": label_set.labels[top].name,
-                    "top_probability": round(float(probs[top]), 6),
-                    "probabilities": {
+                    "top_score": round(float(scores[top]), 6),
+                    "scores": {
                         lab.name: round(float(p), 6)
-                        for lab, p in zip(label_set.labels, probs, strict=True)
+                        for lab, p in zip(label_set.labels, scores, strict=True)
                     },
                 }
             )
             if record["study_uid"]:
                 study = self._study(record)
-                study["max"] = probs if study["max"] is None else np.maximum(study["max"], probs)
+                study["scores"].append(scores)
                 study["images"] += 1
 
     def finish(self) -> None:
-        from triagenode.inference.classifier import AGGREGATION
-
         self.flush()
         for study in self.studies.values():
-            if study["max"] is None:
+            if not study["scores"]:
                 continue
-            labels = self.classifier.label_set(study["label_set"]).labels
-            maxima = study["max"]
-            top = int(np.argmax(maxima))
+            label_set = self.classifier.label_set(study["label_set"])
+            labels = label_set.labels
+            # the same rule as the node's own study result
+            totals = label_set.aggregate(np.stack(study["scores"]))
+            top = int(np.argmax(totals))
             findings = [
                 {
                     "name": lab.name,
                     "code": [lab.code.scheme, lab.code.value, lab.code.meaning],
-                    "probability": round(float(p), 6),
+                    "score": round(float(p), 6),
+                    "threshold": lab.threshold,
                     "present": bool(p >= lab.threshold),
                     "critical": bool(lab.critical and p >= lab.threshold),
+                    "calibrated": lab.calibration.is_calibrated,
                 }
-                for lab, p in zip(labels, maxima, strict=True)
+                for lab, p in zip(labels, totals, strict=True)
             ]
             self._emit(
                 {
@@ -298,13 +310,13 @@ class _Run:
                     "label_set": study["label_set"],
                     "status": "ok",
                     "top_label": labels[top].name,
-                    "top_probability": round(float(maxima[top]), 6),
+                    "top_score": round(float(totals[top]), 6),
                     "critical": any(f["critical"] for f in findings),
-                    "probabilities": {f["name"]: f["probability"] for f in findings},
+                    "scores": {f["name"]: f["score"] for f in findings},
                     "findings": findings,
                     "images": study["images"],
                     "failed": study["failed"],
-                    "aggregation": AGGREGATION,
+                    "aggregation": label_set.aggregation_rule(),
                     "model": self.classifier.model.identity.display_name,
                     "weights_sha256": self.classifier.model.identity.weights_sha256,
                     "backend": self.classifier.backend,

@@ -44,13 +44,12 @@ def register(subparsers: argparse._SubParsersAction, parent: argparse.ArgumentPa
 
 
 def _outbox(args: argparse.Namespace) -> Any:
-    from triagenode.audit import load_or_create_secret
     from triagenode.audit.events import AuditLog
     from triagenode.scp.outbox import ExportOutbox
 
     settings = settings_from_args(args)
     db = open_database(settings)
-    return ExportOutbox(db, AuditLog(db, load_or_create_secret(settings)), settings)
+    return ExportOutbox(db, AuditLog.from_settings(settings, db), settings)
 
 
 def _priority_name(value: int) -> str | int:

@@ -27,6 +27,7 @@ def register(subparsers: argparse._SubParsersAction, parent: argparse.ArgumentPa
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from triagenode.cli.purge import RetentionPurger
     from triagenode.node import Node
 
     overrides: dict[str, Any] = {}
@@ -35,5 +36,11 @@ def _serve(args: argparse.Namespace) -> int:
     if args.port is not None:
         overrides["scp"] = {"port": args.port}
     settings = settings_from_args(args, **overrides)
-    Node(settings, workers=args.workers).run_forever()
+    node = Node(settings, workers=args.workers)
+    purger = RetentionPurger(settings, node.db, node.audit)
+    purger.start()
+    try:
+        node.run_forever()
+    finally:
+        purger.stop()
     return 0

@@ -82,14 +82,13 @@ def _list(args: argparse.Namespace) -> int:
 def _complete(args: argparse.Namespace) -> int:
     import getpass
 
-    from triagenode.audit import load_or_create_secret
     from triagenode.audit.events import AuditLog
     from triagenode.pipeline.tracker import StudyTracker
 
     settings = settings_from_args(args)
     db = open_database(settings)
     try:
-        tracker = StudyTracker(settings, db, AuditLog(db, load_or_create_secret(settings)))
+        tracker = StudyTracker(settings, db, AuditLog.from_settings(settings, db))
         if tracker.mark_complete(args.study_uid, actor=f"cli:{getpass.getuser()}"):
             print(f"study {args.study_uid} marked complete")
             return 0

@@ -26,15 +26,16 @@ def register(subparsers: argparse._SubParsersAction, parent: argparse.ArgumentPa
 
 def _open(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from triagenode.api.tokens import TokenStore
-    from triagenode.audit import AuditLog, load_or_create_secret
+    from triagenode.audit import AuditLog
 
     settings = settings_from_args(args)
     db = open_database(settings)
-    return db, TokenStore(db), AuditLog(db, load_or_create_secret(settings))
+    return db, TokenStore(db), AuditLog.from_settings(settings, db)
 
 
 def _create(args: argparse.Namespace) -> int:
     from triagenode.audit import AuditEventId
+    from triagenode.audit.events import local_actor
 
     db, store, audit = _open(args)
     token = store.create(args.name, args.role, args.expires_days)
@@ -42,8 +43,7 @@ def _create(args: argparse.Namespace) -> int:
         AuditEventId.security_alert,
         event_type="user_security_attributes_changed",
         action="C",
-        actor="cli",
-        details={"token": args.name, "role": args.role, "change": "created"},
+        **local_actor().fields({"token": args.name, "role": args.role, "change": "created"}),
     )
     db.dispose()
     print(token)
@@ -71,6 +71,7 @@ def _list(args: argparse.Namespace) -> int:
 
 def _revoke(args: argparse.Namespace) -> int:
     from triagenode.audit import AuditEventId
+    from triagenode.audit.events import local_actor
 
     db, store, audit = _open(args)
     revoked = store.revoke(args.name)
@@ -79,8 +80,7 @@ def _revoke(args: argparse.Namespace) -> int:
             AuditEventId.security_alert,
             event_type="user_security_attributes_changed",
             action="U",
-            actor="cli",
-            details={"token": args.name, "change": "revoked"},
+            **local_actor().fields({"token": args.name, "change": "revoked"}),
         )
     db.dispose()
     print(f"token {args.name!r} revoked" if revoked else f"no active token {args.name!r}")

@@ -8,8 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from triagenode.cli.common import print_json, print_table, settings_from_args
-
-_C_STORE_PRIORITY = {"HIGH": 2, "MEDIUM": 0, "LOW": 1}
+from triagenode.dicom_attrs import RequestPriority
 
 
 def register(subparsers: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
@@ -33,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction, parent: argparse.ArgumentPa
     )
     explain.add_argument(
         "--request-priority",
-        choices=sorted(_C_STORE_PRIORITY),
+        choices=[p.name for p in RequestPriority],
         default=None,
         help="C-STORE request Priority to assume",
     )
@@ -121,7 +120,7 @@ def _read_inputs(path: Path, args: argparse.Namespace) -> dict[str, str]:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
     except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
         raise DicomInputError(f"{path}: not a readable DICOM file ({exc})") from None
-    priority = _C_STORE_PRIORITY.get(args.request_priority) if args.request_priority else None
+    priority = int(RequestPriority[args.request_priority]) if args.request_priority else None
     return triage_inputs(ds, priority, args.calling_aet)
 
 
@@ -130,7 +129,8 @@ def _explain(args: argparse.Namespace) -> int:
     from triagenode.errors import DicomInputError
     from triagenode.pipeline.triage import TriageRules
 
-    rules = TriageRules(settings_from_args(args).triage)
+    settings = settings_from_args(args)
+    rules = TriageRules(settings.triage)
     subjects: list[tuple[str, dict[str, str]]] = []
     failures = 0
     for path in args.files:
@@ -145,24 +145,51 @@ def _explain(args: argparse.Namespace) -> int:
             merged = merge_triage_inputs(merged, inputs)
         subjects = [(f"{len(subjects)} files as one study", merged)]
     if args.json:
-        print_json([_as_json(name, inputs, rules) for name, inputs in subjects])
+        print_json([_as_json(name, inputs, rules, settings) for name, inputs in subjects])
     else:
         for index, (name, inputs) in enumerate(subjects):
             if index:
                 print()
             print(f"== {name}")
+            print(f"request priority: {_request_priority(inputs)}")
             print(rules.explain(inputs))
+            label_set, why = _label_set(inputs, rules, settings)
+            print(f"label set: {label_set or 'none, not classified'} ({why})")
     return 1 if failures else 0
 
 
-def _as_json(name: str, inputs: dict[str, str], rules: Any) -> dict[str, Any]:
+def _request_priority(inputs: dict[str, str]) -> str:
+    name = inputs.get("RequestPriority") or ""
+    if name in RequestPriority.__members__:
+        return RequestPriority[name].describe()
+    return "not known (not received over DICOM, or no C-STORE Priority given)"
+
+
+def _label_set(inputs: dict[str, str], rules: Any, settings: Any) -> tuple[str | None, str]:
+    """The label set the worker would use: a triage rule's, else the domain rules' choice."""
     decision = rules.evaluate(inputs)
+    if decision.label_set:
+        return decision.label_set, f"set by triage rule {decision.rule!r}"
+    choice = settings.labels.explain_choice(inputs)
+    return choice.label_set, choice.reason
+
+
+def _as_json(name: str, inputs: dict[str, str], rules: Any, settings: Any) -> dict[str, Any]:
+    decision = rules.evaluate(inputs)
+    label_set, why = _label_set(inputs, rules, settings)
+    request = inputs.get("RequestPriority") or ""
     return {
         "file": name,
         "inputs": inputs,
+        "request_priority": (
+            {"name": request, "value": int(RequestPriority[request])}
+            if request in RequestPriority.__members__
+            else None
+        ),
         "priority": decision.priority.name,
         "rule": decision.rule,
-        "label_set": decision.label_set,
+        "label_set": label_set,
+        "label_set_reason": why,
         "reasons": decision.reasons,
         "checks": [
             {

@@ -7,6 +7,8 @@ validation failure into one :class:`~triagenode.errors.ConfigError` line per pro
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import re
 import sys
@@ -42,11 +44,13 @@ __all__ = [
     "ExportSettings",
     "ModelSettings",
     "NodeSettings",
+    "RetentionSettings",
     "ScpSettings",
     "Settings",
     "StudySettings",
     "SyslogSettings",
     "load_settings",
+    "placeholder_secret_problem",
 ]
 
 ENV_PREFIX = "TRIAGENODE_"
@@ -102,7 +106,14 @@ class ScpSettings(Section):
     host: str = "0.0.0.0"
     port: int = Field(default=11112, ge=1, le=65535)
     allowed_calling_aets: list[str] = Field(
-        default_factory=list, description="Calling AE titles accepted; empty accepts any"
+        default_factory=list,
+        description="Calling AE titles accepted; empty accepts any (refused in production "
+        "unless allow_any_calling_ae is true)",
+    )
+    allow_any_calling_ae: bool = Field(
+        default=False,
+        description="With node.environment = 'production', an empty allowed_calling_aets "
+        "is refused unless this says, explicitly, that any calling AE may store",
     )
     max_associations: int = Field(default=16, ge=1, le=1024)
     max_pending_connections: int = Field(
@@ -237,6 +248,11 @@ class DatabaseSettings(Section):
 
 class ModelSettings(Section):
     source: str = DEFAULT_MODEL_SOURCE
+    revision: str | None = Field(
+        default=None,
+        description="Commit (40 hex digits) an hf-hub: source is pinned to; required in "
+        "production, so every node loads the same weights. Results record the commit loaded",
+    )
     backend: Literal["auto", "torch", "onnxruntime", "tensorrt"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "fp16", "bf16", "int8"] = "auto"
@@ -244,6 +260,9 @@ class ModelSettings(Section):
     max_wait_ms: float = Field(default=10.0, ge=0, le=10000)
     slices_per_series: int = Field(
         default=8, ge=1, le=1000, description="At most this many evenly spaced CT/MR slices"
+    )
+    max_images_per_study: int = Field(
+        default=16, ge=1, le=1000, description="At most this many images of a study are scored"
     )
     artifacts_dir: Path | None = Field(
         default=None, description="ONNX models and engines; default <data_dir>/engines"
@@ -261,6 +280,23 @@ class ModelSettings(Section):
         if value == "demo" or value.startswith(("hf-hub:", "local-dir:")):
             return value
         raise ValueError(f"must be 'demo', 'hf-hub:<repo>' or 'local-dir:<path>' (got {value!r})")
+
+    @field_validator("revision")
+    @classmethod
+    def _revision_is_a_commit(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        if not re.fullmatch(r"[0-9a-f]{40}", value):
+            raise ValueError(
+                "must be a commit hash of 40 lower-case hex digits (a branch or tag can move)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _revision_for_hub_only(self) -> ModelSettings:
+        if self.revision is not None and not self.source.startswith("hf-hub:"):
+            raise ValueError("revision: only an hf-hub: source has revisions")
+        return self
 
 
 class Destination(Section):
@@ -282,11 +318,27 @@ class Destination(Section):
 class ExportSettings(Section):
     max_attempts: int = Field(default=8, ge=1, le=1000)
     senders: int = Field(
-        default=2, ge=1, le=32, description="Threads sending SRs; more let stat SRs overtake"
+        default=2,
+        ge=1,
+        le=32,
+        description="Sending threads per destination (each destination has its own lane, so "
+        "one that does not answer never delays another); more than one lets a stat SR "
+        "overtake a pass in progress to the same destination",
     )
     backoff_initial_s: float = Field(default=2.0, gt=0)
     backoff_max_s: float = Field(default=300.0, gt=0)
-    timeout_s: float = Field(default=30.0, gt=0)
+    timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Seconds to connect, to be answered an association, and per C-STORE",
+    )
+    probe_interval_s: float = Field(
+        default=30.0,
+        ge=1,
+        le=3600,
+        description="Seconds between background C-ECHOs of every destination; /readyz "
+        "reports the last result and its age, and never opens an association itself",
+    )
 
 
 class ApiSettings(Section):
@@ -301,14 +353,95 @@ class ApiSettings(Section):
         ge=0,
         description="/readyz fails when the spool's file system has less free space",
     )
+    max_image_pixels: int = Field(
+        default=30_000_000,
+        ge=4,
+        description="/predict refuses (413) an image or frame declaring more pixels, read "
+        "from its header before decoding (30 M covers a 4740x5928 mammogram)",
+    )
+    max_frames: int = Field(
+        default=4096, ge=1, description="/predict refuses (413) DICOM with more frames"
+    )
+    max_inflated_bytes: int = Field(
+        default=128 * 1024 * 1024,
+        ge=1024,
+        description="/predict refuses (413) a deflated DICOM data set inflating to more bytes",
+    )
+    max_decoded_bytes: int = Field(
+        default=128 * 1024 * 1024,
+        ge=1024 * 1024,
+        description="/predict refuses (413) a request whose pictures together hold more "
+        "bytes of pixels once reduced while decoding (shortest side kept at 512 or more)",
+    )
+    max_concurrent_predictions: int = Field(
+        default=2,
+        ge=1,
+        le=64,
+        description="Predict calls decoding or running at once; more are answered 503 with "
+        "Retry-After",
+    )
+    tls_cert: Path | None = Field(
+        default=None, description="PEM certificate (chain); with tls_key the API serves HTTPS"
+    )
+    tls_key: Path | None = Field(default=None, description="PEM private key of tls_cert")
+    tls_client_ca: Path | None = Field(
+        default=None,
+        description="CA bundle; when set, clients must present a certificate it signed",
+    )
+
+    @model_validator(mode="after")
+    def _tls_complete(self) -> ApiSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: set both or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca needs tls_cert and tls_key")
+        for key in ("tls_cert", "tls_key", "tls_client_ca"):
+            path = getattr(self, key)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{key}: {path} is not a readable file")
+        return self
+
+
+class RetentionSettings(Section):
+    """How long patient data stays on the node once its work is done (see docs/security.md)."""
+
+    spool_days: float | None = Field(
+        default=30.0,
+        ge=0,
+        description="Received images are deleted this many days after the study's SR reached "
+        "every destination (or the study was ignored); empty keeps them forever",
+    )
+    results_days: float | None = Field(
+        default=90.0,
+        ge=0,
+        description="SR files are deleted this many days after they reached every "
+        "destination (never while a destination still waits); empty keeps them forever",
+    )
+    interval_minutes: float = Field(
+        default=60.0,
+        ge=0,
+        description="How often `serve` purges what the policy allows; 0 leaves it to "
+        "`triagenode purge` (cron, a systemd timer)",
+    )
 
 
 class SyslogSettings(Section):
     enabled: bool = False
     host: str = "127.0.0.1"
     port: int = Field(default=514, ge=1, le=65535)
-    protocol: Literal["udp", "tcp", "tls"] = "udp"
+    protocol: Literal["udp", "tcp", "tls"] = Field(
+        default="tcp",
+        description="tcp (RFC 6587 octet counting) or tls (RFC 5425) keep every event until "
+        "the collector has read it; udp (RFC 5426) can lose events and is only for collectors "
+        "that accept nothing else",
+    )
     tls_ca: Path | None = None
+    ack_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="how long to wait for the collector to close its side after a batch; "
+        "a batch is acknowledged (and leaves the backlog) only then",
+    )
 
 
 class AuditSettings(Section):
@@ -318,6 +451,27 @@ class AuditSettings(Section):
         "one is created in <data_dir>/audit.key on first start",
     )
     syslog: SyslogSettings = Field(default_factory=SyslogSettings)
+    checkpoint_file: Path | None = Field(
+        default=None,
+        description="append-only file of signed chain-head checkpoints; default "
+        "<data_dir>/audit-checkpoints.log (put it on a volume the node can only append to)",
+    )
+    checkpoint_key: Path | None = Field(
+        default=None,
+        description="Ed25519 private key (PEM) that signs checkpoints; default "
+        "<data_dir>/audit-checkpoint.key, created on first use with its .pub beside it",
+    )
+    checkpoint_public_key: Path | None = Field(
+        default=None,
+        description="public key `audit verify` checks signatures with; default the one "
+        "beside checkpoint_key (an auditor should keep their own copy)",
+    )
+    checkpoint_interval_s: float = Field(
+        default=0.0,
+        ge=0,
+        description="at most one checkpoint per this many seconds per process; 0 writes one "
+        "after every audit event",
+    )
 
     @field_validator("secret")
     @classmethod
@@ -348,6 +502,7 @@ class Settings(BaseSettings):
     export: ExportSettings = Field(default_factory=ExportSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Settings:
@@ -359,12 +514,38 @@ class Settings(BaseSettings):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"destinations: names must be unique (repeated: {duplicates})")
-        if self.node.environment == "production" and self.model.source == "demo":
-            raise ValueError("model.source: 'demo' is refused when node.environment is production")
+        if self.node.environment == "production":
+            self._production_checks()
         label_set_errors = label_set_problems(self.triage, self.labels.sets)
         if label_set_errors:
             raise ValueError("; ".join(label_set_errors))
         return self
+
+    def _production_checks(self) -> None:
+        problems = []
+        if self.model.source == "demo":
+            problems.append("model.source: 'demo' is refused when node.environment is production")
+        if self.model.source.startswith("hf-hub:") and self.model.revision is None:
+            problems.append(
+                "model.revision: an hf-hub: source must be pinned to a commit when "
+                "node.environment is production (`triagenode model prepare` prints it)"
+            )
+        if not self.scp.allowed_calling_aets and not self.scp.allow_any_calling_ae:
+            problems.append(
+                "scp.allowed_calling_aets: empty, so any calling AE could store studies; "
+                "list the modalities' and PACS's AE titles, or set "
+                "scp.allow_any_calling_ae = true to accept any (node.environment is production)"
+            )
+        if self.audit.secret is not None:
+            weakness = placeholder_secret_problem(self.audit.secret.get_secret_value())
+            if weakness:
+                problems.append(
+                    f"audit.secret: {weakness}; use a random value (`python -c 'import "
+                    "secrets; print(secrets.token_urlsafe(32))'`) or leave it empty for a "
+                    "random key file (node.environment is production)"
+                )
+        if problems:
+            raise ValueError("; ".join(problems))
 
     @classmethod
     def settings_customise_sources(
@@ -397,6 +578,47 @@ class Settings(BaseSettings):
         if self.database.url:
             return self.database.url
         return f"sqlite:///{(self.node.data_dir / 'triagenode.sqlite3').resolve()}"
+
+
+_PLACEHOLDER_WORDS = ("changeme", "change-me", "change_me", "placeholder", "example", "secret")
+_MIN_SECRET_BITS = 256
+
+
+def placeholder_secret_problem(value: str) -> str | None:
+    """Why ``value`` looks like a placeholder or a weak secret, or None when it does not.
+
+    Refused: a known placeholder word (``changeme...``), few distinct characters
+    (``aaaa...``, ``abababab...``) and under 32 bytes of entropy, estimated generously as
+    length x log2(the character classes used): a hex string counts 4 bits a character,
+    base64 6, so ``secrets.token_hex(32)`` and ``secrets.token_urlsafe(32)`` pass.
+    """
+    lowered = value.lower()
+    for word in _PLACEHOLDER_WORDS:
+        if word in lowered:
+            return f"looks like a placeholder (contains {word!r})"
+    if len(set(value)) < 10:
+        return f"repeats characters ({len(set(value))} distinct)"
+    if all(c in "0123456789abcdef" for c in lowered) and (
+        value == lowered or value == value.upper()
+    ):
+        pool = 16
+    else:
+        pool = 0
+        for members in (
+            "abcdefghijklmnopqrstuvwxyz",
+            "ABCDEFGHIJKLMNOPQRSTUVWXYZ",
+            "0123456789",
+        ):
+            if any(c in members for c in value):
+                pool += len(members)
+        if any(not c.isascii() or not c.isalnum() for c in value):
+            pool += 33
+    bits = len(value) * math.log2(pool)
+    if bits < _MIN_SECRET_BITS:
+        return (
+            f"has about {int(bits)} bits of entropy, under the {_MIN_SECRET_BITS} (32 bytes) needed"
+        )
+    return None
 
 
 def _describe(error: Any) -> str:
@@ -462,10 +684,23 @@ def load_settings(path: Path | str | None = None, **overrides: Any) -> Settings:
 
 
 def _check_data_dir(data_dir: Path) -> None:
-    """The data folder must exist or be creatable, and be writable."""
+    """The data folder must exist or be creatable, and be writable.
+
+    It holds patient data (images, SRs, the database): it is created ``0700``, and an
+    existing one of this user that others could read is narrowed to ``0700`` (with a log
+    line), so no other account on the machine can list or read it.
+    """
     try:
-        data_dir.mkdir(parents=True, exist_ok=True)
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"node.data_dir: cannot create {data_dir} ({exc.strerror})") from None
     if not os.access(data_dir, os.W_OK | os.X_OK):
         raise ConfigError(f"node.data_dir: {data_dir} is not writable by this user")
+    info = data_dir.stat()
+    if info.st_mode & 0o077 and info.st_uid == os.getuid():
+        logging.getLogger(__name__).warning(
+            "node.data_dir %s was open to other users (mode %o); narrowed to 0700",
+            data_dir,
+            info.st_mode & 0o777,
+        )
+        data_dir.chmod(0o700)

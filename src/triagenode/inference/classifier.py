@@ -1,11 +1,18 @@
-"""Zero-shot classification of studies with cached text embeddings.
+"""Zero-shot classification of studies, one decision per finding, with cached text embeddings.
 
-Per image: cosine similarity of the image embedding with each label's text embedding (the
-normalised mean of its prompts' embeddings), times the model's logit scale, softmax over
-the label set. Per study the rule is :data:`AGGREGATION`: a label's study probability is its
-highest per-image probability (not renormalised, so the values need not sum to one: each
-says how strongly the most suggestive image supports that label). A label is present at or
-above its threshold; a present critical label makes the study critical.
+Each finding of a label set is decided on its own, as zero-shot chest X-ray work does
+(CheXzero; BiomedCLIP's own evaluation): the image embedding is compared with the mean
+embedding of the finding's "present" prompts and with that of its "absent" prompts, and the
+softmax over that pair, ``sigmoid(scale * (cos_present - cos_absent))``, is the image's raw
+score. So two findings that co-exist do not halve each other, and a score does not move
+when labels are added to or removed from a set. The label's calibration (identity unless a
+site fitted one) is applied to the logit; until then the number is a *score*.
+
+Per study, the image scores of each finding are aggregated by the label set's rule (the
+maximum, or the mean of the top k images) over the images selection chose; the rule is
+named in every result. A finding is present at or above its threshold. A present critical
+finding flags the study; it raises the priority only when the label's threshold is marked
+calibrated for that use.
 
 Text embeddings are computed once per (label set content, model weights hash) and kept in
 memory and in ``cache_dir/text-embeddings/`` as ``.npy`` files, so a restart does not run
@@ -20,13 +27,14 @@ import logging
 import threading
 import time
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from triagenode.config.labels import LabelSet, LabelSettings
-from triagenode.domain import ImageRef, LabelFinding, Priority, StudyResult
+from triagenode.domain import ImageRef, LabelFinding, Priority, SkippedSeries, StudyResult
 from triagenode.errors import PreprocessError, TriageNodeError
 from triagenode.inference.backends.base import ImageEncoder
 from triagenode.inference.preprocess import (
@@ -36,18 +44,26 @@ from triagenode.inference.preprocess import (
     read_dataset,
 )
 
-__all__ = ["AGGREGATION", "NoUsableImagesError", "ZeroShotClassifier", "softmax"]
+__all__ = [
+    "NoLabelSetError",
+    "NoUsableImagesError",
+    "ZeroShotClassifier",
+    "softmax",
+]
 
 log = logging.getLogger(__name__)
-
-AGGREGATION = (
-    "max probability per label across images (per-image softmax over the label set, "
-    "study value not renormalised)"
-)
 
 
 class NoUsableImagesError(TriageNodeError):
     """Every selected image of a study failed to preprocess or encode."""
+
+
+class NoLabelSetError(TriageNodeError):
+    """No domain rule fits the study: it is not classified (``reason`` says why)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -58,7 +74,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def _set_digest(label_set: LabelSet) -> str:
-    payload = [[label.name, label.prompts] for label in label_set.labels]
+    payload = [[label.name, label.prompts, label.absent_prompts] for label in label_set.labels]
     return hashlib.sha256(json.dumps(payload).encode()).hexdigest()
 
 
@@ -120,20 +136,17 @@ class ZeroShotClassifier:
 
         Raises
         ------
-        TriageNodeError
-            When no rule matches and no ``default_set`` is configured.
+        NoLabelSetError
+            When no domain rule fits: the study is not classified.
         """
-        chosen = self.labels.choose(triage_inputs)
-        if chosen is None:
-            modality = triage_inputs.get("Modality", "?")
-            raise TriageNodeError(
-                f"no label set for modality {modality!r}: no domain rule matches and "
-                "labels.default_set is empty"
-            )
-        return chosen
+        choice = self.labels.explain_choice(triage_inputs)
+        if choice.label_set is None:
+            raise NoLabelSetError(choice.reason)
+        return choice.label_set
 
     def text_embeddings(self, name: str) -> np.ndarray:
-        """Unit text embeddings ``(labels, embed_dim)`` of a label set, cached."""
+        """Unit text embeddings ``(labels, 2, embed_dim)`` of a label set, cached: for each
+        label the mean of its "present" prompts, then of its "absent" prompts."""
         label_set = self.label_set(name)
         with self._text_lock:
             return self._text_embeddings(name, label_set)
@@ -146,11 +159,11 @@ class ZeroShotClassifier:
             return cached
         path = None
         if self.cache_dir is not None:
-            path = self.cache_dir / f"{key[1][:16]}-{key[2][:16]}.npy"
+            path = self.cache_dir / f"{key[1][:16]}-{key[2][:16]}-pairs.npy"
             if path.is_file():
                 try:
                     loaded = np.load(path)
-                    if loaded.shape == (len(label_set.labels), self.model.embed_dim):
+                    if loaded.shape == (len(label_set.labels), 2, self.model.embed_dim):
                         self._text[key] = loaded
                         self.text_cache_stats["disk"] += 1
                         return loaded
@@ -158,9 +171,11 @@ class ZeroShotClassifier:
                     log.warning("text embedding cache %s unreadable (%s); recomputing", path, exc)
         rows = []
         for label in label_set.labels:
-            prompts = self.model.encode_text(list(label.prompts))
-            mean = prompts.mean(axis=0)
-            rows.append(mean / max(float(np.linalg.norm(mean)), 1e-12))
+            pair = []
+            for prompts in (label.prompts, label.absent_prompts):
+                mean = self.model.encode_text(list(prompts)).mean(axis=0)
+                pair.append(mean / max(float(np.linalg.norm(mean)), 1e-12))
+            rows.append(np.stack(pair))
         embeddings = np.stack(rows).astype(np.float32)
         self.text_cache_stats["computed"] += 1
         self._text[key] = embeddings
@@ -173,10 +188,21 @@ class ZeroShotClassifier:
 
     # Images -----------------------------------------------------------------------------
 
-    def probabilities(self, embeddings: np.ndarray, label_set: str) -> np.ndarray:
-        """Per-image label probabilities ``(N, labels)`` from unit image embeddings."""
-        text = self.text_embeddings(label_set)
-        return softmax(embeddings @ text.T * np.float32(self.model.logit_scale))
+    def logits(self, embeddings: np.ndarray, label_set: str) -> np.ndarray:
+        """Raw per-finding logits ``(N, labels)`` from unit image embeddings ``(N, dim)``:
+        the model's logit scale times (similarity to "present" - similarity to "absent")."""
+        text = self.text_embeddings(label_set)  # (labels, 2, dim)
+        similarity = np.einsum("nd,lkd->nlk", embeddings.astype(np.float32), text)
+        return (similarity[..., 0] - similarity[..., 1]) * np.float32(self.model.logit_scale)
+
+    def scores(self, embeddings: np.ndarray, label_set: str) -> np.ndarray:
+        """Per-image, per-finding scores ``(N, labels)`` in (0, 1), each label's calibration
+        applied to its own column."""
+        logits = self.logits(embeddings, label_set)
+        out = np.empty_like(logits)
+        for column, label in enumerate(self.label_set(label_set).labels):
+            out[:, column] = label.calibration.apply(logits[:, column])
+        return out
 
     def encode_images(
         self, images: np.ndarray, priority: Priority
@@ -206,7 +232,7 @@ class ZeroShotClassifier:
     def classify_images(
         self, images: np.ndarray, label_set: str, priority: Priority = Priority.routine
     ) -> np.ndarray:
-        """Label probabilities ``(N, labels)`` for preprocessed images ``(N, 3, S, S)``.
+        """Per-finding scores ``(N, labels)`` for preprocessed images ``(N, 3, S, S)``.
 
         Raises the first encoder error when any image fails (use :meth:`classify_study`
         for per-image failure handling).
@@ -215,10 +241,10 @@ class ZeroShotClassifier:
         for item in encoded:
             if isinstance(item, BaseException):
                 raise item
-        return self.probabilities(np.stack(encoded), label_set)  # type: ignore[arg-type]
+        return self.scores(np.stack(encoded), label_set)  # type: ignore[arg-type]
 
     def _preprocess(
-        self, images: list[tuple[ImageRef, Path]]
+        self, images: Sequence[tuple[ImageRef, Path]], window: tuple[float, float] | None
     ) -> tuple[list[ImageRef], list[np.ndarray], list[tuple[ImageRef, str]]]:
         config = self.model.preprocess
         by_path: dict[Path, list[ImageRef]] = defaultdict(list)
@@ -246,7 +272,7 @@ class ZeroShotClassifier:
                     if datasets is None:
                         array = arrays_here[index]
                     else:
-                        array = preprocess_dataset(datasets, config, ref.frame)
+                        array = preprocess_dataset(datasets, config, ref.frame, window=window)
                 except PreprocessError as exc:
                     failed.append((ref, str(exc)))
                     continue
@@ -260,11 +286,14 @@ class ZeroShotClassifier:
     def classify_study(
         self,
         study_uid: str,
-        images: list[tuple[ImageRef, Path]],
+        images: Sequence[tuple[ImageRef, Path]],
         label_set: str | None = None,
         priority: Priority = Priority.routine,
         priority_rule: str | None = None,
         triage_inputs: dict[str, str] | None = None,
+        *,
+        label_set_reason: str = "",
+        series_skipped: Sequence[SkippedSeries] = (),
     ) -> StudyResult:
         """Classify a study's selected images into one :class:`StudyResult`.
 
@@ -273,26 +302,36 @@ class ZeroShotClassifier:
         study_uid
             Study Instance UID.
         images
-            ``(reference, file)`` pairs from :func:`~triagenode.inference.select.select_images`.
+            ``(reference, file)`` pairs chosen by image selection.
         label_set
             Name of the label set; None chooses it from ``triage_inputs`` by domain rules.
         priority, priority_rule
             The study's triage outcome: orders its images in the batcher, recorded in the result.
         triage_inputs
             The study's triage attributes, used only when ``label_set`` is None.
+        label_set_reason, series_skipped
+            Why this label set, and the series selection left out: recorded in the result.
 
         Raises
         ------
+        NoLabelSetError
+            When ``label_set`` is None and no domain rule fits the study.
         NoUsableImagesError
             When every image failed (the reasons are in the message).
         """
         started = time.perf_counter()
-        name = label_set or self.choose_label_set(triage_inputs or {})
+        if label_set is None:
+            choice = self.labels.explain_choice(triage_inputs or {})
+            if choice.label_set is None:
+                raise NoLabelSetError(choice.reason)
+            label_set, label_set_reason = choice.label_set, label_set_reason or choice.reason
+        name = label_set
         chosen = self.label_set(name)
         text_started = time.perf_counter()
         self.text_embeddings(name)
         text_ms = (time.perf_counter() - text_started) * 1000
-        refs, arrays, failed = self._preprocess(images)
+        window = (chosen.window.center, chosen.window.width) if chosen.window else None
+        refs, arrays, failed = self._preprocess(images, window)
         preprocess_ms = (time.perf_counter() - started) * 1000 - text_ms
         encode_started = time.perf_counter()
         used: list[ImageRef] = []
@@ -311,14 +350,16 @@ class ZeroShotClassifier:
                 f"study {study_uid}: none of its {len(images)} images could be classified "
                 f"({reasons})"
             )
-        probs = self.probabilities(np.stack(embeddings), name)
+        image_scores = self.scores(np.stack(embeddings), name)
+        study_scores = chosen.aggregate(image_scores)
         findings = []
         for column, label in enumerate(chosen.labels):
-            values = probs[:, column]
-            probability = float(values.max())
-            present = probability >= label.threshold
+            score = float(study_scores[column])
+            present = score >= label.threshold
             support = tuple(
-                ref for ref, p in zip(used, values, strict=True) if p >= label.threshold
+                ref
+                for ref, s in zip(used, image_scores[:, column], strict=True)
+                if s >= label.threshold
             )
             findings.append(
                 LabelFinding(
@@ -326,10 +367,12 @@ class ZeroShotClassifier:
                     code_scheme=label.code.scheme,
                     code_value=label.code.value,
                     code_meaning=label.code.meaning,
-                    probability=round(probability, 6),
+                    score=round(score, 6),
                     threshold=label.threshold,
                     present=present,
                     critical=label.critical and present,
+                    escalates=label.escalates and present,
+                    calibrated=label.calibration.is_calibrated,
                     images=support,
                 )
             )
@@ -340,11 +383,14 @@ class ZeroShotClassifier:
             findings=tuple(findings),
             model=self.model.identity,
             backend=self.backend,
-            aggregation=AGGREGATION,
+            aggregation=chosen.aggregation_rule(),
             images_used=tuple(used),
             images_failed=tuple(failed),
             priority=priority,
             priority_rule=priority_rule,
+            label_set_reason=label_set_reason,
+            calibration=_calibration_summary(chosen),
+            series_skipped=tuple(series_skipped),
             timings_ms={
                 "text": round(text_ms, 3),
                 "preprocess": round(preprocess_ms, 3),
@@ -352,3 +398,15 @@ class ZeroShotClassifier:
                 "total": round(total_ms, 3),
             },
         )
+
+
+def _calibration_summary(label_set: LabelSet) -> str:
+    """The calibration of a set's labels in words: "none" while every label is raw."""
+    described = {
+        label.name: label.calibration.describe()
+        for label in label_set.labels
+        if label.calibration.is_calibrated
+    }
+    if not described:
+        return "none"
+    return "; ".join(f"{name}: {text}" for name, text in described.items())

@@ -252,12 +252,19 @@ def _hf_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
-def _hub_snapshot(repo: str, files: tuple[str, ...], cache_dir: Path | None) -> Path:
+def _hub_snapshot(
+    repo: str, files: tuple[str, ...], cache_dir: Path | None, revision: str | None = None
+) -> Path:
     from huggingface_hub import snapshot_download, try_to_load_from_cache
 
     try:
-        return Path(snapshot_download(repo, local_files_only=True))
+        return Path(snapshot_download(repo, revision=revision, local_files_only=True))
     except Exception:
+        if revision is not None and _hf_offline():
+            raise ModelLoadError(
+                f"model.revision {revision}: not in the Hugging Face cache for {repo} "
+                f"(offline); {PREPARE_HINT}"
+            ) from None
         if _hf_offline():
             missing = [f for f in files if not isinstance(try_to_load_from_cache(repo, f), str)]
             raise ModelLoadError(
@@ -266,14 +273,16 @@ def _hub_snapshot(repo: str, files: tuple[str, ...], cache_dir: Path | None) -> 
                 f"Face cache; {PREPARE_HINT}"
             ) from None
     try:
-        return Path(snapshot_download(repo, allow_patterns=list(files)))
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=list(files)))
     except Exception as exc:
         raise ModelLoadError(f"hf-hub:{repo}: download failed ({exc}); {PREPARE_HINT}") from exc
 
 
-def _load_hf_hub(repo: str, cache_dir: Path | None) -> LoadedModel:
+def _load_hf_hub(repo: str, cache_dir: Path | None, revision: str | None = None) -> LoadedModel:
+    # ``revision`` (model.revision) pins the image/CLIP repo to one commit; the snapshot's
+    # commit becomes the identity's version either way, so results say what was loaded.
     clip_snapshot = _hub_snapshot(
-        repo, (model_files.CLIP_CONFIG, "open_clip_pytorch_model.bin"), cache_dir
+        repo, (model_files.CLIP_CONFIG, "open_clip_pytorch_model.bin"), cache_dir, revision
     )
     text_repo = model_files.read_clip_config(clip_snapshot)["model_cfg"]["text_cfg"].get(
         "hf_model_name", BIOMEDBERT_REPO
@@ -291,7 +300,8 @@ def load_model(model_settings: Any, cache_dir: Path | None = None) -> LoadedMode
     Parameters
     ----------
     model_settings
-        The ``[model]`` settings section (only ``source`` is read), or a source string.
+        The ``[model]`` settings section (``source``, and ``revision`` for ``hf-hub:``), or
+        a source string.
     cache_dir
         Folder for derived files (demo text tower, assembled hub folder); temp when None.
 
@@ -306,7 +316,8 @@ def load_model(model_settings: Any, cache_dir: Path | None = None) -> LoadedMode
     if source.startswith("local-dir:"):
         return load_local_dir(Path(source.removeprefix("local-dir:")), source)
     if source.startswith("hf-hub:"):
-        return _load_hf_hub(source.removeprefix("hf-hub:"), cache_dir)
+        revision = getattr(model_settings, "revision", None)
+        return _load_hf_hub(source.removeprefix("hf-hub:"), cache_dir, revision)
     raise ModelLoadError(
         f"model.source {source!r}: must be 'demo', 'hf-hub:<repo>' or 'local-dir:<path>'"
     )

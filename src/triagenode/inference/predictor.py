@@ -44,43 +44,63 @@ class ClassifierPredictor:
     def predict(
         self, images: list[np.ndarray | bytes], queries: list[str] | None, label_set: str | None
     ) -> list[dict[str, Any]]:
-        """One result per image: labels, cosine similarities and softmax probabilities.
+        """One result per image: labels, their scores and how the scores were made.
+
+        With ``queries`` the scores are a softmax over those texts (they compete: which one
+        fits best); with a ``label_set`` each finding is scored on its own, as for studies
+        (present vs absent prompts, the label's calibration, its threshold). Neither is a
+        probability unless the label set's calibration says ``calibrated``.
 
         Raises
         ------
         PreprocessError
             An image could not be decoded or preprocessed.
         KeyError
-            ``label_set`` is not configured.
+            Neither ``queries`` nor a configured ``label_set`` was given.
         """
         model = self.classifier.model
-        if queries:
-            labels = list(queries)
-            text = model.encode_text(labels)
-        else:
-            name = label_set or self.classifier.labels.default_set
-            if name is None:
-                raise KeyError("no label set given and none configured as default")
-            labels = [label.name for label in self.classifier.label_set(name).labels]
-            text = self.classifier.text_embeddings(name)
         batch = np.stack([self._pixels(image) for image in images])
         embeddings = self.classifier.encode_images(batch, Priority.low)
         for item in embeddings:
             if isinstance(item, BaseException):
                 raise item
         features = np.stack(embeddings)  # type: ignore[arg-type]
-        similarities = features @ text.T
-        probabilities = softmax(similarities * np.float32(model.logit_scale))
-        warning = DEMO_WARNING if model.identity.is_demo else None
+        common = {
+            "model": model.identity.display_name,
+            "weights_sha256": model.identity.weights_sha256,
+            "backend": self.classifier.backend,
+            "warning": DEMO_WARNING if model.identity.is_demo else None,
+        }
+        if queries:
+            labels = list(queries)
+            similarities = features @ model.encode_text(labels).T
+            scores = softmax(similarities * np.float32(model.logit_scale))
+            return [
+                {
+                    "labels": labels,
+                    "scoring": "softmax over the given queries",
+                    "similarities": similarities[i].tolist(),
+                    "scores": scores[i].tolist(),
+                    **common,
+                }
+                for i in range(len(images))
+            ]
+        if label_set is None:
+            raise KeyError("give queries or a label_set")
+        chosen = self.classifier.label_set(label_set)
+        scores = self.classifier.scores(features, label_set)
         return [
             {
-                "labels": labels,
-                "similarities": similarities[i].tolist(),
-                "probabilities": probabilities[i].tolist(),
-                "model": model.identity.display_name,
-                "weights_sha256": model.identity.weights_sha256,
-                "backend": self.classifier.backend,
-                "warning": warning,
+                "labels": [label.name for label in chosen.labels],
+                "scoring": "each finding on its own: present vs absent prompts",
+                "scores": scores[i].tolist(),
+                "thresholds": [label.threshold for label in chosen.labels],
+                "present": [
+                    bool(s >= lab.threshold)
+                    for s, lab in zip(scores[i], chosen.labels, strict=True)
+                ],
+                "calibrated": [label.calibration.is_calibrated for label in chosen.labels],
+                **common,
             }
             for i in range(len(images))
         ]

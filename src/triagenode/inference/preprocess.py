@@ -12,9 +12,17 @@ The chain, in the order of the DICOM grayscale pipeline (PS3.4 N.2):
 4. MONOCHROME1 inverted so that bright always means dense;
 5. colour: RGB as is, YBR_* converted to RGB by pydicom, PALETTE COLOR through its LUT, all
    scaled to [0, 1] by their bit depth (VOI does not apply to colour);
-6. resized (shortest side to ``image_size`` and centre crop, or squash) with PIL's
-   antialiased bicubic filter on float32, as open_clip's own transform does, then grey
-   replicated to three channels and normalised by the model's mean and std.
+6. quantised to 8 bits (rounded), as the figures the model was trained on were, and
+   resized exactly as open_clip's own transform does: torchvision's ``Resize(size)``
+   (shortest side to ``image_size``, the long side ``int()``-truncated) with PIL's
+   antialiased bicubic filter on the 8-bit image, then ``CenterCrop`` (offsets
+   ``int(round(...))``), or a squash to the square; grey is resized as one 'L' plane and
+   replicated to three channels afterwards (open_clip converts to RGB after the resize),
+   then scaled by 1/255 and normalised by the model's mean and std.
+
+Enhanced multi-frame objects take each frame's rescale and window from their functional
+groups, padding is left out of the full-range window, and a caller may choose the CT window
+(``window=``) for its label set; see :mod:`triagenode.inference.display`.
 
 Every failure raises :class:`~triagenode.errors.PreprocessError` naming the reason.
 """
@@ -35,7 +43,12 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from triagenode.errors import PreprocessError
-from triagenode.inference.display import apply_window, modality_default_window, to_display
+from triagenode.inference.display import (
+    Window,
+    apply_window,
+    modality_default_window,
+    to_display,
+)
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -49,6 +62,7 @@ __all__ = [
     "preprocess_file",
     "preprocess_pixels",
     "read_dataset",
+    "resized_geometry",
     "to_display",
 ]
 
@@ -95,46 +109,69 @@ def number_of_frames(ds: Dataset) -> int:
         return 1
 
 
-def _resize(planes: np.ndarray, config: PreprocessConfig) -> np.ndarray:
-    """Resize float32 planes ``(C, H, W)`` to the model's square input ``(C, S, S)``.
+def resized_geometry(
+    height: int, width: int, config: PreprocessConfig
+) -> tuple[tuple[int, int], tuple[int, int, int, int] | None]:
+    """``(width, height)`` to resize to and the ``(left, top, right, bottom)`` crop box.
 
-    PIL's antialiased filters on float32 ("F") planes are what open_clip's own transform
-    applies; PIL releases the GIL and keeps no thread pool, so preprocessing scales with
-    worker threads instead of fighting the inference backend for cores.
+    torchvision's ``Resize(size)`` sets the shortest side to ``size`` and the long side to
+    ``int(size * long / short)`` (truncated); ``CenterCrop`` then cuts at
+    ``int(round((new - size) / 2))``, Python's round-half-to-even. ``squash`` resizes
+    straight to the square and crops nothing.
     """
     size = config.image_size
-    _, height, width = planes.shape
-    resample = _FILTERS.get(config.interpolation, Image.Resampling.BICUBIC)
     if config.resize_mode == "squash":
-        target, box = (size, size), None
+        return (size, size), None
+    if width <= height:
+        new_w, new_h = size, int(size * height / width)
     else:
-        # shortest side to `size`, then a centre crop, as open_clip's transform does
-        scale = size / min(height, width)
-        new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
-        left, top = (new_w - size) // 2, (new_h - size) // 2
-        target, box = (new_w, new_h), (left, top, left + size, top + size)
-    out = np.empty((planes.shape[0], size, size), dtype=np.float32)
-    for index, plane in enumerate(planes):
-        image = Image.fromarray(np.ascontiguousarray(plane, dtype=np.float32))
-        if image.size != target:
-            image = image.resize(target, resample)
-        if box is not None and box != (0, 0, *target):
-            image = image.crop(box)
-        out[index] = np.asarray(image, dtype=np.float32)
-    return out
+        new_w, new_h = int(size * width / height), size
+    left = round((new_w - size) / 2.0)  # round half to even, as torchvision
+    top = round((new_h - size) / 2.0)
+    box = None if (new_w, new_h) == (size, size) else (left, top, left + size, top + size)
+    return (new_w, new_h), box
+
+
+def _to_uint8(display: np.ndarray) -> np.ndarray:
+    """Display values in [0, 1] to 8 bits, rounded half to even."""
+    out = np.multiply(display, np.float32(255), dtype=np.float32)
+    np.clip(out, 0.0, 255.0, out=out)
+    np.rint(out, out=out)
+    return out.astype(np.uint8)
+
+
+def _resize(image: Image.Image, config: PreprocessConfig) -> Image.Image:
+    """Resize (and crop) an 8-bit PIL image to the model's square input, as open_clip does.
+
+    PIL releases the GIL and keeps no thread pool, so preprocessing scales with worker
+    threads instead of fighting the inference backend for cores.
+    """
+    resample = _FILTERS.get(config.interpolation, Image.Resampling.BICUBIC)
+    target, box = resized_geometry(image.height, image.width, config)
+    if image.size != target:
+        image = image.resize(target, resample)
+    if box is not None:
+        image = image.crop(box)
+    return image
 
 
 def preprocess_pixels(display: np.ndarray, config: PreprocessConfig) -> np.ndarray:
-    """Display values in [0, 1] (``(H, W)`` or ``(H, W, 3)``) to a normalised ``(3, S, S)``."""
+    """Display values in [0, 1] (``(H, W)`` or ``(H, W, 3)``) to a normalised ``(3, S, S)``.
+
+    The same tensor as open_clip's ``preprocess`` of the 8-bit PIL image of ``display``
+    (grey as 'L', colour as 'RGB'), to float rounding.
+    """
     mean = np.asarray(config.mean, dtype=np.float32)[:, None, None]
-    inv_std = (1.0 / np.asarray(config.std, dtype=np.float32))[:, None, None]
+    scale = (1.0 / (255.0 * np.asarray(config.std, dtype=np.float32)))[:, None, None]
+    offset = mean / np.asarray(config.std, dtype=np.float32)[:, None, None]
     if display.ndim == 2:
-        planes = _resize(display[None], config)  # resize one grey plane, not three copies
+        image = _resize(Image.fromarray(_to_uint8(display), mode="L"), config)
+        plane = np.asarray(image, dtype=np.float32)
+        planes = np.broadcast_to(plane, (3, *plane.shape))  # one plane resized, not three
     else:
-        planes = _resize(np.moveaxis(display, -1, 0), config)
-    # bicubic overshoots slightly past [0, 1]; clip as PIL's 8-bit pipeline would
-    np.clip(planes, 0.0, 1.0, out=planes)
-    return ((planes - mean) * inv_std).astype(np.float32, copy=False)
+        image = _resize(Image.fromarray(_to_uint8(display[..., :3]), mode="RGB"), config)
+        planes = np.moveaxis(np.asarray(image, dtype=np.float32), -1, 0)
+    return (planes * scale - offset).astype(np.float32, copy=False)
 
 
 _NATIVE_LE = frozenset({ImplicitVRLittleEndian, ExplicitVRLittleEndian})
@@ -196,7 +233,11 @@ def _decode(ds: Dataset, frame: int) -> np.ndarray:
 
 
 def preprocess_dataset(
-    ds: Dataset, config: PreprocessConfig, frame: int | None = None
+    ds: Dataset,
+    config: PreprocessConfig,
+    frame: int | None = None,
+    *,
+    window: Window | None = None,
 ) -> np.ndarray:
     """One image (or one frame) of a dataset as model input, float32 ``(3, S, S)``.
 
@@ -208,6 +249,10 @@ def preprocess_dataset(
         The model's preprocess config (size, mean, std, interpolation, resize mode).
     frame
         1-based frame number of a multi-frame object; None means the first.
+    window
+        ``(center, width)`` in Hounsfield units for the label set, applied to CT images in
+        place of their own window; None keeps the dataset's VOI (then the modality default,
+        then the full range without padding).
 
     Raises
     ------
@@ -231,7 +276,7 @@ def preprocess_dataset(
         pixels = pixels[..., :3]
     if min(pixels.shape[:2]) < 2:
         raise PreprocessError(f"image of {pixels.shape[0]}x{pixels.shape[1]} is too small")
-    display = to_display(pixels, ds)
+    display = to_display(pixels, ds, frame=frame, window=window)
     if not np.isfinite(display).all():
         display = np.nan_to_num(display, nan=0.0, posinf=1.0, neginf=0.0)
     return preprocess_pixels(display, config)
@@ -291,7 +336,11 @@ def read_dataset(path: Path | str) -> Dataset:
 
 
 def preprocess_file(
-    path: Path | str, config: PreprocessConfig, frames: Sequence[int] | None = None
+    path: Path | str,
+    config: PreprocessConfig,
+    frames: Sequence[int] | None = None,
+    *,
+    window: Window | None = None,
 ) -> np.ndarray:
     """A DICOM file's frames (or a PNG/JPEG/TIFF image) as model input ``(N, 3, S, S)``.
 
@@ -303,6 +352,8 @@ def preprocess_file(
         The model's preprocess config.
     frames
         1-based frame numbers; None means every frame (one for single-frame objects).
+    window
+        ``(center, width)`` for CT, as in :func:`preprocess_dataset`.
 
     Raises
     ------
@@ -314,4 +365,4 @@ def preprocess_file(
         return _image_file(path, config)
     ds = read_dataset(path)
     wanted = list(frames) if frames is not None else list(range(1, number_of_frames(ds) + 1))
-    return np.stack([preprocess_dataset(ds, config, frame) for frame in wanted])
+    return np.stack([preprocess_dataset(ds, config, f, window=window) for f in wanted])

@@ -8,8 +8,9 @@ Both return False when the action does not apply, which the API answers with 409
 
 - :func:`mark_study_complete` only ends the quiet period of a study that is ``receiving``.
 - :func:`reprocess_study` only restarts a study whose processing has ended (``reported``,
-  ``failed`` or ``ignored``); a study still waiting or being processed will produce a result
-  anyway, and bumping its run under a working worker would make that result a stale one.
+  ``failed``, ``ignored`` or ``not_applicable``); a study still waiting or being processed
+  will produce a result anyway, and bumping its run under a working worker would make that
+  result a stale one.
 """
 
 from __future__ import annotations
@@ -34,7 +35,12 @@ Prioritizer = Callable[[dict[str, str]], tuple[Priority, str | None, str | None]
 
 _DONE = {"reprocess": "reprocess requested", "complete": "marked complete"}
 REPROCESSABLE = frozenset(
-    {StudyState.reported.value, StudyState.failed.value, StudyState.ignored.value}
+    {
+        StudyState.reported.value,
+        StudyState.failed.value,
+        StudyState.ignored.value,
+        StudyState.not_applicable.value,
+    }
 )
 
 

@@ -1,15 +1,18 @@
 """Critical-finding notifications: a WARNING log line and/or a webhook POST.
 
-When the model finds a ``critical`` label above its threshold, someone should look now, not
-when the SR reaches the top of a worklist. The log line is written at once; the webhook is
-posted by a background thread with a timeout and retries, so a slow or unreachable receiver
-never holds up a worker. Neither carries PHI: the study is named by its Study Instance UID,
-the finding by the label set's name and code.
+When the model finds a ``critical`` label above a threshold the site calibrated for that use
+(the label's ``threshold_calibrated``), someone should look now, not when the SR reaches the
+top of a worklist. Critical findings over an uncalibrated threshold are flagged in the SR and
+the API only: paging people on raw zero-shot scores would train them to ignore the pages.
+
+The log line is written at once; the webhook is posted by a background thread with a
+timeout and retries, so a slow or unreachable receiver never holds up a worker. Neither
+carries PHI: the study is named by its Study Instance UID, the finding by its name and code.
 
 The webhook body (``Content-Type: application/json``)::
 
     {"event": "critical_finding", "study_uid": "1.2...", "finding": "intracranial_hemorrhage",
-     "code": {"scheme": "SCT", "value": "...", "meaning": "..."}, "probability": 0.93,
+     "code": {"scheme": "SCT", "value": "...", "meaning": "..."}, "score": 0.93,
      "threshold": 0.5, "priority": "stat", "triage_priority": "routine",
      "triage_rule": null, "label_set": "ct_head", "sr_uid": "2.25...",
      "model": "BiomedCLIP-...", "demo": false, "at": "2026-11-26T08:00:00+00:00"}
@@ -44,7 +47,7 @@ class CriticalFinding:
     study_uid: str
     finding: str
     code: dict[str, str]
-    probability: float
+    score: float
     threshold: float
     triage_priority: str
     triage_rule: str | None
@@ -57,11 +60,11 @@ class CriticalFinding:
 
     @classmethod
     def from_result(cls, result: StudyResult, sr_uid: str | None = None) -> CriticalFinding:
-        """The most probable critical finding of ``result`` (its top finding if none is
+        """The highest-scoring critical finding of ``result`` (its top finding if none is
         marked critical)."""
         critical = [f for f in result.findings if f.critical]
         top: LabelFinding | None = max(
-            critical or result.findings, key=lambda f: f.probability, default=None
+            critical or result.findings, key=lambda f: f.score, default=None
         )
         if top is None:
             raise ValueError(f"study {result.study_uid}: result has no findings to notify")
@@ -69,7 +72,7 @@ class CriticalFinding:
             study_uid=result.study_uid,
             finding=top.name,
             code={"scheme": top.code_scheme, "value": top.code_value, "meaning": top.code_meaning},
-            probability=round(float(top.probability), 4),
+            score=round(float(top.score), 4),
             threshold=float(top.threshold),
             triage_priority=result.priority.name,
             triage_rule=result.priority_rule,
@@ -115,10 +118,10 @@ class CriticalFindingNotifier:
         """Log ``finding`` and queue its webhook POST; returns at once, never raises."""
         if self.settings.log:
             log.warning(
-                "CRITICAL finding: study %s %s p=%.3f (threshold %.2f) priority %s, SR %s%s",
+                "CRITICAL finding: study %s %s score=%.3f (threshold %.2f) priority %s, SR %s%s",
                 finding.study_uid,
                 finding.finding,
-                finding.probability,
+                finding.score,
                 finding.threshold,
                 finding.priority,
                 finding.sr_uid or "-",

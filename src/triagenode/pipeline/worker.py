@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pydicom
@@ -22,7 +22,12 @@ from triagenode.config.settings import Settings
 from triagenode.domain import Priority, StudyResult, StudyState
 from triagenode.errors import TriageNodeError
 from triagenode.inference.classifier import NoUsableImagesError, ZeroShotClassifier
-from triagenode.inference.select import InstanceRecord, select_images
+from triagenode.inference.select import (
+    InstanceRecord,
+    Selection,
+    SeriesPreference,
+    choose_images,
+)
 from triagenode.metrics import STUDIES_PROCESSED
 from triagenode.pipeline.notify import CriticalFindingNotifier
 from triagenode.pipeline.queue import ClaimedJob, JobQueue
@@ -105,39 +110,77 @@ class StudyProcessor:
                 records=records,
             )
 
+    def _set_state(self, snapshot: _StudySnapshot, state: StudyState, reason: str) -> None:
+        with self.db.write_session() as session:
+            set_study_state(session, snapshot.study_id, state, reason)
+            if state is StudyState.not_applicable:
+                self.audit.record(
+                    AuditEventId.instances_accessed,
+                    event_type="not-applicable",
+                    study_uid=snapshot.study_uid,
+                    actor=self.settings.scp.ae_title,
+                    details={"reason": reason, "run": snapshot.run},
+                    session=session,
+                )
+        STUDIES_PROCESSED.labels(state.value, snapshot.priority.name).inc()
+
     def process(self, job: ClaimedJob) -> StudyResult | None:
-        """Classify the job's study and queue its SR; returns None when there was nothing
-        to classify (the study is then marked ignored, not failed)."""
+        """Classify the job's study and queue its SR.
+
+        Returns None when there was nothing to classify: the study is then marked
+        ``ignored`` (no images) or ``not_applicable`` (images, but no label set is made for
+        them), with the reason; neither is a failure, and neither gets an SR.
+        """
         snapshot = self._snapshot(job.study_id)
         with self.db.write_session() as session:
             set_study_state(session, snapshot.study_id, StudyState.processing, "worker claimed job")
-        selected = select_images(snapshot.records, self.settings.model.slices_per_series)
-        if not selected:
-            with self.db.write_session() as session:
-                set_study_state(
-                    session, snapshot.study_id, StudyState.ignored, "no classifiable images"
-                )
-            STUDIES_PROCESSED.labels("ignored", snapshot.priority.name).inc()
+        label_set: str | None
+        if snapshot.label_set:
+            label_set, why = snapshot.label_set, f"set by triage rule {snapshot.priority_rule!r}"
+        else:
+            choice = self.classifier.labels.explain_choice(snapshot.triage_inputs)
+            label_set, why = choice.label_set, choice.reason
+        selection = choose_images(
+            snapshot.records,
+            slices_per_series=self.settings.model.slices_per_series,
+            max_images=self.settings.model.max_images_per_study,
+            prefer=self._preference(label_set),
+        )
+        if not selection.images:
+            reason = "no classifiable images" + _skipped_note(selection)
+            self._set_state(snapshot, StudyState.ignored, reason)
             log.info("study %s: nothing to classify", snapshot.study_uid)
             return None
+        if label_set is None:
+            self._set_state(snapshot, StudyState.not_applicable, why)
+            log.info("study %s: not classified: %s", snapshot.study_uid, why)
+            return None
 
-        label_set = snapshot.label_set or self.classifier.choose_label_set(snapshot.triage_inputs)
         started = time.perf_counter()
         result = self.classifier.classify_study(
             snapshot.study_uid,
-            [(image.ref, image.path) for image in selected],
+            [(image.ref, image.path) for image in selection.images],
             label_set=label_set,
             priority=snapshot.priority,
             priority_rule=snapshot.priority_rule,
+            label_set_reason=why,
+            series_skipped=selection.skipped,
         )
+        if result.critical and result.priority < Priority.stat:
+            escalated = ", ".join(f.name for f in result.findings if f.escalates)
+            result = replace(
+                result, priority=Priority.stat, priority_rule=f"critical finding: {escalated}"
+            )
         classify_ms = (time.perf_counter() - started) * 1000
-        self._report(snapshot, result, selected[0].path)
+        self._report(snapshot, result, selection.images[0].path)
         log.info(
-            "study %s classified: label_set=%s top=%s critical=%s images=%d failed=%d %.0f ms%s",
+            "study %s classified: label_set=%s top=%s critical=%s flagged=%s images=%d "
+            "failed=%d %.0f ms%s",
             snapshot.study_uid,
             result.label_set,
             result.top_finding.name if result.top_finding else None,
             result.critical,
+            result.flagged,
             len(result.images_used),
             len(result.images_failed),
             classify_ms,
@@ -145,12 +188,48 @@ class StudyProcessor:
         )
         return result
 
+    def _preference(self, label_set: str | None) -> SeriesPreference | None:
+        """What the label set's diagnostic series looks like, for image selection."""
+        if label_set is None:
+            return None
+        rules = [r for r in self.classifier.labels.domains if r.label_set == label_set]
+        chosen = self.classifier.label_set(label_set)
+        return SeriesPreference(
+            modalities=tuple(m for r in rules for m in r.modalities),
+            body_parts=tuple(b for r in rules for b in r.body_parts),
+            keywords=tuple(chosen.series_keywords),
+        )
+
+    def _predecessor(self, snapshot: _StudySnapshot) -> list[pydicom.Dataset]:
+        """The newest SR of an earlier run of this study, which the new one supersedes."""
+        with self.db.session() as session:
+            earlier = session.execute(
+                select(Result.sr_path)
+                .where(
+                    Result.study_id == snapshot.study_id,
+                    Result.run < snapshot.run,
+                    Result.sr_path.is_not(None),
+                )
+                .order_by(Result.run.desc(), Result.id.desc())
+                .limit(1)
+            ).scalar_one_or_none()
+        if earlier is None:
+            return []
+        try:
+            return [pydicom.dcmread(self.settings.node.data_dir / earlier, stop_before_pixels=True)]
+        except (OSError, ValueError) as exc:
+            # the result row stays the record of it; the new SR is still written
+            log.warning("study %s: earlier SR unreadable (%s)", snapshot.study_uid, exc)
+            return []
+
     def _report(self, snapshot: _StudySnapshot, result: StudyResult, source_path: Path) -> None:
         source = pydicom.dcmread(source_path, stop_before_pixels=True)
-        sr = build_sr(result, source, self.settings, run=snapshot.run)
+        predecessors = self._predecessor(snapshot)
+        sr = build_sr(result, source, self.settings, run=snapshot.run, predecessors=predecessors)
         sr_path = write_sr(sr, self.settings, result=result)
         relative = sr_path.relative_to(self.settings.node.data_dir)
-        priority = int(max(snapshot.priority, Priority.stat if result.critical else Priority.low))
+        priority = int(max(snapshot.priority, result.priority))
+        supersedes = str(predecessors[0].SOPInstanceUID) if predecessors else None
         with self.db.write_session() as session:
             row = session.execute(
                 select(Result).where(
@@ -171,7 +250,10 @@ class StudyProcessor:
             row.top_finding = result.top_finding.name if result.top_finding else None
             row.critical = result.critical
             row.findings = result_to_json(
-                result, sr_sop_instance_uid=sr.SOPInstanceUID, sr_series_uid=sr.SeriesInstanceUID
+                result,
+                sr_sop_instance_uid=sr.SOPInstanceUID,
+                sr_series_uid=sr.SeriesInstanceUID,
+                supersedes=supersedes,
             )
             row.sr_sop_instance_uid = sr.SOPInstanceUID
             row.sr_series_uid = sr.SeriesInstanceUID
@@ -182,6 +264,7 @@ class StudyProcessor:
             study.critical = result.critical
             if result.critical and study.priority < Priority.stat:
                 study.priority = int(Priority.stat)
+                study.priority_rule = result.priority_rule
             self.outbox.enqueue(
                 row.id,
                 snapshot.study_uid,
@@ -191,15 +274,16 @@ class StudyProcessor:
                 session=session,
             )
             set_study_state(session, snapshot.study_id, StudyState.reported, None)
-            if result.critical:
+            if result.flagged:
                 self.audit.record(
                     AuditEventId.export,
-                    event_type="critical-finding",
+                    event_type="critical-finding" if result.critical else "critical-flagged",
                     study_uid=snapshot.study_uid,
                     patient_ref=study.patient_ref,
                     actor=self.settings.scp.ae_title,
                     details={
                         "findings": [f.name for f in result.findings if f.critical],
+                        "escalated": result.critical,
                         "sr_uid": sr.SOPInstanceUID,
                     },
                     session=session,
@@ -209,6 +293,13 @@ class StudyProcessor:
             self.on_exports_queued()
         if result.critical and self.notifier is not None:
             self.notifier.notify(result, sr_uid=sr.SOPInstanceUID)
+
+
+def _skipped_note(selection: Selection) -> str:
+    if not selection.skipped:
+        return ""
+    reasons = sorted({s.reason for s in selection.skipped})
+    return f" (left out: {'; '.join(reasons)})"
 
 
 class WorkerPool:

@@ -78,15 +78,17 @@ def _model_key(result: StudyResult) -> tuple[str, str]:
 def sr_uids(result: StudyResult, settings: Settings, *, run: int) -> SrUids:
     """SR series and SOP Instance UIDs for ``result`` of processing run ``run``.
 
-    The same study, model (name + weights hash) and run always give the same UIDs, so a
-    retried or resent SR replaces its earlier copy in the PACS instead of adding a second.
+    The series depends on (study, model name + weights hash) only, so every run of the same
+    model on a study lands in one series, its instances numbered by run; the SOP Instance
+    UID adds the run. The same work always gives the same UIDs, so a retried or resent SR
+    replaces its earlier copy in the PACS instead of adding a second.
     """
     root = settings.node.uid_root
-    parts = (result.study_uid, *_model_key(result), str(run))
+    model = (result.study_uid, *_model_key(result))
     return SrUids(
         study_instance_uid=result.study_uid,
-        series_instance_uid=derive_uid(root, "sr-series", *parts),
-        sop_instance_uid=derive_uid(root, "sr-instance", *parts),
+        series_instance_uid=derive_uid(root, "sr-series", *model),
+        sop_instance_uid=derive_uid(root, "sr-instance", *model, str(run)),
     )
 
 
@@ -149,7 +151,8 @@ def observation_context(settings: Settings) -> ObservationContext:
 
 
 def algorithm_identification(result: StudyResult) -> AlgorithmIdentification:
-    """TID 4019: the model's name and version, its weights hash and every parameter."""
+    """TID 4019: the model's name and version, its weights hash and every parameter that
+    shaped the numbers (label set and why, thresholds, aggregation, calibration)."""
     thresholds = "; ".join(f"{f.name}={f.threshold:g}" for f in result.findings)
     parameters = [
         f"weights_sha256={result.model.weights_sha256}",
@@ -157,15 +160,19 @@ def algorithm_identification(result: StudyResult) -> AlgorithmIdentification:
         f"backend={result.backend}",
         f"label_set={result.label_set}",
         f"labels={', '.join(f.name for f in result.findings)}",
+        "scoring=each finding on its own: present vs absent prompts",
         f"thresholds={thresholds}",
         f"aggregation={result.aggregation}",
+        f"calibration={result.calibration}",
     ]
+    if result.label_set_reason:
+        parameters.append(f"label_set_reason={result.label_set_reason}")
     if result.model.is_demo:
         parameters.insert(0, DEMO_WARNING)
     return AlgorithmIdentification(
         name=result.model.display_name[:64],
         version=(result.model.version or "unknown")[:64],
-        parameters=parameters,
+        parameters=[p[:1024] for p in parameters],
         manufacturer=MANUFACTURER,
     )
 
@@ -206,11 +213,12 @@ def measurement_group(
     run: int,
     algorithm: AlgorithmIdentification,
 ) -> MeasurementsAndQualitativeEvaluations:
-    """TID 1501 for one label: finding type, present/absent, probability, source images."""
+    """TID 1501 for one finding: finding type, present/absent, score (a probability only
+    when calibrated), the images whose own score reached the threshold."""
     concept = tn_codes.label_concept(finding.code_scheme, finding.code_value, finding.code_meaning)
-    probability = Measurement(
-        name=tn_codes.PROBABILITY,
-        value=round(float(finding.probability), 6),
+    score = Measurement(
+        name=tn_codes.PROBABILITY if finding.calibrated else tn_codes.SCORE,
+        value=round(float(finding.score), 6),
         unit=tn_codes.NO_UNITS,
     )
     evaluation = QualitativeEvaluation(
@@ -224,7 +232,7 @@ def measurement_group(
         ),
         finding_type=concept,
         algorithm_id=algorithm,
-        measurements=[probability],
+        measurements=[score],
         qualitative_evaluations=[evaluation],
         source_images=_source_images(refs) or None,
     )
@@ -279,38 +287,57 @@ def _coded_modality(sop_class_uid: str) -> hd.sr.CodedConcept | None:
 
 
 def summary_text(result: StudyResult) -> str:
-    """A few sentences a radiologist reads first: priority, critical and present findings."""
-    present = [f for f in result.findings if f.present]
-    critical = [f for f in result.findings if f.critical]
+    """What a radiologist reads in two seconds: findings over threshold, priority and why,
+    and that these are scores, not a diagnosis."""
+    present = sorted((f for f in result.findings if f.present), key=lambda f: -f.score)
+    calibrated = all(f.calibrated for f in result.findings)
+    number = "probability" if calibrated else "score"
     parts = []
     if result.model.is_demo:
         parts.append(f"{DEMO_WARNING}.")
-    rule = f"rule {result.priority_rule}" if result.priority_rule else "no rule matched"
-    parts.append(f"AI triage priority: {result.priority.name.upper()} ({rule}).")
-    if critical:
-        names = ", ".join(f"{f.code_meaning} ({f.probability:.2f})" for f in critical)
-        parts.append(f"Critical finding suspected: {names}.")
     if present:
-        names = ", ".join(f"{f.code_meaning} ({f.probability:.2f})" for f in present)
-        parts.append(f"Findings above threshold: {names}.")
+        names = ", ".join(
+            f"{f.code_meaning}{' (CRITICAL)' if f.critical else ''} {number} {f.score:.2f}"
+            f" (threshold {f.threshold:.2f})"
+            for f in present
+        )
+        parts.append(f"AI flags: {names}.")
     else:
-        parts.append("No finding above its threshold.")
+        checked = ", ".join(f.code_meaning for f in result.findings)
+        parts.append(f"AI flags nothing above threshold (checked: {checked}).")
+    rule = f"rule {result.priority_rule}" if result.priority_rule else "no triage rule matched"
+    parts.append(f"Priority {result.priority.name.upper()} ({rule}).")
+    flagged = [f for f in result.findings if f.critical and not f.escalates]
+    if flagged:
+        parts.append(
+            "Critical finding flagged but not escalated: its threshold is not site-calibrated."
+        )
+    images = len(unique_images(result.images_used))
+    failed = f", {len(result.images_failed)} unreadable" if result.images_failed else ""
     parts.append(
-        f"{len(unique_images(result.images_used))} image(s) analysed by "
-        f"{result.model.display_name}"
-        + (f"; {len(result.images_failed)} could not be read." if result.images_failed else ".")
+        f"{images} image(s) of {result.label_set.replace('_', ' ')} analysed{failed}; "
+        f"{result.aggregation}."
     )
-    parts.append("Automated result, not verified by a physician; not for diagnostic use.")
+    if calibrated:
+        parts.append("Site-calibrated probabilities; AI triage, not a diagnosis.")
+    else:
+        parts.append("Scores are not probabilities; AI triage, not a diagnosis.")
     return " ".join(parts)
 
 
 def qualitative_evaluations(result: StudyResult) -> ContainerContentItem:
-    """TID 1500 document-level evaluations: triage priority, critical flag, summary text."""
+    """TID 1500 document-level evaluations: the summary text first, then the triage
+    priority and the critical flag."""
     container = ContainerContentItem(
         name=tn_codes.QUALITATIVE_EVALUATIONS, relationship_type=RelationshipTypeValues.CONTAINS
     )
     container.ContentSequence = ContentSequence(
         [
+            TextContentItem(
+                name=tn_codes.SUMMARY,
+                value=summary_text(result),
+                relationship_type=RelationshipTypeValues.CONTAINS,
+            ),
             CodeContentItem(
                 name=tn_codes.PRIORITY,
                 value=tn_codes.priority_concept(result.priority),
@@ -318,12 +345,7 @@ def qualitative_evaluations(result: StudyResult) -> ContainerContentItem:
             ),
             CodeContentItem(
                 name=tn_codes.CRITICAL_FINDING,
-                value=tn_codes.YES if result.critical else tn_codes.NO,
-                relationship_type=RelationshipTypeValues.CONTAINS,
-            ),
-            TextContentItem(
-                name=tn_codes.SUMMARY,
-                value=summary_text(result),
+                value=tn_codes.YES if result.flagged else tn_codes.NO,
                 relationship_type=RelationshipTypeValues.CONTAINS,
             ),
         ]

@@ -28,7 +28,8 @@ class SrFinding:
     code_value: str
     code_meaning: str
     present: bool
-    probability: float
+    score: float
+    calibrated: bool  # written as "Probability" (calibrated) rather than "Score"
     images: tuple[tuple[str, tuple[int, ...]], ...]  # (SOP Instance UID, frame numbers)
 
 
@@ -80,7 +81,8 @@ def _group_finding(group: hd.sr.MeasurementsAndQualitativeEvaluations) -> SrFind
     finding_type = group.finding_type
     evaluations = group.get_qualitative_evaluations(name=tn_codes.PRESENCE)
     probability = group.get_measurements(name=tn_codes.PROBABILITY)
-    if finding_type is None or not evaluations or not probability:
+    measured = probability or group.get_measurements(name=tn_codes.SCORE)
+    if finding_type is None or not evaluations or not measured:
         raise ValueError(f"measurement group {group.tracking_identifier} is incomplete")
     images = tuple(
         (
@@ -97,7 +99,8 @@ def _group_finding(group: hd.sr.MeasurementsAndQualitativeEvaluations) -> SrFind
         code_value=finding_type.value,
         code_meaning=finding_type.meaning,
         present=isinstance(value, CodedConcept) and _is(value, tn_codes.PRESENT),
-        probability=float(probability[0].value),
+        score=float(measured[0].value),
+        calibrated=bool(probability),
         images=images,
     )
 

@@ -13,7 +13,9 @@ from triagenode.domain import DEMO_WARNING, ImageRef, StudyResult
 
 __all__ = ["JSON_FORMAT_VERSION", "result_to_json"]
 
-JSON_FORMAT_VERSION = 1
+# 2: per-finding "score" (was "probability"), calibration, label set reason, series skipped,
+#    the SR this one supersedes.
+JSON_FORMAT_VERSION = 2
 
 
 def _image(ref: ImageRef) -> dict[str, Any]:
@@ -33,6 +35,7 @@ def result_to_json(
     *,
     sr_sop_instance_uid: str | None = None,
     sr_series_uid: str | None = None,
+    supersedes: str | None = None,
 ) -> dict[str, Any]:
     """``result`` as a JSON-ready dict (no PHI: only UIDs, codes and numbers).
 
@@ -45,14 +48,18 @@ def result_to_json(
         ``series_instance_uid`` and ``sop_instance_uid``); ``None`` when no SR was made.
     sr_sop_instance_uid, sr_series_uid
         The same UIDs given one by one, instead of ``sr_uids``.
+    supersedes
+        SOP Instance UID of the earlier SR this result replaces, if any.
 
     Returns
     -------
     dict
         Keys: ``format``, ``study_uid``, ``sr``, ``model``, ``backend``, ``label_set``,
-        ``aggregation``, ``priority``, ``priority_rule``, ``critical``, ``top_finding``,
-        ``findings``, ``images_used``, ``images_failed``, ``timings_ms`` and, for the demo
-        model, ``warning``.
+        ``label_set_reason``, ``aggregation``, ``calibration``, ``priority``,
+        ``priority_rule``, ``critical`` (escalated), ``flagged`` (any critical finding),
+        ``top_finding``, ``findings``, ``images_used``, ``images_failed``,
+        ``series_skipped``, ``timings_ms``, ``supersedes`` when it replaces an earlier SR
+        and, for the demo model, ``warning``.
     """
     sr: dict[str, Any] | None = None
     if sr_uids is None and sr_sop_instance_uid is not None:
@@ -82,6 +89,9 @@ def result_to_json(
         "priority": result.priority.name,
         "priority_rule": result.priority_rule,
         "critical": result.critical,
+        "flagged": result.flagged,
+        "calibration": result.calibration,
+        "label_set_reason": result.label_set_reason,
         "top_finding": top.name if top is not None else None,
         "findings": [
             {
@@ -91,10 +101,12 @@ def result_to_json(
                     "value": f.code_value,
                     "meaning": f.code_meaning,
                 },
-                "probability": float(f.probability),
+                "score": float(f.score),
+                "calibrated": f.calibrated,
                 "threshold": float(f.threshold),
                 "present": f.present,
                 "critical": f.critical,
+                "escalates": f.escalates,
                 "images": [_image(ref) for ref in f.images],
             }
             for f in result.findings
@@ -103,8 +115,14 @@ def result_to_json(
         "images_failed": [
             {**_image(ref), "reason": reason} for ref, reason in result.images_failed
         ],
+        "series_skipped": [
+            {"series_uid": s.series_uid, "instances": s.instances, "reason": s.reason}
+            for s in result.series_skipped
+        ],
         "timings_ms": {k: float(v) for k, v in result.timings_ms.items()},
     }
+    if supersedes is not None:
+        data["supersedes"] = supersedes
     if result.model.is_demo:
         data = {"warning": DEMO_WARNING, **data}
     return data

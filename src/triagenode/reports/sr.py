@@ -14,12 +14,24 @@ because
   superset, so the SOP class stays the same as the content grows;
 - PACS and viewers that store "any SR" (Orthanc, dcm4chee) accept it like the others.
 
-What is in it: the observation context names the node as a device observer; each label is
-one measurement group (finding type = the label's concept, present/absent, probability with
-unit "1", tracking id/UID, source images with frame numbers); a document-level
-"Qualitative Evaluations" container holds the triage priority, the critical flag and a
-short summary text; the image library lists every source image. The document is COMPLETE
-(every label of the set is reported) and UNVERIFIED (no physician signed it).
+What is in it: the observation context names the node as a device observer; a document-level
+"Qualitative Evaluations" container comes first among the report's contents and opens with
+the summary a radiologist reads in two seconds, then the triage priority and the critical
+flag (TID 1500 is extensible; text viewers render the tree in order, so the summary must
+come before the image library and the measurement groups); each finding is one measurement
+group (finding type = the label's concept, present/absent, score with unit "1" -- a
+probability only once a site calibration is applied --, tracking id/UID, source images with
+frame numbers); the image library lists every source image. The document is COMPLETE
+(every finding of the set is reported) and UNVERIFIED (no physician signed it).
+
+Character sets: the patient and study attributes are taken from the source *decoded*
+(pydicom applies its Specific Character Set, e.g. ISO 2022 IR 87 Japanese or IR 149
+Korean), and the SR is written in UTF-8 (ISO_IR 192), which holds any of them. Legacy date
+and time values (``2004.01.30``, ``14:04:38``) are rewritten in the current DA/TM form.
+
+Re-processing: every run of the same model on a study is an instance of one SR series,
+numbered by run; a later run's SR lists the one it supersedes in its Predecessor Documents
+Sequence.
 """
 
 from __future__ import annotations
@@ -27,12 +39,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import highdicom as hd
 import pydicom
-from highdicom.sr import Comprehensive3DSR, MeasurementReport
+from highdicom.sr import Comprehensive3DSR, MeasurementReport, RelationshipTypeValues
 from pydicom.dataset import Dataset
 
 from triagenode import __version__
@@ -60,12 +75,20 @@ __all__ = [
     "SERIES_DESCRIPTION",
     "SR_SERIES_NUMBER",
     "build_sr",
+    "local_utc_offset",
     "read_sr",
     "sr_path",
+    "superseded_uid",
     "write_sr",
 ]
 
 log = logging.getLogger(__name__)
+
+# highdicom warns about single-component person names by quoting the name: that is PHI in
+# whatever handles warnings (logs), and the name is the source's, not ours to change.
+warnings.filterwarnings(
+    "ignore", message=r"The string .* is unlikely to represent the intended person name"
+)
 
 SR_SERIES_NUMBER = 9901
 SERIES_DESCRIPTION = "AI triage — BiomedCLIP — not for diagnostic use"
@@ -83,19 +106,59 @@ _TYPE2_FROM_SOURCE = (
     "StudyTime",
     "ReferringPhysicianName",
 )
+# What the SR copies from its source: its identity and the patient and study modules.
+_FROM_SOURCE = (
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    *_TYPE2_FROM_SOURCE,
+    "IssuerOfPatientID",
+    "PatientAge",
+    "StudyDescription",
+    "TimezoneOffsetFromUTC",
+)
+_DA = re.compile(r"^\d{8}$")
+_TM = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
+_TZ = re.compile(r"^[+-]\d{4}$")
+
+
+def _current_form(keyword: str, value: object) -> object:
+    """DA/TM values in today's form: ACR-NEMA ``2004.01.30`` and ``14:04:38`` rewritten;
+    anything that still is not a valid value becomes empty (the attributes are type 2)."""
+    if keyword.endswith("Date"):
+        text = str(value or "").strip().replace(".", "")
+        return text if _DA.match(text) else ""
+    if keyword.endswith("Time"):
+        text = str(value or "").strip().replace(":", "")
+        return text if _TM.match(text) else ""
+    return value
 
 
 def _header(source: Dataset, result: StudyResult) -> Dataset:
-    """The source's attributes without pixel data, type 2 patient/study attributes present."""
+    """The source's identity, patient and study attributes, decoded to Unicode.
+
+    Only these are copied (never private or unknown elements), each value decoded with the
+    source's own character set, so they can be written in UTF-8 whatever the source used.
+    """
+    decoded = Dataset()
+    for keyword in _FROM_SOURCE:
+        if keyword in source:
+            decoded.add(source.data_element(keyword))  # type: ignore[arg-type]
+    decoded.SpecificCharacterSet = source.get("SpecificCharacterSet", "ISO_IR 6")
+    try:
+        decoded.decode()
+    except (LookupError, UnicodeError, ValueError) as exc:
+        raise DicomInputError(f"source header cannot be decoded ({exc})") from None
     header = Dataset()
-    for element in source:
-        if element.tag.group != 0x7FE0:
+    for element in decoded:
+        if element.keyword != "SpecificCharacterSet":
             header.add(element)
-    if "SpecificCharacterSet" in source:
-        header.SpecificCharacterSet = source.SpecificCharacterSet
     for keyword in _TYPE2_FROM_SOURCE:
-        if keyword not in header:
-            setattr(header, keyword, "")
+        value = header.get(keyword, "")
+        setattr(header, keyword, _current_form(keyword, value) if value else "")
+    if "TimezoneOffsetFromUTC" in header and not _TZ.match(str(header.TimezoneOffsetFromUTC)):
+        del header.TimezoneOffsetFromUTC
     for keyword in ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID"):
         if keyword not in header:
             raise DicomInputError(
@@ -107,6 +170,11 @@ def _header(source: Dataset, result: StudyResult) -> Dataset:
             f"the result to {result.study_uid!r}"
         )
     return header
+
+
+def local_utc_offset() -> str:
+    """This machine's current offset from UTC as DICOM writes it, e.g. ``+0100``."""
+    return time.strftime("%z") or "+0000"
 
 
 def _evidence(header: Dataset, refs: Sequence[ImageRef], study_uid: str) -> list[Dataset]:
@@ -124,7 +192,12 @@ def _evidence(header: Dataset, refs: Sequence[ImageRef], study_uid: str) -> list
 
 
 def build_sr(
-    result: StudyResult, source: Dataset, settings: Settings, *, run: int
+    result: StudyResult,
+    source: Dataset,
+    settings: Settings,
+    *,
+    run: int,
+    predecessors: Sequence[Dataset] = (),
 ) -> Comprehensive3DSR:
     """Build the Comprehensive 3D SR (TID 1500) of ``result``.
 
@@ -139,7 +212,10 @@ def build_sr(
         The node's settings (UID root, station and institution names, data folder).
     run
         The study's processing run; part of the SR UIDs, so the same run always gives the
-        same SOP Instance UID.
+        same SOP Instance UID, and the SR's Instance Number.
+    predecessors
+        Earlier SRs of the node for this study that this one supersedes (read from their
+        files); listed in the Predecessor Documents Sequence.
 
     Returns
     -------
@@ -168,12 +244,17 @@ def build_sr(
     )
     all_refs = [*result.images_used, *(ref for f in result.findings for ref in f.images)]
     root = report[0]
-    # TID 1500 order: ... Procedure Reported, Image Library, Imaging Measurements, then the
-    # document-level Qualitative Evaluations.
-    position = len(root.ContentSequence) - 1
+    # The document-level evaluations, with the summary first, before everything else the
+    # report contains: text viewers show the tree in order (see the module docstring).
+    first = next(
+        i
+        for i, item in enumerate(root.ContentSequence)
+        if item.RelationshipType == RelationshipTypeValues.CONTAINS.value
+    )
+    root.ContentSequence.insert(first, qualitative_evaluations(result))
     if all_refs:
-        root.ContentSequence.insert(position, image_library(all_refs))
-    root.ContentSequence.append(qualitative_evaluations(result))
+        # TID 1500 order: ... Procedure Reported, Image Library, Imaging Measurements
+        root.ContentSequence.insert(len(root.ContentSequence) - 1, image_library(all_refs))
     equipment = hd.ContributingEquipment(
         manufacturer=MANUFACTURER,
         purpose_of_reference=hd.sr.CodedConcept("109102", "DCM", "Processing Equipment"),
@@ -203,12 +284,14 @@ def build_sr(
         manufacturer_model_name=DEVICE_MODEL_NAME,
         software_versions=__version__,
         device_serial_number=installation_id(settings),
-        coding_schemes=[tn_codes.coding_scheme()],
+        coding_schemes=tn_codes.coding_schemes(f.code_scheme for f in result.findings),
+        previous_versions=list(predecessors) or None,
     )
     # The series description has an em dash and source names may be non-ASCII: UTF-8
     # covers whatever character set the source used, as its values are decoded already.
     sr.SpecificCharacterSet = "ISO_IR 192"
     sr.StationName = settings.node.station_name
+    sr.TimezoneOffsetFromUTC = header.get("TimezoneOffsetFromUTC") or local_utc_offset()
     log.info(
         "built SR study=%s sop=%s run=%d findings=%d demo=%s",
         result.study_uid,
@@ -271,10 +354,22 @@ def write_sr(dataset: Dataset, settings: Settings, *, result: StudyResult | None
             series_instance_uid=dataset.SeriesInstanceUID,
             sop_instance_uid=dataset.SOPInstanceUID,
         )
-        text = json.dumps(result_to_json(result, uids), indent=2, sort_keys=True) + "\n"
+        data = result_to_json(result, uids, supersedes=superseded_uid(dataset))
+        text = json.dumps(data, indent=2, sort_keys=True) + "\n"
         _atomic_write(path.with_suffix(".json"), lambda handle: handle.write(text.encode()))
     log.info("wrote SR study=%s sop=%s", dataset.StudyInstanceUID, dataset.SOPInstanceUID)
     return path
+
+
+def superseded_uid(dataset: Dataset) -> str | None:
+    """SOP Instance UID of the newest SR listed in ``dataset``'s Predecessor Documents."""
+    uids = [
+        str(sop.ReferencedSOPInstanceUID)
+        for study in dataset.get("PredecessorDocumentsSequence") or []
+        for series in study.get("ReferencedSeriesSequence") or []
+        for sop in series.get("ReferencedSOPSequence") or []
+    ]
+    return uids[-1] if uids else None
 
 
 def read_sr(path: Path) -> Comprehensive3DSR:

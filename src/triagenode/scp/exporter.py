@@ -1,10 +1,16 @@
 """Send SRs from the outbox to the configured destinations (pynetdicom C-STORE SCU).
 
-One pass (:meth:`Exporter.send_due`) claims the due rows, opens one association per
-destination, sends each file as stored (no decode and re-encode), and records every
-attempt: success marks the row sent; a refused or aborted association, a timeout or a
-failure status puts it back with exponential backoff, until ``export.max_attempts`` makes it
-dead. Rows with a higher priority (stat, critical) are claimed and sent first.
+Each destination has its own sending *lane*: ``export.senders`` threads that claim only that
+destination's due rows, so a PACS that does not answer delays only its own SRs (by up to
+``export.timeout_s`` per attempt), never those of a healthy one. Within a lane, rows with a
+higher priority (stat, critical) are claimed and sent first. One more thread fails the rows
+of destinations that are no longer configured, so they end dead instead of waiting forever.
+
+A lane pass claims its due rows, opens one association, sends each file as stored (no decode
+and re-encode), and records every attempt: success marks the row sent; a refused or aborted
+association, a timeout or a failure status puts it back with exponential backoff, until
+``export.max_attempts`` makes it dead. The rows are the state: a restart releases the rows
+it left in ``sending`` and carries on.
 """
 
 from __future__ import annotations
@@ -12,11 +18,11 @@ from __future__ import annotations
 import logging
 import ssl
 import threading
-from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pydicom
 from pynetdicom import AE, build_context
@@ -72,6 +78,23 @@ def client_context(destination: Destination) -> ssl.SSLContext:
     return context
 
 
+# The lane of rows whose destination is no longer configured (never a valid name: it has
+# characters ``destinations.name`` refuses).
+_UNCONFIGURED = "(unconfigured)"
+
+
+@dataclass
+class _Lane:
+    """The rows of one destination and the threads sending them.
+
+    ``destination`` is None for the lane of rows whose destination is no longer configured.
+    """
+
+    name: str
+    destination: Destination | None
+    wake: threading.Event = field(default_factory=threading.Event)
+
+
 @dataclass(frozen=True)
 class _Prepared:
     row: ExportRow
@@ -82,7 +105,7 @@ class _Prepared:
 
 
 class Exporter:
-    """Sends due outbox rows; use :meth:`send_due` for one pass or :meth:`start` a thread.
+    """Sends due outbox rows: :meth:`start` the lanes' threads, or :meth:`send_due` one pass.
 
     Parameters
     ----------
@@ -101,31 +124,37 @@ class Exporter:
         self.batch_size = 32
         self.poll_interval_s = 0.5
         self._stop = threading.Event()
-        self._wake = threading.Event()
+        self._lanes = [_Lane(d.name, d) for d in settings.destinations]
+        self._lanes.append(_Lane(_UNCONFIGURED, None))
         self._threads: list[threading.Thread] = []
 
     # One pass -------------------------------------------------------------------------------
 
     def send_due(self, now: datetime | None = None) -> int:
-        """Claim the due rows and try each once.
+        """One pass of every lane, one after another (for tests and tools; the running node
+        uses :meth:`start`, where the lanes do not wait for each other).
 
         Returns
         -------
         int
             How many rows were attempted (sent or failed); 0 when nothing was due.
         """
-        rows = self.outbox.claim(now, limit=self.batch_size)
-        by_destination: OrderedDict[str, list[ExportRow]] = OrderedDict()
-        for row in rows:  # claim order is priority order; keep it per destination
-            by_destination.setdefault(row.destination, []).append(row)
-        destinations = {d.name: d for d in self.settings.destinations}
-        for name, group in by_destination.items():
-            destination = destinations.get(name)
-            if destination is None:
-                for row in group:
-                    self._failed(row, None, f"destination {name!r} is no longer configured")
-                continue
-            self._send_group(destination, group)
+        return sum(self._lane_pass(lane, now) for lane in self._lanes)
+
+    def _lane_rows(self, lane: _Lane) -> dict[str, Any]:
+        """The outbox's filter for ``lane``'s rows (see :meth:`ExportOutbox.claim`)."""
+        if lane.destination is None:
+            return {"not_in": [d.name for d in self.settings.destinations]}
+        return {"destination": lane.name}
+
+    def _lane_pass(self, lane: _Lane, now: datetime | None = None) -> int:
+        """Claim the lane's due rows (highest priority first) and try each once."""
+        rows = self.outbox.claim(now, limit=self.batch_size, **self._lane_rows(lane))
+        if lane.destination is None:
+            for row in rows:
+                self._failed(row, None, f"destination {row.destination!r} is no longer configured")
+        elif rows:
+            self._send_group(lane.destination, rows)
         return len(rows)
 
     def _prepare(self, row: ExportRow) -> _Prepared | str:
@@ -317,50 +346,51 @@ class Exporter:
         except Exception:  # the row's state is committed; a lost audit row is logged loudly
             log.exception("export %d: audit event could not be recorded", row.id)
 
-    # Thread -----------------------------------------------------------------------------------
+    # Threads ----------------------------------------------------------------------------------
 
     def wake(self) -> None:
-        """Start the next pass now (e.g. right after an SR was enqueued)."""
-        self._wake.set()
+        """Start the next pass of every lane now (e.g. right after an SR was enqueued)."""
+        for lane in self._lanes:
+            lane.wake.set()
 
-    def echo_destinations(self, timeout: float = 3.0) -> dict[str, bool]:
-        """C-ECHO every destination: name -> answered with success (for ``/readyz``)."""
-        reachable: dict[str, bool] = {}
-        for destination in self.settings.destinations:
+    def echo(self, destination: Destination, timeout: float = 3.0) -> bool:
+        """C-ECHO ``destination``: True when it answered with success."""
+        try:
             assoc, _ = self._associate(destination, (), timeout)
-            ok = False
-            if assoc is not None:
-                try:
-                    status = assoc.send_c_echo()
-                    ok = bool(status) and status.get("Status") == 0
-                finally:
-                    assoc.release()
-            reachable[destination.name] = ok
-        return reachable
+        except ConfigError:
+            return False
+        if assoc is None:
+            return False
+        try:
+            status = assoc.send_c_echo()
+            return bool(status) and status.get("Status") == 0
+        finally:
+            if assoc.is_established:
+                assoc.release()
 
     def run_forever(self, stop_event: threading.Event) -> None:
-        """Pass after pass until ``stop_event`` is set; sleeps only while nothing is due.
+        """Run the lanes (:meth:`start`) until ``stop_event`` is set, then :meth:`stop`."""
+        self.start()
+        try:
+            stop_event.wait()
+        finally:
+            self.stop()
 
-        Rows a crashed process left in ``sending`` are released first.
-        """
-        self.outbox.requeue_sending()
-        self._passes(stop_event)
-
-    def _passes(self, stop_event: threading.Event) -> None:
-        while not stop_event.is_set():
+    def _passes(self, lane: _Lane) -> None:
+        while not self._stop.is_set():
             try:
-                attempted = self.send_due()
+                attempted = self._lane_pass(lane)
             except Exception:  # e.g. the database is away: keep the thread, try again later
-                log.exception("export pass failed")
+                log.exception("export pass to %s failed", lane.name)
                 attempted = 0
             if attempted:
                 continue
-            self._wake.wait(self._idle_wait())
-            self._wake.clear()
+            lane.wake.wait(self._idle_wait(lane))
+            lane.wake.clear()
 
-    def _idle_wait(self) -> float:
+    def _idle_wait(self, lane: _Lane) -> float:
         try:
-            next_due = self.outbox.next_due_at()
+            next_due = self.outbox.next_due_at(**self._lane_rows(lane))
         except Exception:
             return self.poll_interval_s
         if next_due is None:
@@ -368,30 +398,34 @@ class Exporter:
         return max(0.0, min(self.poll_interval_s, (next_due - utcnow()).total_seconds()))
 
     def start(self) -> None:
-        """Release rows left in ``sending``, then run ``export.senders`` sending threads.
+        """Release rows left in ``sending``, then start every lane's threads.
 
-        Claims are atomic, so the threads never send the same row; with more than one, an
-        SR queued while another thread is in the middle of a pass (a stat result behind a
-        routine one, or a slow destination) is sent at once instead of after that pass.
+        Each destination gets ``export.senders`` threads of its own; the rows of destinations
+        no longer configured get one. Claims are atomic, so no two threads send the same row;
+        with more than one per lane, an SR queued while another thread of the lane is in the
+        middle of a pass (a stat result behind a routine one) is sent at once instead of
+        after that pass.
         """
         if self._threads:
             return
         self._stop.clear()
         self.outbox.requeue_sending()
-        for index in range(self.settings.export.senders):
-            thread = threading.Thread(
-                target=self._passes,
-                args=(self._stop,),
-                name=f"triagenode-exporter-{index}",
-                daemon=True,
-            )
-            thread.start()
-            self._threads.append(thread)
+        for lane in self._lanes:
+            senders = 1 if lane.destination is None else self.settings.export.senders
+            for index in range(senders):
+                thread = threading.Thread(
+                    target=self._passes,
+                    args=(lane,),
+                    name=f"triagenode-export-{lane.name}-{index}",
+                    daemon=True,
+                )
+                thread.start()
+                self._threads.append(thread)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop the threads after their current passes."""
         self._stop.set()
-        self._wake.set()
+        self.wake()
         for thread in self._threads:
             thread.join(timeout)
         self._threads.clear()

@@ -87,7 +87,12 @@ _TEXT_VRS = frozenset(("LO", "LT", "PN", "SH", "ST", "UC", "UT"))
 _DELIMITERS = {0x5C}  # backslash separates values
 # Sequences triage_inputs looks into: when present, pydicom reads the header instead.
 _NESTED = frozenset(
-    tag_for_keyword(k) for k in ("RequestAttributesSequence", "ScheduledProcedureStepSequence")
+    tag_for_keyword(k)
+    for k in (
+        "AnatomicRegionSequence",
+        "RequestAttributesSequence",
+        "ScheduledProcedureStepSequence",
+    )
 )
 _LONG_VRS = frozenset(
     (b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV")

@@ -11,6 +11,10 @@ crash between the PACS's success and our commit therefore re-sends the same SR, 
 same SOP Instance UID, which a PACS stores as the same instance: never a second SR. (With
 several nodes on one PostgreSQL database, the start-up release can likewise re-send a row
 another node has in flight; again the same UID, never a second SR.)
+
+Each destination is its own queue (a *lane*): :meth:`ExportOutbox.claim` and
+:meth:`ExportOutbox.next_due_at` take the destination to serve, so a destination that does not
+answer holds up only its own rows.
 """
 
 from __future__ import annotations
@@ -19,12 +23,13 @@ import builtins
 import enum
 import logging
 import random
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, or_, select, true, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -231,6 +236,16 @@ class ExportOutbox:
         )
 
     @staticmethod
+    def _lane_clause(destination: str | None, not_in: Collection[str] | None) -> Any:
+        """Rows of one destination, or of every destination outside ``not_in``."""
+        clauses = []
+        if destination is not None:
+            clauses.append(Export.destination == destination)
+        if not_in is not None:
+            clauses.append(Export.destination.not_in(list(not_in)))
+        return and_(true(), *clauses)
+
+    @staticmethod
     def _order() -> tuple[Any, ...]:
         return (Export.priority.desc(), Export.created_at, Export.id)
 
@@ -244,14 +259,30 @@ class ExportOutbox:
             )
             return [ExportRow.of(r) for r in rows]
 
-    def claim(self, now: datetime | None = None, limit: int = 32) -> list[ExportRow]:
-        """Take up to ``limit`` due rows for sending: they become ``sending`` under a lease."""
+    def claim(
+        self,
+        now: datetime | None = None,
+        limit: int = 32,
+        *,
+        destination: str | None = None,
+        not_in: Collection[str] | None = None,
+    ) -> list[ExportRow]:
+        """Take up to ``limit`` due rows for sending: they become ``sending`` under a lease.
+
+        Parameters
+        ----------
+        destination
+            Only rows for this destination (one sending lane); every destination when None.
+        not_in
+            Only rows whose destination is none of these (rows of destinations no longer
+            configured).
+        """
         now = now or utcnow()
         with self.db.write_session() as session:
             rows = list(
                 session.scalars(
                     select(Export)
-                    .where(self._due_clause(now))
+                    .where(self._due_clause(now), self._lane_clause(destination, not_in))
                     .order_by(*self._order())
                     .limit(limit)
                     .with_for_update(skip_locked=True)
@@ -287,12 +318,20 @@ class ExportOutbox:
             counts[row.state] = counts.get(row.state, 0) + 1
         return counts
 
-    def next_due_at(self) -> datetime | None:
-        """When the earliest pending or sending row becomes due; None when none waits."""
+    def next_due_at(
+        self, *, destination: str | None = None, not_in: Collection[str] | None = None
+    ) -> datetime | None:
+        """When the earliest pending or sending row becomes due; None when none waits.
+
+        ``destination`` and ``not_in`` narrow it to one lane, as in :meth:`claim`.
+        """
         with self.db.session() as session:
             return session.scalar(
                 select(Export.next_attempt_at)
-                .where(Export.state.in_([ExportState.pending.value, ExportState.sending.value]))
+                .where(
+                    Export.state.in_([ExportState.pending.value, ExportState.sending.value]),
+                    self._lane_clause(destination, not_in),
+                )
                 .order_by(Export.next_attempt_at)
                 .limit(1)
             )

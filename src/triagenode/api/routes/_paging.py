@@ -11,10 +11,25 @@ from fastapi import Query
 
 from triagenode.api.problems import Problem
 
-__all__ = ["Cursor", "Limit", "Offset", "as_utc", "decode_cursor", "encode_cursor"]
+__all__ = [
+    "MAX_OFFSET",
+    "Cursor",
+    "Limit",
+    "Offset",
+    "as_utc",
+    "decode_cursor",
+    "encode_cursor",
+]
+
+# The databases count in signed 64-bit integers: an offset past them is refused (422), not
+# handed to the driver to overflow.
+MAX_OFFSET = 2**62
+_MAX_KEY = 2**63 - 1
 
 Limit = Annotated[int, Query(ge=1, le=500, description="Items per page")]
-Offset = Annotated[int, Query(ge=0, description="Items to skip (ignored with a cursor)")]
+Offset = Annotated[
+    int, Query(ge=0, le=MAX_OFFSET, description="Items to skip (ignored with a cursor)")
+]
 Cursor = Annotated[
     str | None, Query(max_length=512, description="next_cursor of the previous page")
 ]
@@ -25,19 +40,65 @@ def encode_cursor(*values: Any) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def decode_cursor(cursor: str, arity: int) -> list[Any]:
+def _bad_cursor() -> Problem:
+    return Problem(400, "cursor is not one this API gave out", "bad-cursor")
+
+
+def _key(value: Any, kind: type) -> Any:
+    if kind is int:
+        # bool is an int to Python, not to a cursor; and the key must fit the database's
+        if type(value) is not int or not 0 <= value <= _MAX_KEY:
+            raise _bad_cursor()
+        return value
+    if kind is datetime:
+        if not isinstance(value, str) or len(value) > 40:
+            raise _bad_cursor()
+        try:
+            moment = datetime.fromisoformat(value)
+            if moment.tzinfo is not None:
+                moment = moment.astimezone(timezone.utc)
+        except (ValueError, OverflowError):
+            raise _bad_cursor() from None
+        return moment
+    raise TypeError(f"cursor keys are int or datetime, not {kind!r}")
+
+
+def decode_cursor(cursor: str, *kinds: type) -> list[Any]:
+    """The keys of a cursor this API gave out, each checked to be of ``kinds`` (int: a
+    64-bit key; datetime: an ISO time), so a crafted cursor is a 400, never a 500.
+
+    Raises
+    ------
+    Problem
+        400 ``bad-cursor``.
+    """
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
         values = json.loads(base64.urlsafe_b64decode(padded))
-        if not isinstance(values, list) or len(values) != arity:
-            raise ValueError
-        return values
     except ValueError:
-        raise Problem(400, "cursor is not one this API gave out", "bad-cursor") from None
+        raise _bad_cursor() from None
+    if not isinstance(values, list) or len(values) != len(kinds):
+        raise _bad_cursor()
+    return [_key(value, kind) for value, kind in zip(values, kinds, strict=True)]
 
 
-def as_utc(value: datetime | None) -> datetime | None:
-    """Query times without a zone are UTC, like every time the node stores."""
-    if value is None or value.tzinfo is not None:
+def as_utc(value: datetime | None, name: str = "time") -> datetime | None:
+    """A query time in UTC; one without a zone is UTC, like every time the node stores.
+
+    Raises
+    ------
+    Problem
+        422 naming the parameter when its zone moves it outside the years 1-9999.
+    """
+    if value is None:
         return value
-    return value.replace(tzinfo=timezone.utc)
+    if value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    try:
+        return value.astimezone(timezone.utc)
+    except OverflowError:
+        raise Problem(
+            422,
+            f"invalid request: {name} is outside the years 1-9999 once moved to UTC",
+            "invalid-request",
+        ) from None

@@ -25,6 +25,7 @@ from triagenode.api.routes._paging import (
 from triagenode.api.schemas import AuditEventOut, Page, VerifyOut
 from triagenode.api.tokens import Principal, Role
 from triagenode.audit.atna import AuditSource
+from triagenode.audit.checkpoint import checkpoint_paths, load_public_key, read_checkpoints
 from triagenode.audit.events import AuditEventId, Outcome
 from triagenode.audit.export import EXPORT_FORMATS, export_chunks
 from triagenode.store.models import AuditEvent
@@ -70,12 +71,12 @@ def search(
     patient_id: Annotated[
         str | None, Query(max_length=64, description="Turned into its HMAC; never stored")
     ] = None,
-    outcome: Annotated[int | None, Query()] = None,
+    outcome: Annotated[int | None, Query(ge=0, le=255, description="0, 4, 8 or 12")] = None,
     limit: Limit = 50,
     offset: Offset = 0,
     cursor: Cursor = None,
 ) -> Page[AuditEventOut]:
-    start, end = as_utc(start), as_utc(end)
+    start, end = as_utc(start, "from"), as_utc(end, "to")
     filters = []
     if start is not None:
         filters.append(AuditEvent.at >= start)
@@ -98,8 +99,8 @@ def search(
     call.study_uid = study_uid
     query = select(AuditEvent).where(*filters)
     if cursor:
-        (before,) = decode_cursor(cursor, 1)
-        query = query.where(AuditEvent.seq < int(before))
+        (before,) = decode_cursor(cursor, int)
+        query = query.where(AuditEvent.seq < before)
         offset = 0
     with db.session() as session:
         total = session.scalar(select(func.count()).select_from(AuditEvent).where(*filters)) or 0
@@ -117,6 +118,7 @@ def search(
 @router.get("/verify", response_model=VerifyOut, summary="Walk the hash chain")
 def verify_chain(
     audit: AuditDep,
+    settings: SettingsDep,
     _: Auditor,
     call: CallAuditDep,
     expect_head: Annotated[
@@ -131,7 +133,13 @@ def verify_chain(
     if expect_head:
         seq, digest = expect_head.split(":")
         anchor = (int(seq), digest.lower())
-    report = audit.verify(anchor)
+    # The node's own checkpoint file, as `triagenode audit verify` checks it by default: it
+    # is what reveals deleted newest rows.
+    checkpoint_file, _key, public_path = checkpoint_paths(settings)
+    checkpoints, public_key = None, None
+    if checkpoint_file.is_file() and public_path.is_file():
+        checkpoints, public_key = read_checkpoints(checkpoint_file), load_public_key(public_path)
+    report = audit.verify(anchor, checkpoints, public_key)
     call.event_type = "verify"
     call.details.update(ok=report.ok, count=report.count)
     if not report.ok and report.problem is not None:
@@ -165,7 +173,8 @@ def export(
 ) -> StreamingResponse:
     call.event_type = "export"
     call.details.update(format=format)
-    start, end = as_utc(start), as_utc(end)
+    # checked before the first byte is streamed: a bad filter is a 422, not a cut-off file
+    start, end = as_utc(start, "from"), as_utc(end, "to")
     suffix = {"atna-xml": "xml", "syslog": "log", "jsonl": "jsonl"}[format]
     return StreamingResponse(
         export_chunks(db, format, AuditSource.from_settings(settings), start, end),

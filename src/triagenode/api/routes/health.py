@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import shutil
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 from fastapi import APIRouter, Response
@@ -19,6 +20,7 @@ from sqlalchemy import func, select
 
 from triagenode.api.deps import DbDep, ServicesDep, SettingsDep
 from triagenode.api.schemas import ReadyOut
+from triagenode.audit.syslog import AuditForwardingCollector, forwarding_status
 from triagenode.domain import Priority
 from triagenode.metrics import REGISTRY
 from triagenode.store.db import Database
@@ -111,19 +113,37 @@ def readyz(settings: SettingsDep, db: DbDep, services: ServicesDep) -> JSONRespo
     else:
         checks["model"] = {"ok": bool(services.model_loaded())}
     # A PACS that is down delays exports (the outbox retries) but does not stop the node
-    # from receiving: report it without failing readiness.
+    # from receiving: report it without failing readiness. The answers come from the
+    # background probe's cache, with their age: this call never opens an association.
     if services.destinations_reachable is not None:
         reachable = dict(services.destinations_reachable())
         checks["destinations"] = {"ok": all(reachable.values()), "reachable": reachable}
+        if services.destinations_probed_at is not None:
+            now = datetime.now(UTC)
+            probed = dict(services.destinations_probed_at())
+            checks["destinations"]["probed_at"] = {
+                name: at.isoformat() if at else None for name, at in probed.items()
+            }
+            checks["destinations"]["age_s"] = {
+                name: round((now - at).total_seconds(), 3) if at else None
+                for name, at in probed.items()
+            }
+
+    # The syslog copy's lag is reported, never gating: the database keeps what is unsent.
+    try:
+        checks["audit_forwarding"] = {"ok": True, **forwarding_status(settings, db)}
+    except Exception as exc:
+        checks["audit_forwarding"] = {"ok": True, "error": type(exc).__name__}
     ready = all(c["ok"] for name, c in checks.items() if name != "destinations")
     body = ReadyOut(ready=ready, checks=checks)
     return JSONResponse(body.model_dump(mode="json"), status_code=200 if ready else 503)
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
-def metrics(db: DbDep) -> Response:
+def metrics(db: DbDep, settings: SettingsDep) -> Response:
     scrape = CollectorRegistry(auto_describe=False)
     scrape.register(DatabaseStateCollector(db))
+    scrape.register(AuditForwardingCollector(settings, db))
     return Response(
         generate_latest(REGISTRY) + generate_latest(scrape), media_type=CONTENT_TYPE_LATEST
     )

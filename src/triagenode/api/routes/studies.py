@@ -112,7 +112,8 @@ def list_studies(
     offset: Offset = 0,
     cursor: Cursor = None,
 ) -> Page[StudySummary]:
-    received_from, received_to = as_utc(received_from), as_utc(received_to)
+    received_from = as_utc(received_from, "received_from")
+    received_to = as_utc(received_to, "received_to")
     filters: list[ColumnElement[bool]] = []
     if state:
         filters.append(Study.state.in_([s.value for s in state]))
@@ -124,8 +125,7 @@ def list_studies(
         filters.append(Study.last_received_at < received_to)
     query = select(Study).where(*filters)
     if cursor:
-        at, last_id = decode_cursor(cursor, 2)
-        at = datetime.fromisoformat(at)
+        at, last_id = decode_cursor(cursor, datetime, int)
         query = query.where(
             or_(Study.last_received_at < at, and_(Study.last_received_at == at, Study.id < last_id))
         )
@@ -163,7 +163,7 @@ def get_study(study_uid: str, db: DbDep, _: Reader, call: CallAuditDep) -> Study
             .order_by(Series.id)
         ).all()
         results = session.scalars(
-            select(Result).where(Result.study_id == study.id).order_by(Result.id)
+            select(Result).where(Result.study_id == study.id).order_by(Result.run, Result.id)
         ).all()
         exports = session.scalars(
             select(Export).where(Export.study_uid == study_uid).order_by(Export.id)
@@ -205,6 +205,8 @@ def get_study(study_uid: str, db: DbDep, _: Reader, call: CallAuditDep) -> Study
                     sr_sop_instance_uid=r.sr_sop_instance_uid,
                     sr_series_uid=r.sr_series_uid,
                     created_at=r.created_at,
+                    current=r is results[-1],
+                    supersedes=(r.findings or {}).get("supersedes"),
                 )
                 for r in results
             ],
