@@ -71,7 +71,7 @@ def send(port: int, groups: list[list[Path]]) -> Run:
     started = time.perf_counter()
     procs = [
         subprocess.Popen(
-            [STORESCU, "-aet", "BENCH", "127.0.0.1", str(port), *map(str, files)],
+            [STORESCU, "-aet", "BENCH", "-aec", "TRIAGENODE", "127.0.0.1", str(port), *files],
             env=DCMTK_ENV,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -121,7 +121,7 @@ def run_node(groups: list[list[Path]], work: Path, database_url: str | None) -> 
     settings = load_settings(
         None,
         node={"data_dir": str(data)},
-        scp={"host": "127.0.0.1", "port": free_port(), "max_pdu": 0},
+        scp={"host": "127.0.0.1", "port": free_port()},  # the node's defaults
         database={"url": database_url} if database_url else {},
         audit={"secret": "benchmark-secret-0123456789"},
     )

@@ -87,13 +87,22 @@ def node(node_factory: Any) -> Node:
     return node_factory()
 
 
+NODE_AE = "TRIAGENODE"  # the node's default scp.ae_title, checked as the called AE title
+
+
+def _called(options: tuple[str, ...]) -> tuple[str, ...]:
+    return options if "-aec" in options else ("-aec", NODE_AE, *options)
+
+
 def storescu(port: int, files: list[Path], *options: str) -> subprocess.CompletedProcess[str]:
     """DCMTK storescu (TCP_NODELAY=1) sending ``files`` over one association."""
-    return run_tool("storescu", *options, "127.0.0.1", str(port), *map(str, files), timeout=120)
+    return run_tool(
+        "storescu", *_called(options), "127.0.0.1", str(port), *map(str, files), timeout=120
+    )
 
 
 def echoscu(port: int, *options: str) -> subprocess.CompletedProcess[str]:
-    return run_tool("echoscu", *options, "127.0.0.1", str(port), timeout=30)
+    return run_tool("echoscu", *_called(options), "127.0.0.1", str(port), timeout=30)
 
 
 def dataset_part(path: Path) -> bytes:

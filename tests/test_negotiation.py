@@ -88,3 +88,33 @@ def test_reject_decodes_with_pynetdicom() -> None:
 def test_truncated_request_is_an_error(cut: int) -> None:
     with pytest.raises(ValueError):
         parse_associate_rq(_request()[:cut])
+
+
+def test_extended_negotiation_items_are_read() -> None:
+    from tests.bad_peer import associate_rq, async_window, role_selection
+
+    identity = bytes([0x58, 0, 0, 8, 1, 1, 0, 2]) + b"me" + b"\0\0"
+    raw = associate_rq(user_items=role_selection(CT, 1, 0) + async_window(3, 2) + identity)
+    request = parse_associate_rq(raw)
+    assert request.roles == {CT: (1, 0)}
+    assert request.async_window == (3, 2)
+    assert request.user_identity == (1, True)
+    assert request.supports_version_1
+
+
+@pytest.mark.parametrize(
+    "contexts",
+    [[(2, CT, [EXPLICIT])], [(1, CT, [EXPLICIT]), (1, MR, [EXPLICIT])]],
+    ids=["even", "repeated"],
+)
+def test_bad_context_ids_are_errors(contexts: list[tuple[int, str, list[str]]]) -> None:
+    from tests.bad_peer import associate_rq
+
+    with pytest.raises(ValueError, match="context ID"):
+        parse_associate_rq(associate_rq(contexts))
+
+
+def test_version_without_bit_0_is_noted() -> None:
+    from tests.bad_peer import associate_rq
+
+    assert not parse_associate_rq(associate_rq(version=2)).supports_version_1

@@ -36,7 +36,7 @@ def c_store(port: int, dataset_or_path: object, ae_title: str = "CRAFTER") -> in
     """Send one instance with pynetdicom (which lets a test craft what DCMTK would refuse)."""
     ae = AE(ae_title=ae_title)
     ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", port)
+    assoc = ae.associate("127.0.0.1", port, ae_title="TRIAGENODE")
     assert assoc.is_established
     try:
         return int(assoc.send_c_store(dataset_or_path).Status)
@@ -155,10 +155,10 @@ def test_max_associations_rejects_transiently(node_factory: object) -> None:
     node = node_factory(scp={"max_associations": 1})
     ae = AE(ae_title="HOLDER")
     ae.add_requested_context("1.2.840.10008.1.1")
-    first = ae.associate("127.0.0.1", node.port)
+    first = ae.associate("127.0.0.1", node.port, ae_title="TRIAGENODE")
     assert first.is_established
     try:
-        second = ae.associate("127.0.0.1", node.port)
+        second = ae.associate("127.0.0.1", node.port, ae_title="TRIAGENODE")
         assert second.is_rejected
         assert second.acceptor.primitive.result == 0x02  # rejected-transient
     finally:

@@ -3,6 +3,7 @@ arrived (a crash in between), never for an acknowledged instance; SQLite and Pos
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -118,3 +119,41 @@ def test_clean_stop_needs_no_check_and_unreadable_marker_checks_all(tmp_path: Pa
     assert marker.unclean_since() == (False, None)
     (tmp_path / recovery.RUNNING_MARKER).write_text("garbage")
     assert marker.unclean_since() == (True, None)
+
+
+def test_restart_after_a_crash_removes_files_whose_row_never_committed(
+    node: Node, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    _, paths = factory.ct_study(tmp_path / "in", slices=2)
+    assert storescu(node.port, paths).returncode == 0
+    node.receiver.stop()
+    # The crash window of a new study's first instance: its file was renamed into place,
+    # its rows never committed, so it was never acknowledged.
+    kept = node.instances()
+    orphan = node.data_dir / "spool" / "1.2.9" / "1.2.9.1" / "1.2.9.1.1.dcm"
+    orphan.parent.mkdir(parents=True)
+    orphan.write_bytes((node.data_dir / kept[0].file_path).read_bytes())
+    recovery.RunMarker(node.data_dir).mark_running()
+    with caplog.at_level("WARNING", logger="triagenode.store.recovery"):
+        node.receiver = DicomReceiver(node.settings, node.db, node.audit)
+        node.receiver.start()
+    assert not orphan.exists()
+    assert "spool/1.2.9/1.2.9.1/1.2.9.1.1.dcm" in caplog.text
+    assert "never acknowledged" in caplog.text
+    assert [i.sop_instance_uid for i in node.instances()] == [i.sop_instance_uid for i in kept]
+    assert all((node.data_dir / i.file_path).is_file() for i in kept)
+
+
+def test_clean_restart_leaves_the_spool_alone(node: Node, tmp_path: Path) -> None:
+    _, paths = factory.ct_study(tmp_path / "in", slices=1)
+    assert storescu(node.port, paths).returncode == 0
+    before = utcnow() - timedelta(seconds=5)
+    stray = node.data_dir / "spool" / "1.2.9" / "1.2.9.1" / "1.2.9.1.1.dcm"
+    stray.parent.mkdir(parents=True)
+    stray.write_bytes(b"\0")
+    node.restart()  # clean stop: no recovery pass
+    assert stray.exists()
+    # Only files placed since the given time are looked at; files with rows are kept.
+    assert recovery.remove_files_without_rows(node.db, node.data_dir, utcnow()) == 0
+    assert recovery.remove_files_without_rows(node.db, node.data_dir, before) == 1
+    assert not stray.exists() and len(node.spool_files()) == 1

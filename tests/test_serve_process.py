@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -32,15 +33,26 @@ class StoreScp:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self.port = free_port()
         folder.mkdir(parents=True)
-        self.process = subprocess.Popen(
-            [tool("storescp"), "-aet", "PACS", "-od", str(folder), "-uf", str(self.port)],
-            env=dcmtk_env(),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        wait_for_port(self.port)
+        for _attempt in range(3):
+            # a free port can be taken again before storescp binds it: then it exits at once
+            self.port = free_port()
+            self.process = subprocess.Popen(
+                [tool("storescp"), "-aet", "PACS", "-od", str(folder), "-uf", str(self.port)],
+                env=dcmtk_env(),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            if wait_for(self._listening_or_gone, what=f"storescp on port {self.port}") == "up":
+                return
+        raise AssertionError("storescp could not bind a free port three times")
+
+    def _listening_or_gone(self) -> str | None:
+        if self.process.poll() is not None:
+            return "gone"
+        with socket.socket() as probe:
+            probe.settimeout(0.2)
+            return "up" if probe.connect_ex(("127.0.0.1", self.port)) == 0 else None
 
     def received(self) -> list[pydicom.Dataset]:
         return [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted(self.folder.iterdir())]

@@ -116,12 +116,57 @@ class ScpSettings(Section):
         "is refused unless this says, explicitly, that any calling AE may store",
     )
     max_associations: int = Field(default=16, ge=1, le=1024)
-    max_pdu: int = Field(
-        default=0, ge=0, description="Maximum PDU length received, bytes; 0 means unlimited"
+    max_pending_connections: int = Field(
+        default=32,
+        ge=1,
+        le=4096,
+        description="Connections not yet associated (TLS handshake, A-ASSOCIATE-RQ not "
+        "complete); when full, the oldest is closed to make room",
     )
-    acse_timeout_s: float = Field(default=30.0, gt=0)
-    dimse_timeout_s: float = Field(default=60.0, gt=0)
-    network_timeout_s: float = Field(default=120.0, gt=0)
+    max_pending_per_address: int = Field(
+        default=4,
+        ge=1,
+        le=1024,
+        description="Connections not yet associated from one source address; when full, "
+        "that address's oldest is closed",
+    )
+    max_pdu: int = Field(
+        default=256 * 1024,
+        ge=0,
+        le=64 * 1024 * 1024,
+        description="Maximum PDU length received, bytes (advertised and enforced: larger "
+        "PDUs are aborted); 0 advertises unlimited, data is streamed to disk either way",
+    )
+    check_called_ae: bool = Field(
+        default=True,
+        description="Reject associations whose called AE title is not ae_title",
+    )
+    accept_unknown_sop_classes: bool = Field(
+        default=False,
+        description="Accept presentation contexts for SOP classes the node does not know "
+        "(private or newer storage classes) and store them like any other",
+    )
+    acse_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="ARTIM: the whole A-ASSOCIATE-RQ must arrive within this many seconds "
+        "of the connection (after the TLS handshake)",
+    )
+    tls_handshake_timeout_s: float = Field(
+        default=10.0, gt=0, description="The whole TLS handshake must finish within this"
+    )
+    dimse_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="Longest wait for the next fragment of a message (command or dataset) "
+        "already begun; the association is aborted after it",
+    )
+    network_timeout_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="Longest wait for the next message or release on an idle association; "
+        "the association is aborted after it",
+    )
     min_free_bytes: int = Field(
         default=128 * 1024 * 1024,
         ge=0,

@@ -2,13 +2,17 @@
 
 The receiver never decodes a whole dataset: it parses the elements before Pixel Data from
 the first bytes it kept in memory, and only falls back to the spooled file when those bytes
-did not reach the pixel data (a header larger than the kept prefix).
+did not reach the pixel data (a header larger than the kept prefix). A deflated dataset's
+header is inflated from the spooled file a bounded piece at a time
+(:func:`~triagenode.scp.structure.inflated_header`). Whether the dataset is whole is
+:mod:`triagenode.scp.structure`'s question.
 """
 
 from __future__ import annotations
 
 import io
 import struct
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -17,14 +21,18 @@ from pydicom import dcmread
 from pydicom.charset import convert_encodings, decode_bytes
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
 
 from triagenode.dicom_attrs import TRIAGE_KEYWORDS, triage_inputs
+from triagenode.scp.structure import MAX_INFLATED_HEADER, inflated_header
 
 __all__ = ["HEAD_BYTES", "InstanceHeader", "parse_header"]
 
 # Bytes of each dataset kept in memory for parsing; CT/MR headers are 2-20 KB.
 HEAD_BYTES = 64 * 1024
 _DEFLATED = "1.2.840.10008.1.2.1.99"
+_EXPLICIT_LE = "1.2.840.10008.1.2.1"
+_PIXEL_DATA = 0x7FE00010
 # Syntaxes whose dataset is not explicit VR little endian as sent (PS3.5 A.4: every
 # encapsulated syntax is explicit VR little endian outside the pixel data).
 _NOT_LITTLE_EXPLICIT = frozenset([_DEFLATED, "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.98"])
@@ -251,15 +259,33 @@ def parse_header(
         "cannot understand" status.
     """
     ds: Dataset | _Header
+    if transfer_syntax_uid == _DEFLATED:
+        # The elements before Pixel Data, inflated: from here on explicit VR little endian.
+        if spooled_file is not None:
+            head = inflated_header(spooled_file, len(meta))
+        else:
+            head = zlib.decompressobj(-zlib.MAX_WBITS).decompress(head, MAX_INFLATED_HEADER)
+        meta, complete, spooled_file, transfer_syntax_uid = b"", True, None, _EXPLICIT_LE
     try:
         ds = _scan(head, transfer_syntax_uid)
     except (_NeedsPydicom, struct.error, UnicodeDecodeError, LookupError):
+        if not meta:  # an inflated prefix: a bare explicit VR little endian dataset
+            ds = read_dataset(io.BytesIO(head), False, True, stop_when=_at_pixels)
+            return _instance_header(ds, request_priority, calling_ae)
         ds, reached_pixels = _read(meta + head)
         truncated = not (complete or reached_pixels)
-        if spooled_file is not None and (
-            truncated or (transfer_syntax_uid == _DEFLATED and not complete)
-        ):
+        if spooled_file is not None and truncated:
             ds = dcmread(spooled_file, stop_before_pixels=True, force=True)
+    return _instance_header(ds, request_priority, calling_ae)
+
+
+def _at_pixels(tag: int, vr: str | None, length: int) -> bool:
+    return tag == _PIXEL_DATA
+
+
+def _instance_header(
+    ds: Dataset | _Header, request_priority: int | None, calling_ae: str | None
+) -> InstanceHeader:
     return InstanceHeader(
         study_uid=_str(ds.get("StudyInstanceUID")),
         series_uid=_str(ds.get("SeriesInstanceUID")),

@@ -1,9 +1,17 @@
 """The node's DICOM receiver: C-ECHO and C-STORE SCP for every storage SOP class.
 
-:class:`DicomReceiver` listens on ``scp.host:scp.port`` and serves each association in its
-own thread (:class:`~triagenode.scp.association.Association`). Negotiation follows PS3.8
-with pynetdicom's PDU codecs; the data phase is the node's own lean reader, because the
-receive path must keep up with C++ senders while fsyncing every instance (see README).
+:class:`DicomReceiver` listens on ``scp.host:scp.port`` and serves each connection in its
+own thread (:class:`~triagenode.scp.association.Association`). Negotiation and the data
+phase are the node's own lean PS3.8 code, because the receive path must keep up with C++
+senders while fsyncing every instance (see README).
+
+Connections that are not yet associations (TLS handshake, A-ASSOCIATE-RQ still arriving)
+are kept apart from associations so that idle or trickling peers cannot lock modalities
+out: each has a whole deadline (``scp.tls_handshake_timeout_s``, then the ARTIM
+``scp.acse_timeout_s``) that the accept thread enforces, there are at most
+``scp.max_pending_connections`` of them (``scp.max_pending_per_address`` per source
+address), the oldest being closed to make room for a new one, and only real associations
+count against ``scp.max_associations``.
 """
 
 from __future__ import annotations
@@ -14,9 +22,12 @@ import socket
 import ssl
 import threading
 import time
+from dataclasses import dataclass
 
-from pynetdicom._globals import ALL_TRANSFER_SYNTAXES
-from pynetdicom.sop_class import _STORAGE_CLASSES
+from pydicom.uid import UID
+from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
+from pynetdicom.service_class import ServiceClass
+from pynetdicom.sop_class import uid_to_service_class
 
 from triagenode.audit.events import AuditEventId, AuditLog, Outcome
 from triagenode.config.settings import Settings
@@ -28,7 +39,11 @@ from triagenode.scp.status import RejectReason
 from triagenode.scp.storage import AssociationInfo, InstanceStorage
 from triagenode.store.db import Database
 from triagenode.store.ingest import StudyIngest
-from triagenode.store.recovery import RunMarker, remove_rows_without_files
+from triagenode.store.recovery import (
+    RunMarker,
+    remove_files_without_rows,
+    remove_rows_without_files,
+)
 from triagenode.store.spool import Spool
 
 __all__ = ["ACCEPTED_TRANSFER_SYNTAXES", "VERIFICATION_SOP_CLASS", "DicomReceiver"]
@@ -39,6 +54,35 @@ VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
 # Every transfer syntax pynetdicom knows: the node stores bytes as received, so it needs no
 # codec for any of them; it only reads the header, which is never compressed.
 ACCEPTED_TRANSFER_SYNTAXES = frozenset(ALL_TRANSFER_SYNTAXES)
+STORAGE_SOP_CLASSES = frozenset(str(c.abstract_syntax) for c in AllStoragePresentationContexts)
+
+
+class AbstractSyntaxes:
+    """The SOP classes the node accepts contexts for: Verification and every storage class
+    pynetdicom knows, plus, with ``accept_unknown``, any valid UID that is not a known
+    class of another service (a private storage class, one newer than pynetdicom's list)."""
+
+    def __init__(self, accept_unknown: bool) -> None:
+        self._known = frozenset([VERIFICATION_SOP_CLASS, *STORAGE_SOP_CLASSES])
+        self.accept_unknown = accept_unknown
+
+    def __contains__(self, uid: object) -> bool:
+        if uid in self._known:
+            return True
+        if not self.accept_unknown or not isinstance(uid, str) or not UID(uid).is_valid:
+            return False
+        return uid_to_service_class(uid) is ServiceClass  # unknown to pynetdicom
+
+
+@dataclass
+class _Pending:
+    """A connection that is not an association yet."""
+
+    host: str
+    accepted: float
+    deadline: float
+    watch: socket.socket  # a duplicate of the socket, to shut it from the accept thread
+    waiting_for: str
 
 
 class DicomReceiver:
@@ -63,7 +107,7 @@ class DicomReceiver:
             StudyIngest(db, settings.triage.default_priority),
             audit,
         )
-        self.abstract_syntaxes = frozenset([VERIFICATION_SOP_CLASS, *_STORAGE_CLASSES.values()])
+        self.abstract_syntaxes = AbstractSyntaxes(settings.scp.accept_unknown_sop_classes)
         self.transfer_syntaxes = ACCEPTED_TRANSFER_SYNTAXES
         self._allowed = {ae.strip() for ae in settings.scp.allowed_calling_aets}
         self._listener: socket.socket | None = None
@@ -71,6 +115,8 @@ class DicomReceiver:
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._active: dict[threading.Thread, socket.socket] = {}
+        self._pending: dict[threading.Thread, _Pending] = {}
+        self._associations = 0
         self._tls: ssl.SSLContext | None = None
         self._marker = RunMarker(self.storage.spool.data_dir)
 
@@ -83,8 +129,14 @@ class DicomReceiver:
 
     @property
     def active_associations(self) -> int:
+        """Established associations (connections still negotiating are not counted)."""
+        return self._associations
+
+    @property
+    def pending_connections(self) -> int:
+        """Connections in a TLS handshake or awaiting their A-ASSOCIATE-RQ."""
         with self._lock:
-            return len(self._active)
+            return len(self._pending)
 
     def start(self) -> None:
         """Bind and serve in background threads; returns at once."""
@@ -98,6 +150,7 @@ class DicomReceiver:
         unclean, since = self._marker.unclean_since()
         if unclean:
             remove_rows_without_files(self.db, self.storage.spool.data_dir, since)
+            remove_files_without_rows(self.db, self.storage.spool.data_dir, since)
         self._marker.mark_running()
         if self.settings.scp.tls_enabled:
             from triagenode.scp.tls import server_context
@@ -113,7 +166,7 @@ class DicomReceiver:
             raise ConfigError(
                 f"scp.port: cannot listen on {scp.host}:{scp.port} ({exc.strerror})"
             ) from None
-        listener.listen(max(64, scp.max_associations * 2))
+        listener.listen(max(128, scp.max_associations * 2 + scp.max_pending_connections))
         listener.settimeout(0.2)
         self._listener = listener
         self._stopping.clear()
@@ -154,6 +207,7 @@ class DicomReceiver:
     def _accept_loop(self) -> None:
         assert self._listener is not None
         while not self._stopping.is_set():
+            self._expire()
             try:
                 sock, peer = self._listener.accept()
             except TimeoutError:
@@ -170,9 +224,72 @@ class DicomReceiver:
                 daemon=True,
                 name=f"scp-{peer[0]}:{peer[1]}",
             )
+            scp = self.settings.scp
+            now = time.monotonic()
+            tls = self._tls is not None
+            try:
+                watch = sock.dup()
+            except OSError:
+                sock.close()
+                continue
             with self._lock:
+                self._make_room(peer[0])
+                self._pending[thread] = _Pending(
+                    peer[0],
+                    now,
+                    now + (scp.tls_handshake_timeout_s if tls else scp.acse_timeout_s),
+                    watch,
+                    "TLS handshake" if tls else "A-ASSOCIATE-RQ",
+                )
                 self._active[thread] = sock
             thread.start()
+
+    def _make_room(self, host: str) -> None:
+        """Close the oldest pending connection when a new one would exceed a cap (locked)."""
+        scp = self.settings.scp
+        same = [p for p in self._pending.values() if p.host == host]
+        if len(same) >= scp.max_pending_per_address:
+            self._drop(min(same, key=lambda p: p.accepted), "pending connections from its address")
+        elif len(self._pending) >= scp.max_pending_connections:
+            oldest = min(self._pending.values(), key=lambda p: p.accepted)
+            self._drop(oldest, "pending connections")
+
+    def _expire(self) -> None:
+        """Close connections past their handshake or ARTIM deadline (PS3.8 9.1.5)."""
+        now = time.monotonic()
+        with self._lock:
+            for pending in [p for p in self._pending.values() if p.deadline <= now]:
+                self._drop(pending, "deadline")
+
+    def _drop(self, pending: _Pending, why: str) -> None:
+        for thread, candidate in list(self._pending.items()):
+            if candidate is pending:
+                del self._pending[thread]
+        log.warning(
+            "connection from %s closed after %.1f s without %s (%s)",
+            pending.host,
+            time.monotonic() - pending.accepted,
+            pending.waiting_for,
+            "no more time" if why == "deadline" else f"room needed: {why}",
+        )
+        with contextlib.suppress(OSError):
+            pending.watch.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
+            pending.watch.close()
+
+    def _leave_pending(self) -> None:
+        with self._lock:
+            pending = self._pending.pop(threading.current_thread(), None)
+        if pending is not None:
+            with contextlib.suppress(OSError):
+                pending.watch.close()
+
+    def _handshake_done(self) -> None:
+        with self._lock:
+            pending = self._pending.get(threading.current_thread())
+            if pending is not None:
+                pending.deadline = time.monotonic() + self.settings.scp.acse_timeout_s
+                pending.waiting_for = "A-ASSOCIATE-RQ"
 
     def _serve(self, sock: socket.socket, address: str) -> None:
         try:
@@ -181,10 +298,11 @@ class DicomReceiver:
             # which grows them beyond what a fixed SO_RCVBUF would allow.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self._tls is not None:
-                sock.settimeout(self.settings.scp.acse_timeout_s)
+                sock.settimeout(self.settings.scp.tls_handshake_timeout_s)
                 sock = self._tls.wrap_socket(sock, server_side=True)
                 with self._lock:
                     self._active[threading.current_thread()] = sock
+                self._handshake_done()
             association = Association(sock, address, self)
             association.run()
             if association.info.outcome != "rejected":
@@ -193,21 +311,40 @@ class DicomReceiver:
             log.warning("connection from %s failed: %s", address, type(exc).__name__)
             sock.close()
         finally:
+            self._leave_pending()
             with self._lock:
                 self._active.pop(threading.current_thread(), None)
 
     # Policy and accounting, called by Association -----------------------------------------
 
+    def request_received(self) -> None:
+        """The connection's A-ASSOCIATE-RQ has arrived whole: it is no longer pending."""
+        self._leave_pending()
+
     def admission(self, info: AssociationInfo, request: AssociateRequest) -> RejectReason | None:
-        """Why an association request is refused, or None to accept it."""
+        """Why an association request is refused, or None to accept it.
+
+        None also counts the association against ``scp.max_associations``; the caller
+        calls :meth:`association_ended` when it ends.
+        """
+        scp = self.settings.scp
+        if not request.supports_version_1:
+            return RejectReason.protocol_version_not_supported
         if request.application_context_name != APPLICATION_CONTEXT:
             return RejectReason.application_context_not_supported
+        if scp.check_called_ae and request.called_ae_title != scp.ae_title:
+            return RejectReason.called_ae_not_recognised
         if self._allowed and info.calling_ae not in self._allowed:
             return RejectReason.calling_ae_not_recognised
-        # This association's own thread is already counted in _active.
-        if self.active_associations > self.settings.scp.max_associations:
-            return RejectReason.local_limit_exceeded
+        with self._lock:
+            if self._associations >= scp.max_associations:
+                return RejectReason.local_limit_exceeded
+            self._associations += 1
         return None
+
+    def association_ended(self) -> None:
+        with self._lock:
+            self._associations -= 1
 
     def association_accepted(self, info: AssociationInfo) -> None:
         ASSOCIATIONS.labels(outcome="accepted").inc()

@@ -27,10 +27,13 @@ class StoreStatus(enum.IntEnum):
     cannot_understand_missing_uid = 0xC001  # Study, Series or SOP Instance UID absent
     cannot_understand_sop_uid_mismatch = 0xC002  # dataset's SOP UID differs from request's
     cannot_understand_unparsable = 0xC003  # the dataset's header could not be read
+    cannot_understand_incomplete = 0xC004  # the dataset ends inside an element
     # PS3.7 C.4.2: processing failure, for anything unexpected inside the handler.
     processing_failure = 0x0110
     # PS3.7 C.4.4: SOP class not supported (command on an unknown abstract syntax).
     sop_class_not_supported = 0x0122
+    # PS3.7 C.4.5: a DIMSE command the node does not perform.
+    unrecognised_operation = 0x0211
 
     @property
     def is_success(self) -> bool:

@@ -21,6 +21,7 @@ from triagenode.errors import StorageError
 from triagenode.metrics import INSTANCES_RECEIVED, INSTANCES_REJECTED, RECEIVED_BYTES
 from triagenode.scp.header import HEAD_BYTES, InstanceHeader, parse_header
 from triagenode.scp.status import StoreStatus
+from triagenode.scp.structure import IncompleteDataset, check_complete
 from triagenode.store.group_commit import PendingWrite
 from triagenode.store.ingest import IngestOutcome, InstanceRecord, StudyIngest
 from triagenode.store.models import utcnow
@@ -276,10 +277,21 @@ class PendingInstance:
             status, reason = _spool_status(self._error or SpoolError("spool"))
             return self._refuse(status, reason)
         info = self._info
+        head = bytes(self._head)
+        try:
+            check_complete(
+                head,
+                incoming.dataset_size,
+                self.transfer_syntax_uid,
+                incoming.temp_path,
+                len(self._meta),
+            )
+        except IncompleteDataset as exc:
+            return self._refuse(StoreStatus.cannot_understand_incomplete, str(exc))
         try:
             header = parse_header(
                 self._meta,
-                bytes(self._head),
+                head,
                 incoming.dataset_size <= len(self._head),
                 self.transfer_syntax_uid,
                 incoming.temp_path,

@@ -15,6 +15,11 @@ acknowledged:
 
 Only rows of new instances are committed early, never a replacement of an older copy, so
 removing the row loses nothing that was acknowledged and leaves the study's counts right.
+
+The opposite can happen too: the first instance of a new study commits its rows only after
+its file is in place, so a crash in between leaves a file without a row. It was never
+acknowledged either; :func:`remove_files_without_rows` removes such files at the next start
+and names each one in the log (the sender sends the instance again).
 """
 
 from __future__ import annotations
@@ -30,9 +35,14 @@ from sqlalchemy import Connection, Table, delete, select, update
 
 from triagenode.store.db import Database
 from triagenode.store.models import Instance, Series, Study
-from triagenode.store.spool import Spool
+from triagenode.store.spool import INCOMING, Spool
 
-__all__ = ["RunMarker", "remove_instance_row", "remove_rows_without_files"]
+__all__ = [
+    "RunMarker",
+    "remove_files_without_rows",
+    "remove_instance_row",
+    "remove_rows_without_files",
+]
 
 log = logging.getLogger(__name__)
 
@@ -175,4 +185,60 @@ def remove_rows_without_files(db: Database, data_dir: Path, since: datetime | No
             "recovery: removed %d instance rows whose file was never stored (never acknowledged)",
             removed,
         )
+    return removed
+
+
+def _recent_files(spool_root: Path, since: float | None) -> list[str]:
+    """Instance files (``spool/<study>/<series>/<sop>.dcm``) changed at or after ``since``."""
+    found = []
+    for study in os.scandir(spool_root):
+        if study.name == INCOMING or not study.is_dir(follow_symlinks=False):
+            continue
+        for series in os.scandir(study.path):
+            # A rename into a folder updates the folder's time: older folders are skipped.
+            if not series.is_dir(follow_symlinks=False):
+                continue
+            if since is not None and series.stat().st_mtime < since:
+                continue
+            for entry in os.scandir(series.path):
+                if (
+                    entry.name.endswith(".dcm")
+                    and entry.is_file(follow_symlinks=False)
+                    and (since is None or entry.stat().st_mtime >= since)
+                ):
+                    found.append(f"spool/{study.name}/{series.name}/{entry.name}")
+    return found
+
+
+def remove_files_without_rows(db: Database, data_dir: Path, since: datetime | None) -> int:
+    """Delete spool files placed at or after ``since`` that no instance row describes.
+
+    Such a file's rows never committed, so it was never acknowledged; each removal is
+    logged with the file's path (UIDs only, no PHI).
+
+    Returns
+    -------
+    int
+        How many files were removed.
+    """
+    spool_root = Path(data_dir) / "spool"
+    if not spool_root.is_dir():
+        return 0
+    candidates = _recent_files(spool_root, since.timestamp() if since is not None else None)
+    known: set[str] = set()
+    with db.engine.connect() as conn:
+        for start in range(0, len(candidates), 500):
+            batch = candidates[start : start + 500]
+            query = select(_INSTANCES.c.file_path).where(_INSTANCES.c.file_path.in_(batch))
+            known.update(conn.execute(query).scalars())
+    removed = 0
+    for relative in candidates:
+        if relative in known:
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            (Path(data_dir) / relative).unlink()
+            removed += 1
+            log.warning(
+                "recovery: removed %s, whose row never committed (never acknowledged)", relative
+            )
     return removed
