@@ -118,6 +118,26 @@ def test_duplicate_keeps_newer_copy_and_counts_it(node: Node, tmp_path: Path) ->
     assert study.byte_count == row.size
 
 
+@pytest.mark.parametrize("moved_to", ["another series", "another study"])
+def test_a_duplicate_stored_elsewhere_leaves_no_older_file_behind(
+    node: Node, tmp_path: Path, moved_to: str
+) -> None:
+    """Re-sent under another series or study, the row follows the new copy and the older
+    file is deleted: nothing of the instance stays on disk untracked."""
+    first = factory.ct_slice(pydicom.uid.generate_uid(), pydicom.uid.generate_uid(), 0, seed=1)
+    assert storescu(node.port, [factory.write(first, tmp_path / "a.dcm")]).returncode == 0
+    [old] = node.instances()
+    study_uid = (
+        pydicom.uid.generate_uid() if moved_to == "another study" else first.StudyInstanceUID
+    )
+    moved = factory.ct_slice(study_uid, pydicom.uid.generate_uid(), 0, seed=2)
+    moved.SOPInstanceUID = first.SOPInstanceUID
+    assert storescu(node.port, [factory.write(moved, tmp_path / "b.dcm")]).returncode == 0
+    [row] = node.instances()
+    assert row.file_path != old.file_path and row.replaced_count == 1
+    assert node.spool_files() == [node.data_dir / row.file_path]
+
+
 def test_instance_after_stable_reopens_study(node: Node, tmp_path: Path) -> None:
     from triagenode.pipeline.tracker import StudyTracker
 

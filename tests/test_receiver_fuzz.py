@@ -220,8 +220,8 @@ def test_fuzzed_datasets_are_answered_and_leave_nothing_unacknowledged(
     node: Node, ct_instance: tuple[str, bytes], data: st.DataObject
 ) -> None:
     # A new SOP Instance UID per example: a mutated Study UID must not turn an earlier
-    # example's instance into a duplicate moved to another study (the moved copy's older
-    # file is not removed today, a store/ingest matter outside this test).
+    # example's instance into a duplicate moved to another study, which this test's
+    # accounting of stored files would not expect.
     template, dataset = ct_instance
     sop = _instance_uid(next(_examples))
     dataset = dataset.replace(template.encode(), sop.encode())

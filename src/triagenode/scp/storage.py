@@ -350,6 +350,9 @@ class PendingInstance:
         tally.bytes += size
         info.instances += 1
         info.bytes += size
+        if outcome.superseded_path is not None:
+            # the row now names the new copy: the older one, elsewhere, is nobody's file
+            self._storage.spool.remove_superseded(outcome.superseded_path)
         if outcome.replaced:
             tally.replaced += 1
             log.info(

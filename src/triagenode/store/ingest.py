@@ -98,6 +98,9 @@ class IngestOutcome:
     created_study: bool
     replaced: bool  # an instance row of the same SOP Instance UID was updated
     reopened_from: str | None  # the state a finished study was reopened from
+    # the replaced row's file when the new copy lives elsewhere (another study or series):
+    # the caller removes it once this outcome is committed, or it would stay on disk untracked
+    superseded_path: str | None = None
 
 
 @dataclass
@@ -233,7 +236,9 @@ class StudyIngest:
         now = item.received_at
         study, created = self._study(conn, item, now)
         series_id = self._series_id(conn, item, study.id)
-        replaced, count_delta, byte_delta, identical = self._instance(conn, item, series_id)
+        replaced, count_delta, byte_delta, identical, superseded = self._instance(
+            conn, item, series_id
+        )
         reopened_from = None
         # Row-locks the study (PostgreSQL) so the triage-input merge below cannot race.
         touched = self._fast_touch_study.execute(
@@ -265,7 +270,7 @@ class StudyIngest:
                     update(_STUDIES).where(_STUDIES.c.id == study.id).values(triage_inputs=merged)
                 )
             study.triage_inputs = merged
-        return IngestOutcome(study.id, series_id, created, replaced, reopened_from)
+        return IngestOutcome(study.id, series_id, created, replaced, reopened_from, superseded)
 
     def _study(
         self, conn: Connection, item: InstanceRecord, now: datetime
@@ -340,11 +345,12 @@ class StudyIngest:
 
     def _instance(
         self, conn: Connection, item: InstanceRecord, series_id: int
-    ) -> tuple[bool, int, int, bool]:
+    ) -> tuple[bool, int, int, bool, str | None]:
         """Insert the instance row; on a duplicate update it.
 
-        Returns (replaced, +count, +bytes, identical): ``identical`` when the duplicate has
-        the same content as the stored copy and stays in the same study.
+        Returns (replaced, +count, +bytes, identical, superseded path): ``identical`` when
+        the duplicate has the same content as the stored copy and stays in the same study;
+        the older copy's file path when the new one is stored at another path.
         """
         values = dict(
             series_id=series_id,
@@ -370,10 +376,14 @@ class StudyIngest:
             },
         ).fetchone()
         if inserted is not None:
-            return False, 1, item.size, False
+            return False, 1, item.size, False, None
         old = conn.execute(
             select(
-                _INSTANCES.c.size, _INSTANCES.c.sha256, _INSTANCES.c.series_id, _SERIES.c.study_id
+                _INSTANCES.c.size,
+                _INSTANCES.c.sha256,
+                _INSTANCES.c.series_id,
+                _INSTANCES.c.file_path,
+                _SERIES.c.study_id,
             )
             .join(_SERIES, _SERIES.c.id == _INSTANCES.c.series_id)
             .where(_INSTANCES.c.sop_instance_uid == item.sop_instance_uid)
@@ -390,6 +400,7 @@ class StudyIngest:
         new_study_id = conn.execute(
             select(_SERIES.c.study_id).where(_SERIES.c.id == series_id)
         ).scalar_one()
+        superseded = old.file_path if old.file_path != item.file_path else None
         if old.study_id != new_study_id:
             # The same SOP Instance UID was re-sent under another study: move it.
             conn.execute(
@@ -400,8 +411,8 @@ class StudyIngest:
                     byte_count=_STUDIES.c.byte_count - old.size,
                 )
             )
-            return True, 1, item.size, False
-        return True, 0, item.size - old.size, old.sha256 == item.sha256
+            return True, 1, item.size, False, superseded
+        return True, 0, item.size - old.size, old.sha256 == item.sha256, superseded
 
     @staticmethod
     def _is_own_report(conn: Connection, item: InstanceRecord) -> bool:

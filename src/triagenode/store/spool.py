@@ -349,6 +349,18 @@ class Spool:
             removed += 1
         return removed
 
+    def remove_superseded(self, relative_path: str) -> bool:
+        """Delete an older copy's file that a committed replacement moved away from.
+
+        ``relative_path`` is the old row's ``file_path`` (relative to the data folder); a
+        path outside the spool is refused (False), never followed.
+        """
+        path = (self.data_dir / relative_path).resolve()
+        if not path.is_relative_to(self.root):
+            return False
+        _unlink(str(path))
+        return True
+
     def check_room(self) -> None:
         """Refuse new data while the spool's file system is below its free-space reserve.
 
