@@ -92,6 +92,22 @@ class WorklistPage:
     pages: int
 
 
+def _study_row(s: Study, now: datetime) -> StudyRow:
+    """A study's worklist row, before its result is added."""
+    return StudyRow(
+        study_uid=s.study_uid,
+        state=s.state,
+        state_reason=s.state_reason,
+        priority=priority_name(s.priority),
+        modality=s.modality,
+        label_set=s.label_set,
+        instance_count=s.instance_count,
+        critical=s.critical,
+        first_received_at=s.first_received_at,
+        age=now - s.first_received_at,
+    )
+
+
 def _findings(data: dict[str, Any] | None) -> list[FindingView]:
     out = []
     for item in (data or {}).get("findings") or []:
@@ -146,18 +162,7 @@ def worklist(db: Database, wanted: WorklistFilter, patient_ref: str | None) -> W
         latest = _latest_results(session, [s.id for s in studies])
         rows = []
         for s in studies:
-            row = StudyRow(
-                study_uid=s.study_uid,
-                state=s.state,
-                state_reason=s.state_reason,
-                priority=priority_name(s.priority),
-                modality=s.modality,
-                label_set=s.label_set,
-                instance_count=s.instance_count,
-                critical=s.critical,
-                first_received_at=s.first_received_at,
-                age=now - s.first_received_at,
-            )
+            row = _study_row(s, now)
             result = latest.get(s.id)
             if result is not None:
                 if result.sr_sop_instance_uid:
@@ -267,18 +272,7 @@ def study_view(db: Database, study_uid: str) -> StudyView | None:
             session.scalars(select(Export).where(Export.study_uid == study_uid).order_by(Export.id))
         )
         latest = _latest_results(session, [s.id])
-        row = StudyRow(
-            study_uid=s.study_uid,
-            state=s.state,
-            state_reason=s.state_reason,
-            priority=priority_name(s.priority),
-            modality=s.modality,
-            label_set=s.label_set,
-            instance_count=s.instance_count,
-            critical=s.critical,
-            first_received_at=s.first_received_at,
-            age=utcnow() - s.first_received_at,
-        )
+        row = _study_row(s, utcnow())
         result = _result_view(latest[s.id]) if s.id in latest else None
         if result is not None and result.sr_sop_instance_uid:
             row.time_to_sr = result.created_at - s.first_received_at

@@ -77,6 +77,7 @@ __all__ = [
     "build_sr",
     "local_utc_offset",
     "read_sr",
+    "source_header",
     "sr_path",
     "superseded_uid",
     "write_sr",
@@ -135,7 +136,7 @@ def _current_form(keyword: str, value: object) -> object:
     return value
 
 
-def _header(source: Dataset, result: StudyResult) -> Dataset:
+def source_header(source: Dataset, result: StudyResult) -> Dataset:
     """The source's identity, patient and study attributes, decoded to Unicode.
 
     Only these are copied (never private or unknown elements), each value decoded with the
@@ -231,7 +232,7 @@ def build_sr(
     if not result.findings:
         raise DicomInputError(f"study {result.study_uid}: result has no findings; no SR is made")
     uids = sr_uids(result, settings, run=run)
-    header = _header(source, result)
+    header = source_header(source, result)
     algorithm = algorithm_identification(result)
     groups = [
         measurement_group(f, result, settings, run=run, algorithm=algorithm)

@@ -25,7 +25,7 @@ from triagenode.domain import DEMO_WARNING, StudyResult
 from triagenode.errors import DicomInputError
 from triagenode.reports.content import DEVICE_MODEL_NAME, MANUFACTURER, installation_id
 from triagenode.reports.objects import SERIES_NUMBERS, ObjectKind, object_uids
-from triagenode.reports.sr import _header, local_utc_offset
+from triagenode.reports.sr import local_utc_offset, source_header
 from triagenode.reports.summary_card import (
     DISCLAIMER,
     CardLayout,
@@ -62,7 +62,7 @@ def _source_images(thumbnails: Sequence[Thumbnail]) -> DicomSequence:
 
 def patient_and_study(source: Dataset, result: StudyResult) -> Dataset:
     """The source's patient and study attributes, decoded (as the SR copies them)."""
-    return _header(source, result)
+    return source_header(source, result)
 
 
 def build_summary_sc(
