@@ -1,13 +1,17 @@
 """The operator console in a real browser: Debian's headless Chromium driven by Playwright,
 against the admin API served by uvicorn over a database with studies in several states.
 
-Screenshots of the pages go to ``docs/`` (the README shows them).
+Screenshots of the pages go to a temporary folder, or to the folder named by
+``TRIAGENODE_TEST_SCREENSHOTS`` (``TRIAGENODE_TEST_SCREENSHOTS=docs scripts/test -k console``
+refreshes the ones the README shows), so a test run leaves the working tree as it was.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +31,9 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(
     not Path(CHROMIUM).exists(), reason="needs Debian's chromium (apt-get install chromium)"
 )
-DOCS = Path(__file__).resolve().parents[1] / "docs"
+DOCS = Path(
+    os.environ.get("TRIAGENODE_TEST_SCREENSHOTS") or tempfile.mkdtemp(prefix="console-screens-")
+)
 LAPTOP = {"width": 1366, "height": 768}
 
 
