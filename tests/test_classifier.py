@@ -379,3 +379,17 @@ def test_the_research_predictor_scores_findings_like_studies(
     assert sum(by_queries["scores"]) == pytest.approx(1.0, abs=1e-5)
     with pytest.raises(KeyError, match="give queries or a label_set"):
         predictor.predict([raw], None, None)
+
+
+def test_label_set_reasons_quote_outside_text_safely() -> None:
+    """Descriptions and coded meanings come from the sender: the reason that reaches the
+    SR, the database and the logs holds them escaped, never raw control characters."""
+    hostile = "\x1b[31mCHEST\x00\n\udcff"
+    labels = LabelSettings()
+    for inputs in (
+        {"Modality": "CR", "StudyDescription": f"XR {hostile}"},
+        {"Modality": "CT", "AnatomicRegion": f"816094009^SCT^{hostile}"},
+        {"Modality": f"U{hostile}"},
+    ):
+        reason = labels.explain_choice(inputs).reason
+        assert not any(ord(c) < 0x20 or 0xD800 <= ord(c) <= 0xDFFF for c in reason), reason

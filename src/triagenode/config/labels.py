@@ -243,7 +243,7 @@ class DomainRule(Section):
         region = inputs.get("AnatomicRegion", "")
         code = region.split("^", 1)[0]
         if code and code in self.anatomic_codes:
-            return True, f"{what}, Anatomic Region {region}"
+            return True, f"{what}, Anatomic Region {region!r}"
         words = _word_pattern(self.keywords)
         for key, text in texts:
             found = words.search(text) if words else None
