@@ -56,7 +56,7 @@ def running() -> Iterator[list[Node]]:
 
 
 def start_node(settings: Settings, running: list[Node]) -> Node:
-    node = Node(settings)
+    node = Node.build(settings)
     node.start()
     running.append(node)
     return node

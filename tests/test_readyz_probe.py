@@ -56,7 +56,7 @@ def test_many_readyz_calls_open_no_association(
         export={"probe_interval_s": 3600},
         api={"enabled": True, "port": port},
     )
-    node = Node(settings)
+    node = Node.build(settings)
     node.start()
     try:
         url = f"http://127.0.0.1:{port}/readyz"

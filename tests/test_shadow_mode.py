@@ -50,7 +50,7 @@ def test_shadow_mode_sends_nothing_and_records_everything(
             api={"enabled": False},
         )
         scored_before = _scored("chest_xray", "pneumothorax")
-        node = Node(settings)
+        node = Node.build(settings)
         node.start()
         uids = []
         paths = []

@@ -71,7 +71,7 @@ def _studies(folder: Path) -> dict[str, tuple[list[Path], str | None]]:
 @pytest.fixture
 def node(make_settings, tmp_path: Path) -> Iterator[Node]:
     settings = make_settings(api={"enabled": False}, study={"stable_after_s": 0.3})
-    running = Node(settings)
+    running = Node.build(settings)
     running.start()
     yield running
     running.stop()

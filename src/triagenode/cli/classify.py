@@ -326,9 +326,7 @@ class _Run:
 
 def _classify(args: argparse.Namespace) -> int:
     from triagenode.cli.common import settings_from_args
-    from triagenode.inference.backends import create_encoder
-    from triagenode.inference.classifier import ZeroShotClassifier
-    from triagenode.inference.model import load_model
+    from triagenode.node import build_classifier, close_classifier
 
     overrides = {
         k: v
@@ -343,15 +341,8 @@ def _classify(args: argparse.Namespace) -> int:
     if args.demo_model:
         overrides["source"] = "demo"
     settings = settings_from_args(args, model=overrides)
-    cache_dir = settings.node.data_dir / "cache"
-    model = load_model(settings.model, cache_dir=cache_dir)
-    try:
-        from triagenode.inference.backends.select import select_backend
-
-        encoder = select_backend(settings.model, settings.artifacts_dir, model)
-    except ImportError:
-        encoder = create_encoder(model, settings.model)
-    classifier = ZeroShotClassifier(model, encoder, settings.labels, cache_dir)
+    classifier = build_classifier(settings, batched=False)
+    model = classifier.model
     if args.label_set:
         classifier.label_set(args.label_set)  # fail now, naming the known sets
     if model.warning:
@@ -386,7 +377,7 @@ def _classify(args: argparse.Namespace) -> int:
         run.finish()
     finally:
         writer.close()
-        encoder.close()
+        close_classifier(classifier)
     if progress:
         elapsed = time.monotonic() - started
         print(

@@ -37,6 +37,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 __all__ = [
+    "ALL_ROLES",
     "ApiSettings",
     "AuditSettings",
     "DatabaseSettings",
@@ -45,6 +46,7 @@ __all__ = [
     "ModelSettings",
     "NodeSettings",
     "RetentionSettings",
+    "Role",
     "ScpSettings",
     "Settings",
     "StudySettings",
@@ -54,6 +56,9 @@ __all__ = [
 ]
 
 ENV_PREFIX = "TRIAGENODE_"
+# What one process may run (node.roles); "all" names every one of them.
+Role = Literal["receiver", "worker", "exporter", "api", "all"]
+ALL_ROLES = ("receiver", "worker", "exporter", "api")
 DEFAULT_MODEL_SOURCE = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
 # PS3.5 6.2: an AE title is 1-16 characters of the default repertoire, no backslash or
 # control characters; leading and trailing spaces are not significant.
@@ -88,6 +93,13 @@ class NodeSettings(Section):
     environment: Literal["development", "production"] = Field(
         default="development",
         description="'production' refuses placeholder secrets and the demo model",
+    )
+    roles: list[Role] = Field(
+        default_factory=lambda: list[Role](["all"]),
+        min_length=1,
+        description="What this process runs: 'receiver' (the DICOM SCP), 'worker' "
+        "(classification), 'exporter' (sending results), 'api' (admin API and console), or "
+        "'all'. Processes with different roles share one PostgreSQL database and one spool",
     )
 
     @field_validator("uid_root")
@@ -548,6 +560,12 @@ class Settings(BaseSettings):
             raise ValueError(f"destinations: names must be unique (repeated: {duplicates})")
         if self.node.environment == "production":
             self._production_checks()
+        if self.database_url.startswith("sqlite") and set(self.node.roles) != {"all"}:
+            raise ValueError(
+                f"node.roles: {self.node.roles} splits the node over several processes, which "
+                "needs a PostgreSQL database (database.url); SQLite serves one process with "
+                "roles = ['all']"
+            )
         label_set_errors = label_set_problems(self.triage, self.labels.sets)
         if label_set_errors:
             raise ValueError("; ".join(label_set_errors))
@@ -604,6 +622,13 @@ class Settings(BaseSettings):
     @property
     def artifacts_dir(self) -> Path:
         return self.model.artifacts_dir or self.node.data_dir / "engines"
+
+    @property
+    def roles(self) -> frozenset[str]:
+        """The roles this process runs, 'all' expanded."""
+        if "all" in self.node.roles:
+            return frozenset(ALL_ROLES)
+        return frozenset(self.node.roles)
 
     @property
     def database_url(self) -> str:
