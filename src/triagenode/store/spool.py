@@ -144,7 +144,7 @@ class IncomingInstance:
             self.discard()
             raise SpoolError(f"spool write failed: {exc.strerror}", exc.errno) from exc
         # The last fragment is hashed here: the digest is needed at once, and waking the
-        # helper for it would take longer (about 0.15 ms on these VMs) than hashing it.
+        # helper for it would take longer than hashing it (docs/performance.md).
         if self._hasher is not None and not last and isinstance(data, bytes):  # immutable
             if self._hash_backlog > _HASH_BACKLOG_LIMIT:
                 self._wait_hashed()  # the helper fell behind: bound the memory held
