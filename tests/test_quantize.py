@@ -27,7 +27,7 @@ from triagenode.optimization.quantize import (
 
 # The demo model's label probabilities are nearly tied (tiny random towers), so a 1e-4
 # change can flip a top-1 label; its tests check the report, not the 99 % goal, which is
-# measured on the BiomedCLIP architecture (README, "Backends").
+# measured on the BiomedCLIP architecture (docs/performance.md).
 DEMO_INT8 = ParityThresholds(min_cosine=0.99, min_top1_agreement=0.8)
 
 
