@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, inspect, make_url, text
+from sqlalchemy import Engine, create_engine, event, make_url, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from triagenode.errors import StorageError
@@ -102,9 +102,6 @@ class Database:
                 connection.execute(text("SELECT 1"))
         except Exception as exc:  # any driver error means "not reachable"
             raise StorageError(f"database {self.safe_url} is not reachable: {exc}") from exc
-
-    def has_schema(self) -> bool:
-        return inspect(self.engine).has_table("alembic_version")
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -214,11 +214,6 @@ class TorchImageEncoder:
                 parts.append(self._encode_chunk(images[start : start + self.max_batch]))
         return np.concatenate(parts).astype(np.float32, copy=False)
 
-    def warmup(self) -> None:
-        """Run every bucket once (captures the CUDA graphs before the first study)."""
-        for size in self._buckets if self._cuda else [1]:
-            self.encode(np.zeros((size, 3, self.image_size, self.image_size), np.float32))
-
     def close(self) -> None:
         """Drop CUDA graphs and the module's device memory."""
         with self._lock:
