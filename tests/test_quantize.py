@@ -1,7 +1,6 @@
 """INT8 quantisation: dynamic and DICOM-calibrated static, each with its parity report."""
 
 # Fixtures imported from tests.onnx_fixtures are redefined as test arguments.
-# ruff: noqa: F811
 
 from __future__ import annotations
 
@@ -13,7 +12,7 @@ import onnx
 import pytest
 
 from tests import factory
-from tests.onnx_fixtures import demo_images, demo_onnx_dir, loaded_demo  # noqa: F401
+from tests.onnx_fixtures import demo_images
 from triagenode.inference.backends.artifacts import read_onnx_metadata
 from triagenode.inference.preprocess import preprocess_file
 from triagenode.optimization.onnx_export import label_prompts
