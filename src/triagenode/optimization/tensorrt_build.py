@@ -24,8 +24,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from triagenode.optional import require
-
 __all__ = [
     "EngineKey",
     "GpuInfo",
@@ -94,13 +92,11 @@ def current_gpu(device_index: int = 0) -> GpuInfo:
     Raises
     ------
     RuntimeError
-        When CUDA is not available.
-    triagenode.optional.MissingDependency
-        When TensorRT is not installed (the ``tensorrt`` extra).
+        When CUDA or TensorRT is not available.
     """
+    import tensorrt as trt
     import torch
 
-    trt = require("tensorrt", "tensorrt", "Building a TensorRT engine")
     if not torch.cuda.is_available():
         raise RuntimeError("TensorRT engines need a CUDA GPU; torch.cuda is not available")
     return GpuInfo(
@@ -156,7 +152,8 @@ def build_engine(
     RuntimeError
         When the ONNX file cannot be parsed or the build fails (TensorRT's errors included).
     """
-    trt = require("tensorrt", "tensorrt", "Building a TensorRT engine")
+    import tensorrt as trt
+
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS} (got {precision!r})")
     logger = trt.Logger(trt.Logger.WARNING)
