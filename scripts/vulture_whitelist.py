@@ -134,6 +134,7 @@ _.unexpected_pdu_parameter
 _.major_failure
 
 # Used by tests (and meant as API), not by the node's own code paths.
+_.int8  # inference/backends/cpu.py: CpuCapabilities.int8
 _.classify_images  # inference/classifier.py
 _.undelivered  # pipeline/notify.py
 _.cancel  # pipeline/queue.py

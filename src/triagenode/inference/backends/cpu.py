@@ -45,6 +45,11 @@ class CpuCapabilities:
         """Native bf16 dot products (AMX or AVX-512 BF16)."""
         return self.amx or "avx512_bf16" in self.flags
 
+    @property
+    def int8(self) -> bool:
+        """Native int8 dot products (VNNI or AMX int8)."""
+        return bool({"amx_int8", "avx512_vnni", "avx_vnni"} & self.flags)
+
     def describe(self) -> str:
         """``name (flag flag ...)`` with the inference flags only, for logs and reports."""
         return f"{self.name} ({' '.join(sorted(self.flags)) or 'no AVX2/AVX-512/AMX'})"
