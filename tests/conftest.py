@@ -13,10 +13,14 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
+from tests.databases import DATABASES
 from tests.peers import free_port
 from triagenode.config.settings import Settings, load_settings
 from triagenode.store import migrate
 from triagenode.store.db import Database
+
+# Fixtures of the support modules, available to every test without importing them.
+pytest_plugins = ["tests.receiver_fixtures", "tests.onnx_fixtures", "tests.serve_fixtures"]
 
 POSTGRES_ENV = "TRIAGENODE_TEST_POSTGRES_URL"
 
@@ -107,7 +111,7 @@ def postgres_url() -> Iterator[str]:
         admin.dispose()
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+@pytest.fixture(params=DATABASES)
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """Each test using this runs twice: on SQLite and on PostgreSQL."""
     if request.param == "sqlite":
@@ -122,3 +126,13 @@ def db(database_url: str) -> Iterator[Database]:
     migrate.upgrade(database)
     yield database
     database.dispose()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that reaches PostgreSQL carries the ``postgres`` marker, however it got
+    there (``database_url`` parametrised by hand, or the ``postgres_url`` fixture)."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        on_postgres = callspec is not None and callspec.params.get("database_url") == "postgres"
+        if on_postgres or "postgres_url" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.postgres)  # a second one, if marked already, is harmless

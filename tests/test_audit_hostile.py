@@ -25,7 +25,7 @@ from pydicom.dataset import Dataset
 
 from tests.api_support import build_world, events
 from tests.peers import wait_for
-from tests.receiver_fixtures import Node, node_factory
+from tests.receiver_fixtures import Node
 from tests.test_audit_export import RFC5424
 from triagenode.audit import AuditEventId, AuditLog, Outcome
 from triagenode.audit.atna import AuditSource, schema
@@ -36,8 +36,6 @@ from triagenode.cli import main
 from triagenode.logs import MASK, build_handler
 from triagenode.store.db import Database
 from triagenode.store.models import AuditEvent
-
-__all__ = ["node_factory"]
 
 SECRET = b"hostile-test-secret-0123456789"
 SOURCE = AuditSource("TRIAGENODE", "Test \x07Hospital", "node\x1b1")

@@ -1,7 +1,6 @@
 """``model.backend = auto``: fastest usable backend, logged; fallbacks warn, never silent."""
 
 # Fixtures imported from tests.onnx_fixtures are redefined as test arguments.
-# ruff: noqa: F811
 
 from __future__ import annotations
 
@@ -10,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.onnx_fixtures import demo_images, demo_onnx_dir, loaded_demo  # noqa: F401
+from tests.onnx_fixtures import demo_images
 from triagenode.config.settings import ModelSettings
 from triagenode.errors import ModelLoadError
 from triagenode.inference.backends import create_encoder

@@ -1,7 +1,6 @@
 """ONNX export: checked models, dynamic batch, metadata, parity with PyTorch, refusal."""
 
 # Fixtures imported from tests.onnx_fixtures are redefined as test arguments.
-# ruff: noqa: F811
 
 from __future__ import annotations
 
@@ -13,7 +12,7 @@ import onnx
 import pytest
 import torch
 
-from tests.onnx_fixtures import demo_images, demo_model, demo_onnx_dir, loaded_demo  # noqa: F401
+from tests.onnx_fixtures import demo_images
 from triagenode.inference.backends.artifacts import read_onnx_metadata
 from triagenode.optimization.onnx_export import (
     ImageTower,

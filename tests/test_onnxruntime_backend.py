@@ -1,7 +1,6 @@
 """ONNX Runtime backend: same embeddings as PyTorch, providers, session options."""
 
 # Fixtures imported from tests.onnx_fixtures are redefined as test arguments.
-# ruff: noqa: F811
 
 from __future__ import annotations
 
@@ -11,7 +10,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from tests.onnx_fixtures import demo_images, demo_onnx_dir, loaded_demo  # noqa: F401
+from tests.onnx_fixtures import demo_images
 from triagenode.errors import ModelLoadError
 from triagenode.inference.backends.base import ImageEncoder
 from triagenode.inference.backends.onnxruntime import (

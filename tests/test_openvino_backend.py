@@ -2,7 +2,6 @@
 ``auto`` order, and the error when OpenVINO is missing; PyTorch bf16 autocast on CPU."""
 
 # Fixtures imported from tests.onnx_fixtures are redefined as test arguments.
-# ruff: noqa: F811
 
 from __future__ import annotations
 
@@ -15,7 +14,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from tests.factory import ct_slice, write
-from tests.onnx_fixtures import demo_images, demo_onnx_dir, loaded_demo  # noqa: F401
+from tests.onnx_fixtures import demo_images
 from triagenode.config.labels import LabelSettings
 from triagenode.config.settings import ModelSettings
 from triagenode.domain import ImageRef

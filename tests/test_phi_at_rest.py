@@ -16,11 +16,10 @@ import pytest
 from sqlalchemy import func, select
 
 from tests.peers import wait_for, wait_for_port
-from tests.test_serve_process import StoreScp, pacs, send_study, start_serve, write_config
+from tests.serve_fixtures import StoreScp
+from tests.test_serve_process import send_study, start_serve, write_config
 from triagenode.store.db import Database
 from triagenode.store.models import AuditEvent, Export, Instance, Result, Study
-
-__all__ = ["pacs"]  # the fixture, shared with test_serve_process
 
 pytestmark = pytest.mark.slow
 

@@ -1,7 +1,6 @@
 """INT8 quantisation: dynamic and DICOM-calibrated static, each with its parity report."""
 
 # Fixtures imported from tests.onnx_fixtures are redefined as test arguments.
-# ruff: noqa: F811
 
 from __future__ import annotations
 
@@ -13,7 +12,7 @@ import onnx
 import pytest
 
 from tests import factory
-from tests.onnx_fixtures import demo_images, demo_onnx_dir, loaded_demo  # noqa: F401
+from tests.onnx_fixtures import demo_images
 from triagenode.inference.backends.artifacts import read_onnx_metadata
 from triagenode.inference.preprocess import preprocess_file
 from triagenode.optimization.onnx_export import label_prompts
@@ -27,7 +26,7 @@ from triagenode.optimization.quantize import (
 
 # The demo model's label probabilities are nearly tied (tiny random towers), so a 1e-4
 # change can flip a top-1 label; its tests check the report, not the 99 % goal, which is
-# measured on the BiomedCLIP architecture (README, "Backends").
+# measured on the BiomedCLIP architecture (docs/performance.md).
 DEMO_INT8 = ParityThresholds(min_cosine=0.99, min_top1_agreement=0.8)
 
 

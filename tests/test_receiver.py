@@ -13,20 +13,10 @@ from sqlalchemy import select
 from tests import factory
 from tests.factory import pydicom_test_file as get_testdata_file
 from tests.peers import wait_for
-from tests.receiver_fixtures import (
-    Node,
-    dataset_part,
-    dcmtk_wire_datasets,
-    echoscu,
-    node,
-    node_factory,
-    storescu,
-)
+from tests.receiver_fixtures import Node, dataset_part, dcmtk_wire_datasets, echoscu, storescu
 from triagenode.audit.events import AuditEventId
 from triagenode.domain import StudyState
 from triagenode.store.models import AuditEvent, Series, StudyEvent
-
-__all__ = ["node", "node_factory"]  # fixtures used here
 
 
 def test_echo(node: Node) -> None:

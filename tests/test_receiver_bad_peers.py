@@ -32,11 +32,9 @@ from tests.bad_peer import (
     role_selection,
 )
 from tests.peers import wait_for
-from tests.receiver_fixtures import Node, dataset_part, echoscu, node, node_factory
+from tests.receiver_fixtures import Node, dataset_part, echoscu
 from triagenode.scp.association import MAX_COMMAND_BYTES
 from triagenode.scp.status import AbortReason, RejectReason, StoreStatus
-
-__all__ = ["node", "node_factory"]
 
 pytestmark = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 

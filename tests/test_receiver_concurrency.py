@@ -13,11 +13,9 @@ from sqlalchemy import select
 from tests import factory
 from tests.orthanc import orthanc_server
 from tests.peers import wait_for
-from tests.receiver_fixtures import Node, dataset_part, node, node_factory, storescu
+from tests.receiver_fixtures import Node, dataset_part, storescu
 from triagenode.pipeline.tracker import StudyTracker
 from triagenode.store.models import StudyEvent, utcnow
-
-__all__ = ["node", "node_factory"]
 
 
 def test_four_senders_at_once_all_stored(node: Node, tmp_path: Path) -> None:

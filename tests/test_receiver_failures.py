@@ -20,14 +20,13 @@ from sqlalchemy import create_engine, select, text
 from sqlalchemy.engine import make_url
 
 from tests import factory
+from tests.databases import on_database
 from tests.peers import wait_for
-from tests.receiver_fixtures import Node, dataset_part, echoscu, node, node_factory, storescu
+from tests.receiver_fixtures import Node, dataset_part, echoscu, storescu
 from triagenode.audit.events import AuditEventId
 from triagenode.scp.status import StoreStatus
 from triagenode.store.models import AuditEvent
 from triagenode.store.part10 import file_meta_bytes
-
-__all__ = ["node", "node_factory"]
 
 sqlite_only = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 
@@ -136,7 +135,7 @@ def test_unwritable_spool_is_out_of_resources(node: Node, tmp_path: Path) -> Non
     assert incoming(node) == []
 
 
-@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+@on_database("postgres")
 def test_database_gone_is_out_of_resources(node: Node, tmp_path: Path) -> None:
     ds, _ = ct(tmp_path)
     url = make_url(node.settings.database_url)

@@ -40,12 +40,10 @@ from tests.bad_peer import (
     pdv,
     role_selection,
 )
-from tests.receiver_fixtures import Node, dataset_part, node, node_factory
+from tests.receiver_fixtures import Node, dataset_part
 from triagenode.scp.association import Association
 from triagenode.scp.header import HEAD_BYTES
 from triagenode.scp.structure import IncompleteDataset, check_complete
-
-__all__ = ["node", "node_factory"]
 
 sqlite_only = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 

@@ -21,9 +21,7 @@ from pydicom.uid import generate_uid
 from tests import factory
 from tests.bad_peer import associate_rq
 from tests.peers import wait_for
-from tests.receiver_fixtures import Node, echoscu, node, node_factory, storescu
-
-__all__ = ["node", "node_factory"]
+from tests.receiver_fixtures import Node, echoscu, storescu
 
 pytestmark = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 

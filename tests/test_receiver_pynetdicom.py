@@ -16,10 +16,8 @@ from pynetdicom.pdu_primitives import (
 
 from tests import factory
 from tests.bad_peer import EXPLICIT, Peer, associate_rq
-from tests.receiver_fixtures import NODE_AE, Node, node, node_factory
+from tests.receiver_fixtures import NODE_AE, Node
 from triagenode.scp.status import StoreStatus
-
-__all__ = ["node", "node_factory"]
 
 pytestmark = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 

@@ -10,15 +10,13 @@ import pytest
 from sqlalchemy import select
 
 from tests import factory
-from tests.receiver_fixtures import Node, node, node_factory, storescu
+from tests.receiver_fixtures import Node, storescu
 from triagenode.scp.receiver import DicomReceiver
 from triagenode.store import recovery
 from triagenode.store.db import Database
 from triagenode.store.ingest import InstanceRecord, StudyIngest
 from triagenode.store.models import Instance, Study, utcnow
 from triagenode.store.spool import IncomingInstance, SpoolError
-
-__all__ = ["node", "node_factory"]  # fixtures used here
 
 
 def _record(sop: str, size: int = 10) -> InstanceRecord:

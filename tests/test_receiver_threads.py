@@ -17,12 +17,11 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from tests import factory
-from tests.receiver_fixtures import Node, echoscu, node, node_factory, storescu
+from tests.databases import on_database
+from tests.receiver_fixtures import Node, echoscu, storescu
 from tests.test_receiver_failures import assert_still_serving, c_store, incoming, with_meta
 from triagenode.scp import association
 from triagenode.scp.status import StoreStatus
-
-__all__ = ["node", "node_factory"]
 
 
 @pytest.fixture(params=["hashing helper", "one thread"])
@@ -61,7 +60,7 @@ def test_a_file_that_cannot_be_placed_is_refused(threads: str, node: Node, tmp_p
     assert_still_serving(node, tmp_path)
 
 
-@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+@on_database("postgres")
 def test_database_gone_leaves_no_file(threads: str, node: Node, tmp_path: Path) -> None:
     # A first instance makes the study known, so the next one takes the early-commit path.
     study_uid, series_uid = generate_uid(), generate_uid()

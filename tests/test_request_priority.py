@@ -18,13 +18,11 @@ from pynetdicom.sop_class import ComputedRadiographyImageStorage
 from sqlalchemy import select
 
 from tests import factory
-from tests.receiver_fixtures import Node, node, node_factory
+from tests.receiver_fixtures import Node
 from triagenode.domain import Priority
 from triagenode.pipeline.tracker import StudyTracker
 from triagenode.pipeline.triage import TriageRules
 from triagenode.store.models import Study, utcnow
-
-__all__ = ["node", "node_factory"]
 
 PS3_7_PRIORITY = {"LOW": 0x0002, "MEDIUM": 0x0000, "HIGH": 0x0001}
 

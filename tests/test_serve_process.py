@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
@@ -19,54 +17,13 @@ import pytest
 from sqlalchemy import select
 
 from tests import factory
-from tests.peers import dcmtk_env, free_port, run_tool, tool, wait_for, wait_for_port
+from tests.peers import free_port, run_tool, wait_for, wait_for_port
+from tests.serve_fixtures import StoreScp
 from triagenode.audit.events import AuditEventId
 from triagenode.store.db import Database
 from triagenode.store.models import AuditEvent, Export, Job, Result, Study
 
 pytestmark = pytest.mark.slow
-
-
-class StoreScp:
-    """DCMTK storescp as the destination; ``-uf`` gives every received object its own file,
-    so a second send of the same SR shows up as a second file."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        folder.mkdir(parents=True)
-        for _attempt in range(3):
-            # a free port can be taken again before storescp binds it: then it exits at once
-            self.port = free_port()
-            self.process = subprocess.Popen(
-                [tool("storescp"), "-aet", "PACS", "-od", str(folder), "-uf", str(self.port)],
-                env=dcmtk_env(),
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            if wait_for(self._listening_or_gone, what=f"storescp on port {self.port}") == "up":
-                return
-        raise AssertionError("storescp could not bind a free port three times")
-
-    def _listening_or_gone(self) -> str | None:
-        if self.process.poll() is not None:
-            return "gone"
-        with socket.socket() as probe:
-            probe.settimeout(0.2)
-            return "up" if probe.connect_ex(("127.0.0.1", self.port)) == 0 else None
-
-    def received(self) -> list[pydicom.Dataset]:
-        return [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted(self.folder.iterdir())]
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(10)
-
-
-@pytest.fixture
-def pacs(tmp_path: Path) -> Iterator[StoreScp]:
-    server = StoreScp(tmp_path / "pacs")
-    yield server
-    server.stop()
 
 
 def write_config(tmp_path: Path, pacs: StoreScp, extra: str = "") -> tuple[Path, int]:
@@ -138,11 +95,12 @@ def test_serve_starts_answers_echo_and_stops_on_sigterm(tmp_path: Path, pacs: St
 def test_worker_killed_mid_job_completes_once_after_lease_expiry(
     tmp_path: Path, pacs: StoreScp
 ) -> None:
-    # The batcher waits max_wait_ms to fill a batch, which holds the job in "processing"
-    # long enough to kill the node there; a short lease lets the restarted node reclaim it.
+    # The first node's batcher waits max_wait_ms to fill a batch, which holds the job in
+    # "processing" long enough to kill the node there; a short lease (triage.lease_s) has
+    # run out by the time the second node, without that wait, has started and reclaims it.
     config, port = write_config(tmp_path, pacs)
-    text = config.read_text().replace('source = "demo"', 'source = "demo"\nmax_wait_ms = 5000')
-    config.write_text(text.replace("[study]", "[triage]\nlease_s = 2.0\n[study]"))
+    restart = config.read_text().replace("[study]", "[triage]\nlease_s = 2.0\n[study]")
+    config.write_text(restart.replace('source = "demo"', 'source = "demo"\nmax_wait_ms = 5000'))
     log = tmp_path / "serve.log"
     db = Database(f"sqlite:///{tmp_path / 'data' / 'triagenode.sqlite3'}")
 
@@ -160,6 +118,7 @@ def test_worker_killed_mid_job_completes_once_after_lease_expiry(
         first.send_signal(signal.SIGKILL)
         first.wait(10)
 
+    config.write_text(restart)
     second = start_serve(config, log)
     try:
         wait_for(lambda: pacs.received(), timeout=120, what="SR at the destination")

@@ -5,7 +5,6 @@ workplace's machines cannot install it, so here the whole module is skipped with
 """
 
 # Fixtures imported from tests.onnx_fixtures are redefined as test arguments.
-# ruff: noqa: F811
 
 from __future__ import annotations
 
@@ -16,7 +15,7 @@ import pytest
 
 trt = pytest.importorskip("tensorrt", reason="tensorrt is not installed on this machine")
 
-from tests.onnx_fixtures import demo_images, demo_onnx_dir, loaded_demo  # noqa: E402, F401
+from tests.onnx_fixtures import demo_images  # noqa: E402
 from triagenode.inference.backends.artifacts import engines_dir  # noqa: E402
 from triagenode.inference.backends.tensorrt import TensorRTImageEncoder  # noqa: E402
 from triagenode.inference.backends.torch import TorchImageEncoder  # noqa: E402

@@ -557,10 +557,6 @@ class LabelSettings(Section):
             "and the descriptions: not classified",
         )
 
-    def choose(self, inputs: dict[str, str]) -> str | None:
-        """Name of the label set for a study's triage inputs, or None when nothing fits."""
-        return self.explain_choice(inputs).label_set
-
 
 def default_label_settings() -> LabelSettings:
     """The shipped label sets and domain rules."""

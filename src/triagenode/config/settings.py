@@ -75,9 +75,6 @@ def _check_ae_title(value: str) -> str:
     return stripped
 
 
-Port = Field(ge=1, le=65535, description="TCP port, 1-65535")
-
-
 class NodeSettings(Section):
     data_dir: Path = Field(
         default=Path("triagenode-data"),

@@ -92,12 +92,6 @@ class DynamicBatcher:
             self._cond.notify()
         return future
 
-    def submit_many(
-        self, images: np.ndarray, priority: Priority = Priority.routine
-    ) -> list[Future[np.ndarray]]:
-        """Submit every image of ``(N, 3, S, S)``; one future per image."""
-        return [self.submit(image, priority) for image in images]
-
     def _take_batch(self) -> list[_Item] | None:
         with self._cond:
             while not self._heap and not self._closed:

@@ -17,6 +17,7 @@ from typing import Any
 
 from triagenode.inference.backends.base import ImageEncoder
 from triagenode.inference.backends.cpu import detect_cpu
+from triagenode.optional import require
 
 __all__ = ["EncoderFactory", "machine_backends", "machine_info"]
 
@@ -25,9 +26,9 @@ EncoderFactory = Callable[[], ImageEncoder]
 
 def machine_info() -> dict[str, Any]:
     """CPU, core count, library versions, load average and the GPU when there is one."""
-    import onnxruntime as ort
     import torch
 
+    ort = require("onnxruntime", "onnx", "Describing this machine's backends")
     info: dict[str, Any] = {
         "platform": platform.platform(),
         "cpu": _cpu_name(),

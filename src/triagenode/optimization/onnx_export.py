@@ -32,6 +32,7 @@ from triagenode.inference.backends.artifacts import (
 )
 from triagenode.optimization import parity
 from triagenode.optimization.parity import ParityError, ParityReport, ParityThresholds
+from triagenode.optional import require
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -46,6 +47,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+_PURPOSE = "ONNX export"
 
 DEFAULT_OPSET = 18
 IMAGE_INPUT, IMAGE_OUTPUT = "pixel_values", "image_embeds"
@@ -114,8 +117,7 @@ def label_prompts() -> list[str]:
 
 def run_onnx(path: Path, inputs: np.ndarray, *, batch: int = 16, threads: int = 0) -> np.ndarray:
     """Run a one-input ONNX model on CPU in batches and stack the first output."""
-    import onnxruntime as ort
-
+    ort = require("onnxruntime", "onnx", "Running an ONNX model")
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -152,8 +154,7 @@ def _metadata(loaded: Any, tower: str, precision: str) -> dict[str, str]:
 
 
 def _write_checked(model: Any, path: Path, metadata: dict[str, str]) -> None:
-    import onnx
-
+    onnx = require("onnx", "onnx", _PURPOSE)
     del model.metadata_props[:]
     for key, value in metadata.items():
         model.metadata_props.add(key=key, value=value)
@@ -185,8 +186,7 @@ def _trace(
 def _finalise(
     tmp: Path, final: Path, metadata: dict[str, str], report: ParityReport, what: str
 ) -> None:
-    import onnx
-
+    onnx = require("onnx", "onnx", _PURPOSE)
     if not report.passed:
         tmp.unlink(missing_ok=True)
         raise ParityError(report, what)
@@ -233,9 +233,14 @@ def export_onnx(
     ------
     ParityError
         When a tower's parity is below ``thresholds``; that file is not written.
+    triagenode.optional.MissingDependency
+        When ``onnx`` or ``onnxruntime`` is not installed (the ``onnx`` extra).
     """
     if opset < 17:
         raise ValueError(f"opset must be 17 or newer (got {opset})")
+    # Checked first: without them torch's exporter fails only after tracing, in its own words.
+    for module in ("onnx", "onnxruntime"):
+        require(module, "onnx", _PURPOSE)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     pre = loaded.preprocess
@@ -341,13 +346,12 @@ def make_fp16_variant(
     ParityError
         When parity is below ``thresholds``; nothing is written.
     """
-    import onnx
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-
+    onnx = require("onnx", "onnx", _PURPOSE)
+    float16 = require("onnxruntime.transformers.float16", "onnx", _PURPOSE)
     out_path = Path(out_path or Path(fp32_path).with_name(IMAGE_FP16))
     model = onnx.load(str(fp32_path))
     metadata = {p.key: p.value for p in model.metadata_props}
-    half = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=False)
+    half = float16.convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=False)
     _sort_nodes(half.graph)  # the converter appends its input casts after their consumers
     metadata[METADATA_PREFIX + "precision"] = json.dumps("fp16")
     tmp = out_path.with_name(f".{out_path.name}.tmp")

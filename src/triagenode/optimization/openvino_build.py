@@ -31,6 +31,7 @@ from triagenode.inference.backends.cpu import INFERENCE_FLAGS, CpuCapabilities, 
 from triagenode.inference.backends.openvino import OpenVinoImageEncoder, import_openvino
 from triagenode.optimization import parity
 from triagenode.optimization.parity import ParityError, ParityReport, ParityThresholds
+from triagenode.optional import require
 
 __all__ = [
     "OpenVinoKey",
@@ -115,13 +116,7 @@ def _source_model(ov: Any, loaded: Any, source_onnx: Path | None) -> Any:
 
 
 def _quantize_int8(model: Any, images: np.ndarray) -> Any:
-    try:
-        import nncf
-    except ImportError as exc:
-        raise RuntimeError(
-            "OpenVINO INT8 needs NNCF, which is not installed; install it with: "
-            "pip install 'triagenode[openvino]'"
-        ) from exc
+    nncf = require("nncf", "openvino", "OpenVINO INT8")
     dataset = nncf.Dataset([images[i : i + 1] for i in range(len(images))])
     return nncf.quantize(
         model,

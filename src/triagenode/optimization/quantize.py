@@ -1,11 +1,11 @@
 """INT8 image towers for CPUs: dynamic, and static calibrated on a folder of DICOM images.
 
 Dynamic quantisation stores MatMul/Gemm weights as int8 and quantises activations on the
-fly; on this workplace's 2-core Xeon (AVX-512 VNNI, AMX) it runs the ViT-B/16 image tower
-about 4x faster than fp32 ONNX Runtime. Per-channel weight scales are the default: on 100
-phantom images they kept top-1 agreement with fp32 at 100 % where per-tensor scales lost
-1 %. Static quantisation (QDQ format, the form TensorRT and the CUDA EP consume) calibrates
-activation ranges on real preprocessed DICOM images.
+fly; on a CPU with AVX-512 VNNI it runs the ViT-B/16 image tower several times faster than
+fp32 ONNX Runtime. Per-channel weight scales are the default: they kept top-1 agreement with
+fp32 where per-tensor scales lost some (figures in ``docs/performance.md``). Static
+quantisation (QDQ format, the form TensorRT and the CUDA EP consume) calibrates activation
+ranges on real preprocessed DICOM images.
 
 Both write the model only when its parity with the fp32 reference reaches
 :data:`triagenode.optimization.parity.INT8` (top-1 agreement >= 99 %).
@@ -34,6 +34,7 @@ from triagenode.inference.backends.artifacts import (
 from triagenode.optimization import parity
 from triagenode.optimization.onnx_export import run_onnx
 from triagenode.optimization.parity import ParityError, ParityReport, ParityThresholds
+from triagenode.optional import require
 
 __all__ = [
     "DicomCalibrationReader",
@@ -44,6 +45,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+_PURPOSE = "INT8 quantisation"
 
 _CALIBRATION: dict[str, Callable[[Any], Any]] = {
     "minmax": lambda m: m.MinMax,
@@ -159,16 +162,14 @@ class DicomCalibrationReader:
 def sensitive_nodes(model_path: Path) -> list[str]:
     """GEMMs of the first and last transformer blocks and of the head (``keep_fp32="edges"``).
 
-    Measured on the BiomedCLIP architecture (random weights, the same 100 phantoms, one
-    run): keeping these 13 of 73 GEMMs in fp32 raised the minimum cosine with fp32 from
-    0.9991 to 0.9996 but cost 20-45 % more batch-1 latency, and the centred top-1
+    On the BiomedCLIP architecture, keeping these 13 of 73 GEMMs in fp32 brought the
+    embeddings a little closer to fp32 but cost batch-1 latency, and the centred top-1
     agreement (see :class:`~triagenode.optimization.parity.ParityReport`) did not improve
-    (0.84 vs 0.87 with every GEMM quantised). Hence the default is ``none``; ``edges`` is
+    (figures in ``docs/performance.md``). Hence the default is ``none``; ``edges`` is
     there for trained weights where the parity report says it is needed. Blocks are found
     by timm's ``blocks.<i>/`` node names; a graph without them gets an empty list.
     """
-    import onnx
-
+    onnx = require("onnx", "onnx", _PURPOSE)
     model = onnx.load(str(model_path), load_external_data=False)
     gemms = [n.name for n in model.graph.node if n.op_type in QUANTIZED_OPS]
     blocks = {name: int(m.group(1)) for name in gemms if (m := _BLOCK.search(name))}
@@ -184,8 +185,7 @@ def sensitive_nodes(model_path: Path) -> list[str]:
 
 
 def _copy_metadata(src: Path, dst: Path, precision: str, extra: dict[str, Any]) -> None:
-    import onnx
-
+    onnx = require("onnx", "onnx", _PURPOSE)
     source = onnx.load(str(src), load_external_data=False)
     model = onnx.load(str(dst))
     props = {p.key: p.value for p in source.metadata_props}
@@ -219,35 +219,28 @@ def _run_quantizer(
     nodes_to_exclude: list[str] | None,
     calibrate_method: str,
 ) -> None:
-    from onnxruntime.quantization import (
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_dynamic,
-        quantize_static,
-    )
-
+    quantization = require("onnxruntime.quantization", "onnx", _PURPOSE)
     if mode == "dynamic":
-        quantize_dynamic(
+        quantization.quantize_dynamic(
             src,
             dst,
             op_types_to_quantize=list(QUANTIZED_OPS),
             per_channel=per_channel,
-            weight_type=QuantType.QInt8,
+            weight_type=quantization.QuantType.QInt8,
             nodes_to_exclude=nodes_to_exclude or [],
         )
         return
-    quantize_static(
+    quantization.quantize_static(
         src,
         dst,
         calibration,
-        quant_format=QuantFormat.QDQ,
+        quant_format=quantization.QuantFormat.QDQ,
         op_types_to_quantize=list(QUANTIZED_OPS),
         per_channel=per_channel,
-        activation_type=QuantType.QInt8,
-        weight_type=QuantType.QInt8,
+        activation_type=quantization.QuantType.QInt8,
+        weight_type=quantization.QuantType.QInt8,
         nodes_to_exclude=nodes_to_exclude or [],
-        calibrate_method=_CALIBRATION[calibrate_method](CalibrationMethod),
+        calibrate_method=_CALIBRATION[calibrate_method](quantization.CalibrationMethod),
         # Symmetric activations are what TensorRT's explicit quantisation expects.
         extra_options={"ActivationSymmetric": True, "CalibPercentile": 99.99},
     )

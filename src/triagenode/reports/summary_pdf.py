@@ -49,7 +49,7 @@ ENCAPSULATED_PDF = "1.2.840.10008.5.1.4.1.1.104.1"
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
 _SCALE = 0.58  # points per card pixel: the 1024-pixel card fits an A4 width (595 pt)
 # Images as binary Flate streams: ASCII85 makes them a quarter larger and, without
-# reportlab's optional C accelerator, costs ~60 ms per thumbnail in pure Python.
+# reportlab's optional C accelerator, is slow pure Python (docs/performance.md).
 rl_config.useA85 = 0
 
 

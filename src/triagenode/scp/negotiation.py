@@ -2,8 +2,8 @@
 
 A sender such as DCMTK ``storescu`` proposes a presentation context for every storage SOP
 class, over a hundred of them; pynetdicom's PDU classes validate every UID with regular
-expressions and took about 20 ms of GIL-holding Python per association, serialising
-concurrent senders. Only the few fields the node uses are read here, in a single pass.
+expressions, GIL-holding Python that serialised concurrent senders (docs/performance.md).
+Only the few fields the node uses are read here, in a single pass.
 """
 
 from __future__ import annotations

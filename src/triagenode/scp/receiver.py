@@ -3,7 +3,8 @@
 :class:`DicomReceiver` listens on ``scp.host:scp.port`` and serves each connection in its
 own thread (:class:`~triagenode.scp.association.Association`). Negotiation and the data
 phase are the node's own lean PS3.8 code, because the receive path must keep up with C++
-senders while fsyncing every instance (see README).
+senders while fsyncing every instance (docs/performance.md); pynetdicom supplies only its
+lists of storage SOP classes and transfer syntaxes.
 
 Connections that are not yet associations (TLS handshake, A-ASSOCIATE-RQ still arriving)
 are kept apart from associations so that idle or trickling peers cannot lock modalities

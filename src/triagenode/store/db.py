@@ -12,10 +12,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, inspect, text
+from sqlalchemy import Engine, create_engine, event, make_url, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from triagenode.errors import StorageError
+from triagenode.optional import require
 from triagenode.store.fast_sql import on_driver
 
 __all__ = ["Database"]
@@ -48,6 +49,8 @@ class Database:
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
         else:
             kwargs.update(pool_pre_ping=True, pool_size=10, max_overflow=20)
+            if make_url(url).get_driver_name() == "psycopg":
+                require("psycopg", "postgres", "A postgresql+psycopg:// database URL")
         self.engine: Engine = create_engine(url, **kwargs)
         if self.is_sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
@@ -99,9 +102,6 @@ class Database:
                 connection.execute(text("SELECT 1"))
         except Exception as exc:  # any driver error means "not reachable"
             raise StorageError(f"database {self.safe_url} is not reachable: {exc}") from exc
-
-    def has_schema(self) -> bool:
-        return inspect(self.engine).has_table("alembic_version")
 
     def dispose(self) -> None:
         self.engine.dispose()

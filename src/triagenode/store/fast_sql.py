@@ -32,7 +32,6 @@ class FastStatement:
 
     def __init__(self, statement: ClauseElement, dialect: Dialect) -> None:
         compiled = cast(SQLCompiler, statement.compile(dialect=dialect))
-        self._dialect = dialect
         self.sql = compiled.string
         # qmark/numeric paramstyles (SQLite) bind by position, pyformat (psycopg) by name.
         self._names: tuple[str, ...] | None = (

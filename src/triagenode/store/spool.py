@@ -124,7 +124,6 @@ class IncomingInstance:
         self._hash_backlog = 0
         self.size = 0
         self.dataset_size = 0
-        self._meta_size = 0
         self._final: str | None = None
         self._backup: str | None = None
         self._written_back = 0
@@ -144,7 +143,7 @@ class IncomingInstance:
             self.discard()
             raise SpoolError(f"spool write failed: {exc.strerror}", exc.errno) from exc
         # The last fragment is hashed here: the digest is needed at once, and waking the
-        # helper for it would take longer (about 0.15 ms on these VMs) than hashing it.
+        # helper for it would take longer than hashing it (docs/performance.md).
         if self._hasher is not None and not last and isinstance(data, bytes):  # immutable
             if self._hash_backlog > _HASH_BACKLOG_LIMIT:
                 self._wait_hashed()  # the helper fell behind: bound the memory held
@@ -186,7 +185,6 @@ class IncomingInstance:
     def write_meta(self, meta: bytes) -> None:
         """Write the preamble and file meta group; call once, before any dataset bytes."""
         self._write(meta)
-        self._meta_size = len(meta)
 
     def write(self, data: bytes | memoryview, last: bool = False) -> None:
         """Append received dataset bytes; ``last`` when no more will follow."""
@@ -444,6 +442,3 @@ class Spool:
         """Forget which folders are known to exist (after someone changed the spool)."""
         with self._lock:
             self._durable_dirs.clear()
-
-    def path_of(self, relative_path: str) -> Path:
-        return self.data_dir / relative_path

@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from triagenode.optional import require
+
 __all__ = [
     "IMAGE_FP16",
     "IMAGE_FP32",
@@ -49,8 +51,7 @@ def read_onnx_metadata(path: Path) -> dict[str, Any]:
     Only the model header is parsed (weights are not loaded), so this is cheap even for
     a 350 MB ViT-B/16 file.
     """
-    import onnx
-
+    onnx = require("onnx", "onnx", "Reading an ONNX model's metadata")
     model = onnx.load(str(path), load_external_data=False)
     out: dict[str, Any] = {}
     for prop in model.metadata_props:

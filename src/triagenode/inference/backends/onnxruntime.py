@@ -17,6 +17,7 @@ import numpy as np
 
 from triagenode.errors import ModelLoadError
 from triagenode.inference.backends.artifacts import engines_dir, read_onnx_metadata
+from triagenode.optional import require
 
 __all__ = [
     "PROVIDER_ORDER",
@@ -26,6 +27,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+_PURPOSE = "The onnxruntime backend"
 
 PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 _SHORT = {"tensorrt": PROVIDER_ORDER[0], "cuda": PROVIDER_ORDER[1], "cpu": PROVIDER_ORDER[2]}
@@ -39,8 +42,7 @@ _OPT_LEVELS = {
 
 def available_providers() -> list[str]:
     """Execution providers this ONNX Runtime build offers, in :data:`PROVIDER_ORDER`."""
-    import onnxruntime as ort
-
+    ort = require("onnxruntime", "onnx", _PURPOSE)
     offered = set(ort.get_available_providers())
     return [p for p in PROVIDER_ORDER if p in offered]
 
@@ -137,8 +139,7 @@ class OnnxRuntimeImageEncoder:
         max_batch: int = 32,
         device_id: int = 0,
     ) -> None:
-        import onnxruntime as ort
-
+        ort = require("onnxruntime", "onnx", _PURPOSE)
         self.model_path = Path(model_path)
         if not self.model_path.is_file():
             raise ModelLoadError(f"ONNX model {self.model_path}: not found")

@@ -7,9 +7,9 @@ cached per CPU, OpenVINO version, source model and precision. Compiling it takes
 two; it is done at start-up with ``INFERENCE_PRECISION_HINT``, ``INFERENCE_NUM_THREADS``
 (``model.threads``) and ``PERFORMANCE_HINT`` (``model.performance_hint``).
 
-Why the IR and not an exported compiled blob: the blob of ViT-B/16 holds fp32 weights (345 MB)
-and importing it raised the resident memory by 540 MiB, more than ONNX Runtime fp32 (480 MiB),
-and was no faster than compiling; the bf16 IR stores fp16 weights and compiles in 1-3 s
+Why the IR and not an exported compiled blob: the blob of ViT-B/16 holds fp32 weights,
+importing it raised the resident memory more than ONNX Runtime fp32 does and was no faster
+than compiling; the bf16 IR stores fp16 weights and compiles in seconds
 (``docs/performance.md``).
 """
 
@@ -25,6 +25,7 @@ import numpy as np
 
 from triagenode.errors import ConfigError, ModelLoadError
 from triagenode.inference.backends.cpu import CpuCapabilities, detect_cpu
+from triagenode.optional import MissingDependency, install_hint, require
 
 __all__ = [
     "INSTALL_HINT",
@@ -36,20 +37,16 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-INSTALL_HINT = "pip install 'triagenode[openvino]'"
+INSTALL_HINT = install_hint("openvino")
 _HINTS = {"latency": "LATENCY", "throughput": "THROUGHPUT"}
 
 
 def import_openvino() -> Any:
     """The ``openvino`` module, or a :class:`ModelLoadError` naming the pip extra."""
     try:
-        import openvino
-    except ImportError as exc:
-        raise ModelLoadError(
-            f"the openvino backend needs the 'openvino' package, which is not installed "
-            f"({exc}); install it with: {INSTALL_HINT}"
-        ) from exc
-    return openvino
+        return require("openvino", "openvino", "The openvino backend")
+    except MissingDependency as exc:
+        raise ModelLoadError(str(exc)) from exc
 
 
 def resolve_openvino_precision(

@@ -3,17 +3,15 @@
 Order (README, "Backends"):
 
 - GPU: TensorRT engine > ONNX Runtime (TensorRT EP, then CUDA EP) > PyTorch CUDA (bf16,
-  then fp16). Not measured here (no GPU on this workplace's machines): it follows the
-  usual ranking of these runtimes and is to be confirmed with ``benchmarks/gpu_suite.py``.
+  then fp16). Not measured by this project: it follows the usual ranking of these runtimes
+  and is to be confirmed with ``benchmarks/gpu_suite.py``.
 - CPU with native bf16 (AMX or AVX-512 BF16, :mod:`~triagenode.inference.backends.cpu`):
   OpenVINO bf16 first when ``image.onnx`` is exported (built from it, parity-checked and
   cached on first start in seconds; figures in ``docs/performance.md``), then:
-- CPU, measured on the 2-core AVX-512 VNNI/AMX Xeon of this workplace, BiomedCLIP
-  architecture: ONNX Runtime dynamic INT8 (batch-1 latency 46 ms idle, 75 ms at load 1-2;
-  3.0x PyTorch fp32 at batch 1, 3.7x at batch 8; top-1 agreement with fp32 100 % on 100
-  phantoms) > PyTorch fp32 >
-  ONNX Runtime fp32 (faster than PyTorch at batch 1, equal at batch 8, but only a copy of
-  the reference numerics that needs an artefact). PyTorch bf16 (autocast) only on request.
+- CPU, as measured on the BiomedCLIP architecture (``docs/performance.md``): ONNX Runtime
+  dynamic INT8 (several times PyTorch fp32, same top-1 on the parity phantoms) > PyTorch
+  fp32 > ONNX Runtime fp32 (faster than PyTorch at batch 1, equal at batch 8, but only a
+  copy of the reference numerics that needs an artefact). PyTorch bf16 (autocast) only on request.
 - ``backend = "openvino"``: bf16 where the CPU has it, else fp32 (an INFO line says so), from
   ``image.onnx`` or, without it, converted from PyTorch; ``precision = "int8"`` quantises
   with NNCF on first start.
@@ -148,7 +146,7 @@ def plan_candidates(settings: Any, artifacts_dir: Path | None, machine: Machine)
             None if ort_gpu else "onnxruntime has no CUDA or TensorRT provider (onnxruntime-gpu)"
         )
         add("onnxruntime", "cuda", "fp16", (IMAGE_FP16,), no_ep)
-        add("torch", "cuda", "bf16")  # 10,129 vs 9,736 img/s fp16 on an H100, wider range
+        add("torch", "cuda", "bf16")  # as fast as fp16 (docs/performance.md), wider range
         add("torch", "cuda", "fp16")
         add("onnxruntime", "cuda", "fp32", (IMAGE_FP32,), no_ep)
         add("torch", "cuda", "fp32")
@@ -185,8 +183,8 @@ def _add_openvino(
     onnx = Path(artifacts_dir) / IMAGE_FP32 if artifacts_dir is not None else None
     source = onnx if onnx is not None and onnx.is_file() else None
     if wanted == "auto" and source is None and missing is None:
-        # Converting from PyTorch traces the model (10 s for the demo, minutes for ViT-B on
-        # 2 cores); auto, like for TensorRT, does not start that at every fresh start.
+        # Converting from PyTorch traces the model (minutes for ViT-B on a small CPU); auto,
+        # like for TensorRT, does not start that at every fresh start.
         missing = (
             f"no {IMAGE_FP32} in {artifacts_dir} (run `triagenode optimize export-onnx`, "
             'or set model.backend = "openvino" to convert from PyTorch)'

@@ -4,8 +4,7 @@ The engine's I/O tensors are addressed by name (``set_input_shape``, ``set_tenso
 and run with ``execute_async_v3`` on a dedicated torch CUDA stream, so no pycuda is needed.
 Batches are padded up to a bucket (powers of two up to ``max_batch``); with CUDA graphs on,
 each bucket's enqueue is captured once and replayed, which removes the per-kernel launch
-cost that dominates batch-1 latency on a fast GPU (2.9 ms eager vs 0.74 ms graphed for the
-PyTorch ViT-B/16 on an H100, see DESIGN.md).
+cost that dominates batch-1 latency on a fast GPU (figures in ``docs/performance.md``).
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from triagenode.errors import ModelLoadError
+from triagenode.optional import MissingDependency, require
 
 __all__ = ["TensorRTImageEncoder"]
 
@@ -70,11 +70,12 @@ class TensorRTImageEncoder:
         device_index: int = 0,
         cuda_graphs: bool = True,
     ) -> None:
+        import torch
+
         try:
-            import tensorrt as trt
-            import torch
-        except ImportError as exc:
-            raise ModelLoadError(f"tensorrt backend needs the {exc.name!r} package") from exc
+            trt = require("tensorrt", "tensorrt", "The tensorrt backend")
+        except MissingDependency as exc:
+            raise ModelLoadError(str(exc)) from exc
         if not torch.cuda.is_available():
             raise ModelLoadError("tensorrt backend needs a CUDA GPU; none is available")
         self._torch = torch
