@@ -160,7 +160,7 @@ class Node:
 
     def _start_api(self) -> None:
         from triagenode.api.app import ApiServices, create_app
-        from triagenode.cli.api import build_server
+        from triagenode.api.server import build_server
         from triagenode.inference.predictor import ClassifierPredictor
 
         services = ApiServices(
