@@ -21,6 +21,7 @@ from triagenode.config.settings import ModelSettings
 from triagenode.domain import ImageRef
 from triagenode.errors import ModelLoadError
 from triagenode.inference.backends.cpu import CpuCapabilities
+from triagenode.inference.backends.engine_cache import OpenVinoKey, openvino_cache_key
 from triagenode.inference.backends.openvino import (
     OpenVinoImageEncoder,
     import_openvino,
@@ -29,11 +30,8 @@ from triagenode.inference.backends.openvino import (
 from triagenode.inference.backends.select import Machine, plan_candidates, select_backend
 from triagenode.inference.backends.torch import TorchImageEncoder
 from triagenode.inference.classifier import ZeroShotClassifier
-from triagenode.optimization.openvino_build import (
-    OpenVinoKey,
-    ensure_openvino_model,
-    openvino_cache_key,
-)
+from triagenode.optimization.builder import OptimizationBuilder
+from triagenode.optimization.openvino_build import ensure_openvino_model
 
 AMX_XEON = CpuCapabilities(
     "Intel(R) Xeon(R) Platinum 8480+",
@@ -214,6 +212,7 @@ def test_openvino_through_the_classifier_matches_pytorch(
         demo_onnx_dir,
         loaded_demo,
         machine=Machine.detect(),
+        builder=OptimizationBuilder(),
     )
     if precision == "bf16" and not Machine.detect().cpu.bf16:
         assert encoder.precision == "fp32"  # this CPU has no native bf16
@@ -247,7 +246,13 @@ def test_auto_on_a_bf16_cpu_opens_openvino_from_the_export(loaded_demo, demo_onn
     cpu = Machine.detect().cpu
     if not cpu.bf16:
         pytest.skip(f"{cpu.name} has no native bf16; auto keeps its old order there")
-    encoder = select_backend(_settings(), demo_onnx_dir, loaded_demo, machine=Machine.detect())
+    encoder = select_backend(
+        _settings(),
+        demo_onnx_dir,
+        loaded_demo,
+        machine=Machine.detect(),
+        builder=OptimizationBuilder(),
+    )
     assert isinstance(encoder, OpenVinoImageEncoder) and encoder.precision == "bf16"
     assert "backend selected: openvino/cpu/bf16 (image.onnx)" in caplog.text
     assert list((demo_onnx_dir / "openvino").glob("*-bf16-*.xml")), "built once, cached"
@@ -260,6 +265,7 @@ def test_explicit_openvino_without_an_export_converts_pytorch(loaded_demo, tmp_p
         tmp_path,
         loaded_demo,
         machine=Machine.detect(),
+        builder=OptimizationBuilder(),
     )
     assert isinstance(encoder, OpenVinoImageEncoder) and encoder.precision == "fp32"
     sidecar = next((tmp_path / "openvino").glob("*-fp32-*.json")).read_text()
@@ -279,6 +285,7 @@ def test_a_model_failing_parity_is_skipped_with_a_warning(loaded_demo, demo_onnx
         demo_onnx_dir,
         loaded_demo,
         machine=Machine.detect(),
+        builder=OptimizationBuilder(),
     )
     assert isinstance(encoder, TorchImageEncoder)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]

@@ -30,6 +30,7 @@ def build_classifier(settings: Settings) -> Any:
     from triagenode.inference.batcher import DynamicBatcher
     from triagenode.inference.classifier import ZeroShotClassifier
     from triagenode.inference.model import load_model
+    from triagenode.optimization.builder import OptimizationBuilder
 
     calibration = None
     if settings.model.calibration is not None:
@@ -45,7 +46,9 @@ def build_classifier(settings: Settings) -> Any:
         log.info(
             "site calibration %s applied to label set %s", calibration.tag, calibration.label_set
         )
-    encoder = select_backend(settings.model, settings.artifacts_dir, model)
+    encoder = select_backend(
+        settings.model, settings.artifacts_dir, model, builder=OptimizationBuilder()
+    )
     batcher = DynamicBatcher(encoder, settings.model.max_batch, settings.model.max_wait_ms)
     return ZeroShotClassifier(model, encoder, labels, cache_dir, batcher=batcher)
 
@@ -171,7 +174,7 @@ class Node:
         )
         app = create_app(self.settings, self.db, self.audit, services)
         server = build_server(app, self.settings.api.host, self.settings.api.port)
-        server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        server.install_signal_handlers = lambda: None  # type: ignore[attr-defined,method-assign]
         thread = threading.Thread(target=server.run, name="api", daemon=True)
         thread.start()
         self.api_server = server

@@ -347,8 +347,11 @@ def _classify(args: argparse.Namespace) -> int:
     model = load_model(settings.model, cache_dir=cache_dir)
     try:
         from triagenode.inference.backends.select import select_backend
+        from triagenode.optimization.builder import OptimizationBuilder
 
-        encoder = select_backend(settings.model, settings.artifacts_dir, model)
+        encoder = select_backend(
+            settings.model, settings.artifacts_dir, model, builder=OptimizationBuilder()
+        )
     except ImportError:
         encoder = create_encoder(model, settings.model)
     classifier = ZeroShotClassifier(model, encoder, settings.labels, cache_dir)
