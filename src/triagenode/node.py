@@ -80,14 +80,14 @@ class Node:
     # Start-up ------------------------------------------------------------------------
 
     def start(self) -> None:
+        from triagenode.delivery.exporter import Exporter, ExportOutbox
+        from triagenode.delivery.probe import DestinationProbe
         from triagenode.pipeline.notify import CriticalFindingNotifier
         from triagenode.pipeline.queue import JobQueue
         from triagenode.pipeline.scheduler import StudyScheduler
         from triagenode.pipeline.tracker import StudyTracker
         from triagenode.pipeline.triage import TriageRules
         from triagenode.pipeline.worker import StudyProcessor, WorkerPool
-        from triagenode.scp.exporter import Exporter, ExportOutbox
-        from triagenode.scp.probe import DestinationProbe
         from triagenode.scp.receiver import DicomReceiver
 
         settings = self.settings

@@ -45,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction, parent: argparse.ArgumentPa
 
 def _outbox(args: argparse.Namespace) -> Any:
     from triagenode.audit.events import AuditLog
-    from triagenode.scp.outbox import ExportOutbox
+    from triagenode.delivery.outbox import ExportOutbox
 
     settings = settings_from_args(args)
     db = open_database(settings)

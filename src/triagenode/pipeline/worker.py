@@ -19,6 +19,7 @@ from sqlalchemy import select
 
 from triagenode.audit.events import AuditEventId, AuditLog
 from triagenode.config.settings import Settings
+from triagenode.delivery.outbox import ExportOutbox
 from triagenode.domain import Priority, StudyResult, StudyState
 from triagenode.errors import TriageNodeError
 from triagenode.inference.classifier import NoUsableImagesError, ZeroShotClassifier
@@ -36,7 +37,6 @@ from triagenode.reports.sr import build_sr, write_sr
 from triagenode.reports.summary_card import Thumbnail, layout_card
 from triagenode.reports.summary_pdf import build_summary_pdf
 from triagenode.reports.summary_sc import build_summary_sc
-from triagenode.scp.exporter import ExportOutbox
 from triagenode.store.db import Database
 from triagenode.store.models import Instance, Result, Series, Study
 from triagenode.store.study_state import set_study_state

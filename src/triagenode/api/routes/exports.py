@@ -54,7 +54,7 @@ def list_exports(
 def requeue_export(db: Database, audit: AuditLog, settings: Settings, export_id: int) -> bool:
     """Requeue through the exporter's outbox when it is installed, else by a DB update."""
     try:
-        from triagenode.scp.outbox import ExportOutbox
+        from triagenode.delivery.outbox import ExportOutbox
     except ImportError:
         pass
     else:
