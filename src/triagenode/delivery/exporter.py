@@ -32,7 +32,8 @@ from sqlalchemy.orm import Session
 
 from triagenode.audit.events import AuditEventId, AuditLog, Outcome
 from triagenode.config.settings import Destination, Settings
-from triagenode.delivery.outbox import ExportOutbox, ExportRow, ExportState, backoff_delay
+from triagenode.delivery.outbox import ExportOutbox, ExportRow, backoff_delay
+from triagenode.domain import ExportState
 from triagenode.errors import ConfigError
 from triagenode.metrics import EXPORT_ATTEMPTS, EXPORT_FAILURES
 from triagenode.store.models import utcnow
@@ -40,7 +41,6 @@ from triagenode.store.models import utcnow
 __all__ = [
     "ExportOutbox",
     "ExportRow",
-    "ExportState",
     "Exporter",
     "backoff_delay",
     "client_context",

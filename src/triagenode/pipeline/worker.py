@@ -20,7 +20,7 @@ from sqlalchemy import select
 from triagenode.audit.events import AuditEventId, AuditLog
 from triagenode.config.settings import Settings
 from triagenode.delivery.outbox import ExportOutbox
-from triagenode.domain import Priority, StudyResult, StudyState
+from triagenode.domain import JobState, Priority, StudyResult, StudyState
 from triagenode.errors import TriageNodeError
 from triagenode.inference.classifier import NoUsableImagesError, ZeroShotClassifier
 from triagenode.inference.plan import plan_study
@@ -370,7 +370,7 @@ class StudyProcessor:
                     },
                     session=session,
                 )
-        STUDIES_PROCESSED.labels("reported", snapshot.priority.name).inc()
+        STUDIES_PROCESSED.labels(StudyState.reported.value, snapshot.priority.name).inc()
         if self.on_exports_queued is not None and not shadow:
             self.on_exports_queued()
         if result.critical and self.notifier is not None:
@@ -512,15 +512,15 @@ class WorkerPool:
             retry = not isinstance(exc, NoUsableImagesError)
             state = self.queue.fail(job.id, worker_id, reason, retry=retry)
             with self.processor.db.write_session() as session:
-                final = state == "failed"
+                final = state is JobState.failed
                 set_study_state(
                     session,
                     job.study_id,
                     StudyState.failed if final else StudyState.queued,
                     reason if final else f"retrying after: {reason}",
                 )
-            if state == "failed":
-                STUDIES_PROCESSED.labels("failed", Priority(job.priority).name).inc()
+            if state is JobState.failed:
+                STUDIES_PROCESSED.labels(StudyState.failed.value, Priority(job.priority).name).inc()
             return True
         self.queue.complete(job.id, worker_id)
         return True

@@ -25,6 +25,8 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
+from triagenode.domain import ExportState, JobState
+
 __all__ = [
     "ApiToken",
     "AuditEvent",
@@ -181,7 +183,7 @@ class Job(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
     kind: Mapped[str] = mapped_column(String(32), default="classify")
-    state: Mapped[str] = mapped_column(String(16), default="pending")  # pending/leased/done/failed
+    state: Mapped[str] = mapped_column(String(16), default=JobState.pending.value)
     priority: Mapped[int] = mapped_column(Integer, default=20)
     run: Mapped[int] = mapped_column(Integer, default=1)
     enqueued_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -233,7 +235,7 @@ class Export(Base):
     sop_instance_uid: Mapped[str] = mapped_column(UID)
     file_path: Mapped[str] = mapped_column(Text)  # relative to node.data_dir
     priority: Mapped[int] = mapped_column(Integer, default=20)
-    state: Mapped[str] = mapped_column(String(16), default="pending")  # pending/sending/sent/dead
+    state: Mapped[str] = mapped_column(String(16), default=ExportState.pending.value)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_error: Mapped[str | None] = mapped_column(Text)
