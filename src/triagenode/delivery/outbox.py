@@ -87,7 +87,7 @@ def backoff_delay(attempts: int, initial_s: float, max_s: float, *, jitter: floa
     """Seconds to wait after the ``attempts``-th failure: ``initial * 2**(attempts-1)``,
     capped at ``max_s``, plus up to ``jitter`` of itself so many rows do not retry in step.
     """
-    base = min(initial_s * 2 ** max(attempts - 1, 0), max_s)
+    base = min(initial_s * 2.0 ** max(attempts - 1, 0), max_s)
     return base + random.uniform(0, jitter * base)
 
 

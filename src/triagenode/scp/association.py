@@ -174,7 +174,7 @@ class Association:
     # I/O ----------------------------------------------------------------------------------
 
     def _read(self, n: int) -> bytes:
-        data = self._reader.read(n)
+        data: bytes = self._reader.read(n)
         if len(data) != n:
             raise _Closed()
         return data

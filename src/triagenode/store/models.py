@@ -8,6 +8,7 @@ Schema changes go through Alembic migrations in ``store/migrations``.
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from typing import Any
 
 from sqlalchemy import (
     JSON,
@@ -103,7 +104,9 @@ class Study(Base):
     run: Mapped[int] = mapped_column(Integer, default=1)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     critical: Mapped[bool] = mapped_column(Boolean, default=False)
-    triage_inputs: Mapped[dict | None] = mapped_column(JSON)  # non-PHI fields rules match on
+    triage_inputs: Mapped[dict[str, Any] | None] = mapped_column(
+        JSON
+    )  # non-PHI fields rules match on
 
     series: Mapped[list[Series]] = relationship(back_populates="study", cascade="all")
     events: Mapped[list[StudyEvent]] = relationship(
@@ -212,7 +215,7 @@ class Result(Base):
     label_set: Mapped[str] = mapped_column(String(64))
     top_finding: Mapped[str | None] = mapped_column(String(64))
     critical: Mapped[bool] = mapped_column(Boolean, default=False)
-    findings: Mapped[dict] = mapped_column(JSON)  # the JSON twin of the SR
+    findings: Mapped[dict[str, Any]] = mapped_column(JSON)  # the JSON twin of the SR
     sr_sop_instance_uid: Mapped[str | None] = mapped_column(UID, unique=True)
     sr_series_uid: Mapped[str | None] = mapped_column(UID)
     sr_path: Mapped[str | None] = mapped_column(Text)
@@ -263,7 +266,7 @@ class AuditEvent(Base):
     actor_address: Mapped[str | None] = mapped_column(String(128))
     study_uid: Mapped[str | None] = mapped_column(UID, index=True)
     patient_ref: Mapped[str | None] = mapped_column(String(64), index=True)
-    details: Mapped[dict | None] = mapped_column(JSON)
+    details: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     prev_hash: Mapped[str | None] = mapped_column(String(64))
     row_hash: Mapped[str | None] = mapped_column(String(64))
 
