@@ -22,6 +22,11 @@ A candidate whose artefact is missing is skipped (logged at INFO: that is the no
 a fresh node); an artefact exported from other weights is refused as stale; a candidate that
 exists but fails to load logs a WARNING with the reason and the next one is tried. An
 explicit backend that cannot load falls back to PyTorch with a WARNING, never silently.
+
+The builds "on first start" above are done by the :class:`EngineBuilder` the caller passes
+(the node passes :class:`triagenode.optimization.builder.OptimizationBuilder`); this module
+only looks compiled models up (:mod:`~triagenode.inference.backends.engine_cache`), and
+without a builder a model missing from the cache is skipped like a missing artefact.
 """
 
 from __future__ import annotations
