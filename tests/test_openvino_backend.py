@@ -291,3 +291,28 @@ def test_a_model_failing_parity_is_skipped_with_a_warning(loaded_demo, demo_onnx
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("openvino/cpu/int8" in w and "parity below threshold" in w for w in warnings)
     assert not list((demo_onnx_dir / "openvino").glob("*int8*.xml"))
+
+
+def test_without_a_builder_a_cached_model_is_found_and_a_missing_one_is_not_built(
+    loaded_demo, demo_onnx_dir, caplog
+):
+    # inference only looks compiled models up; building is optimization's (EngineBuilder).
+    pytest.importorskip("openvino")
+    caplog.set_level(logging.INFO)
+    settings = _settings(backend="openvino", precision="fp32")
+    encoder = select_backend(settings, demo_onnx_dir, loaded_demo, machine=_machine(NO_BF16))
+    assert isinstance(encoder, TorchImageEncoder)
+    assert not list(demo_onnx_dir.glob("openvino/*.xml")), "nothing was built"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("openvino/cpu/fp32" in w and "no OpenVINO model" in w for w in warnings)
+
+    built = ensure_openvino_model(
+        loaded_demo,
+        demo_onnx_dir / "openvino",
+        precision="fp32",
+        source_onnx=demo_onnx_dir / "image.onnx",
+    )
+    caplog.clear()
+    encoder = select_backend(settings, demo_onnx_dir, loaded_demo, machine=_machine(NO_BF16))
+    assert isinstance(encoder, OpenVinoImageEncoder) and encoder.precision == "fp32"
+    assert f"OpenVINO model cache hit: {built.name}" in caplog.text
