@@ -35,9 +35,9 @@ from tests.console_support import result_json
 from tests.peers import wait_for
 
 from triagenode.api import create_app
+from triagenode.api.server import build_server
 from triagenode.api.tokens import TokenStore
 from triagenode.audit import AuditLog
-from triagenode.cli.api import build_server
 from triagenode.config.settings import load_settings
 from triagenode.store import migrate
 from triagenode.store.db import Database

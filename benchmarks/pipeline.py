@@ -188,6 +188,7 @@ def encoder_ratio(args: argparse.Namespace) -> dict:
     from triagenode.inference.classifier import ZeroShotClassifier
     from triagenode.inference.prefetch import StudyPrefetcher, study_embeddings
     from triagenode.inference.preprocess import preprocess_file
+    from triagenode.optimization.builder import OptimizationBuilder
     from triagenode.optimization.onnx_export import export_onnx
 
     work = Path(tempfile.mkdtemp(prefix="triagenode-bench-ratio-"))
@@ -205,7 +206,7 @@ def encoder_ratio(args: argparse.Namespace) -> dict:
     settings = ModelSettings(
         source="demo", backend=args.backend, precision=args.precision, threads=args.threads
     )
-    encoder = select_backend(settings, artifacts, loaded)
+    encoder = select_backend(settings, artifacts, loaded, builder=OptimizationBuilder())
     classifier = ZeroShotClassifier(loaded, encoder, LabelSettings(), None)
     prefetcher = StudyPrefetcher(workers=args.prefetch_workers, lookahead=8)
     studies = {}

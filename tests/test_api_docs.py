@@ -18,7 +18,7 @@ import tomllib
 from tests.api_support import shared_world
 from tests.peers import free_port, wait_for
 from triagenode.api.docs import DOCS_ASSETS
-from triagenode.cli.api import build_server
+from triagenode.api.server import build_server
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,7 @@ import pytest
 from tests.api_support import STUDY_UID, ApiWorld, build_world
 from tests.factory import BIRTH_DATE, PATIENT_ID, PATIENT_NAME
 from tests.peers import free_port, wait_for
-from triagenode.cli.api import build_server
+from triagenode.api.server import build_server
 from triagenode.store.db import Database
 
 PHI = (PATIENT_ID, PATIENT_NAME, PATIENT_NAME.replace("^", " "), BIRTH_DATE)

@@ -19,7 +19,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tests.api_support import ApiWorld, build_world
 from tests.peers import free_port, wait_for
-from triagenode.cli.api import build_server
+from triagenode.api.server import build_server
 from triagenode.errors import ConfigError
 from triagenode.store import migrate
 from triagenode.store.db import Database

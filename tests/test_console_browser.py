@@ -23,7 +23,7 @@ from tests.api_support import STUDY_UID, ApiWorld, events, shared_world
 from tests.console_support import NA_REASON, NOT_APPLICABLE_UID, URGENT_UID, seed_console
 from tests.factory import BIRTH_DATE, PATIENT_ID, PATIENT_NAME
 from tests.peers import free_port, wait_for
-from triagenode.cli.api import build_server
+from triagenode.api.server import build_server
 from triagenode.store.models import AuditEvent, Export, Study
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")

@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from triagenode.optimization import tensorrt_build
-from triagenode.optimization.tensorrt_build import (
+from triagenode.inference.backends.engine_cache import (
     EngineKey,
     GpuInfo,
     engine_cache_key,
     engine_path,
-    ensure_engine,
 )
+from triagenode.optimization import tensorrt_build
+from triagenode.optimization.tensorrt_build import ensure_engine
 
 H100 = GpuInfo("NVIDIA H100 80GB HBM3", (9, 0), "10.3.0")
 KEY = EngineKey(H100, "ab" * 32, "fp16", 32, 224)

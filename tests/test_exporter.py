@@ -9,8 +9,8 @@ import pytest
 
 from triagenode.audit.events import AuditLog
 from triagenode.config.settings import Settings
-from triagenode.domain import Priority
-from triagenode.scp.exporter import ExportOutbox, ExportState, backoff_delay
+from triagenode.delivery.exporter import ExportOutbox, backoff_delay
+from triagenode.domain import ExportState, Priority
 from triagenode.store.db import Database
 from triagenode.store.models import Export, utcnow
 

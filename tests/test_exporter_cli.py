@@ -10,7 +10,7 @@ import pytest
 from triagenode.audit.events import AuditLog
 from triagenode.cli import main
 from triagenode.config.settings import load_settings
-from triagenode.scp.exporter import ExportOutbox
+from triagenode.delivery.exporter import ExportOutbox
 from triagenode.store import migrate
 from triagenode.store.db import Database
 

@@ -18,10 +18,10 @@ from tests.sr_cases import ct_result, demo_cr_result
 from tests.tcp_tap import TcpTap
 from triagenode.audit.events import AuditLog
 from triagenode.config.settings import Settings
-from triagenode.domain import StudyResult
+from triagenode.delivery.exporter import Exporter, ExportOutbox
+from triagenode.domain import ExportState, StudyResult
 from triagenode.metrics import EXPORT_ATTEMPTS, EXPORT_FAILURES
 from triagenode.reports import build_sr, summarize_sr, write_sr
-from triagenode.scp.exporter import Exporter, ExportOutbox, ExportState
 from triagenode.store.db import Database
 from triagenode.store.models import AuditEvent
 

@@ -20,6 +20,7 @@ from triagenode.config.settings import ModelSettings
 from triagenode.domain import ImageRef
 from triagenode.errors import ModelLoadError
 from triagenode.inference.backends.cpu import CpuCapabilities
+from triagenode.inference.backends.engine_cache import OpenVinoKey, openvino_cache_key
 from triagenode.inference.backends.openvino import (
     OpenVinoImageEncoder,
     import_openvino,
@@ -28,11 +29,8 @@ from triagenode.inference.backends.openvino import (
 from triagenode.inference.backends.select import Machine, plan_candidates, select_backend
 from triagenode.inference.backends.torch import TorchImageEncoder
 from triagenode.inference.classifier import ZeroShotClassifier
-from triagenode.optimization.openvino_build import (
-    OpenVinoKey,
-    ensure_openvino_model,
-    openvino_cache_key,
-)
+from triagenode.optimization.builder import OptimizationBuilder
+from triagenode.optimization.openvino_build import ensure_openvino_model
 
 AMX_XEON = CpuCapabilities(
     "Intel(R) Xeon(R) Platinum 8480+",
@@ -213,6 +211,7 @@ def test_openvino_through_the_classifier_matches_pytorch(
         demo_onnx_dir,
         loaded_demo,
         machine=Machine.detect(),
+        builder=OptimizationBuilder(),
     )
     if precision == "bf16" and not Machine.detect().cpu.bf16:
         assert encoder.precision == "fp32"  # this CPU has no native bf16
@@ -246,7 +245,13 @@ def test_auto_on_a_bf16_cpu_opens_openvino_from_the_export(loaded_demo, demo_onn
     cpu = Machine.detect().cpu
     if not cpu.bf16:
         pytest.skip(f"{cpu.name} has no native bf16; auto keeps its old order there")
-    encoder = select_backend(_settings(), demo_onnx_dir, loaded_demo, machine=Machine.detect())
+    encoder = select_backend(
+        _settings(),
+        demo_onnx_dir,
+        loaded_demo,
+        machine=Machine.detect(),
+        builder=OptimizationBuilder(),
+    )
     assert isinstance(encoder, OpenVinoImageEncoder) and encoder.precision == "bf16"
     assert "backend selected: openvino/cpu/bf16 (image.onnx)" in caplog.text
     assert list((demo_onnx_dir / "openvino").glob("*-bf16-*.xml")), "built once, cached"
@@ -259,6 +264,7 @@ def test_explicit_openvino_without_an_export_converts_pytorch(loaded_demo, tmp_p
         tmp_path,
         loaded_demo,
         machine=Machine.detect(),
+        builder=OptimizationBuilder(),
     )
     assert isinstance(encoder, OpenVinoImageEncoder) and encoder.precision == "fp32"
     sidecar = next((tmp_path / "openvino").glob("*-fp32-*.json")).read_text()
@@ -278,8 +284,34 @@ def test_a_model_failing_parity_is_skipped_with_a_warning(loaded_demo, demo_onnx
         demo_onnx_dir,
         loaded_demo,
         machine=Machine.detect(),
+        builder=OptimizationBuilder(),
     )
     assert isinstance(encoder, TorchImageEncoder)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("openvino/cpu/int8" in w and "parity below threshold" in w for w in warnings)
     assert not list((demo_onnx_dir / "openvino").glob("*int8*.xml"))
+
+
+def test_without_a_builder_a_cached_model_is_found_and_a_missing_one_is_not_built(
+    loaded_demo, demo_onnx_dir, caplog
+):
+    # inference only looks compiled models up; building is optimization's (EngineBuilder).
+    pytest.importorskip("openvino")
+    caplog.set_level(logging.INFO)
+    settings = _settings(backend="openvino", precision="fp32")
+    encoder = select_backend(settings, demo_onnx_dir, loaded_demo, machine=_machine(NO_BF16))
+    assert isinstance(encoder, TorchImageEncoder)
+    assert not list(demo_onnx_dir.glob("openvino/*.xml")), "nothing was built"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("openvino/cpu/fp32" in w and "no OpenVINO model" in w for w in warnings)
+
+    built = ensure_openvino_model(
+        loaded_demo,
+        demo_onnx_dir / "openvino",
+        precision="fp32",
+        source_onnx=demo_onnx_dir / "image.onnx",
+    )
+    caplog.clear()
+    encoder = select_backend(settings, demo_onnx_dir, loaded_demo, machine=_machine(NO_BF16))
+    assert isinstance(encoder, OpenVinoImageEncoder) and encoder.precision == "fp32"
+    assert f"OpenVINO model cache hit: {built.name}" in caplog.text

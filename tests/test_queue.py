@@ -11,8 +11,8 @@ import pytest
 from sqlalchemy import select
 
 from triagenode.config.settings import Settings
-from triagenode.domain import Priority, StudyState
-from triagenode.pipeline.queue import JobQueue, JobState, effective_priority
+from triagenode.domain import JobState, Priority, StudyState
+from triagenode.pipeline.queue import JobQueue, effective_priority
 from triagenode.store.db import Database
 from triagenode.store.models import Job, Study, StudyEvent
 

@@ -21,9 +21,9 @@ from tests.tcp_tap import TcpTap
 from triagenode.api import ApiServices
 from triagenode.api.app import create_app
 from triagenode.audit.events import AuditLog
+from triagenode.delivery.exporter import Exporter, ExportOutbox
+from triagenode.delivery.probe import DestinationProbe
 from triagenode.node import Node
-from triagenode.scp.exporter import Exporter, ExportOutbox
-from triagenode.scp.probe import DestinationProbe
 from triagenode.store import migrate
 from triagenode.store.db import Database
 

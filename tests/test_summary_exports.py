@@ -16,8 +16,8 @@ from tests.peers import free_port, wait_for
 from tests.test_end_to_end import running, send_to_node, start_node  # noqa: F401 - fixture
 from triagenode.audit.events import AuditLog
 from triagenode.config.settings import Settings
+from triagenode.delivery.exporter import ExportOutbox
 from triagenode.errors import ConfigError
-from triagenode.scp.exporter import ExportOutbox
 from triagenode.store.db import Database
 from triagenode.store.models import Export, Study
 

@@ -17,9 +17,10 @@ trt = pytest.importorskip("tensorrt", reason="tensorrt is not installed on this 
 
 from tests.onnx_fixtures import demo_images  # noqa: E402
 from triagenode.inference.backends.artifacts import engines_dir  # noqa: E402
+from triagenode.inference.backends.engine_cache import current_gpu  # noqa: E402
 from triagenode.inference.backends.tensorrt import TensorRTImageEncoder  # noqa: E402
 from triagenode.inference.backends.torch import TorchImageEncoder  # noqa: E402
-from triagenode.optimization.tensorrt_build import current_gpu, ensure_engine  # noqa: E402
+from triagenode.optimization.tensorrt_build import ensure_engine  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 

@@ -1,6 +1,7 @@
 """Value types shared across the packages.
 
-These are plain, immutable data: the priority scale, a model's identity, and the result of
+These are plain, immutable data: the priority scale, the states of a study, a job and an
+export (stored in the database as their text), a model's identity, and the result of
 classifying a study. ``inference`` produces them, ``reports`` writes them into SRs and JSON,
 ``pipeline`` and ``api`` store and show them. Nothing here imports another triagenode module.
 """
@@ -12,7 +13,9 @@ from dataclasses import dataclass, field
 
 __all__ = [
     "DEMO_WARNING",
+    "ExportState",
     "ImageRef",
+    "JobState",
     "LabelFinding",
     "ModelIdentity",
     "Priority",
@@ -65,6 +68,25 @@ class StudyState(str, enum.Enum):
     # images, but no label set is made for them (e.g. ultrasound, a hand radiograph):
     # recorded with the reason, never guessed with another domain's findings
     not_applicable = "not_applicable"
+
+
+class JobState(str, enum.Enum):
+    """Where a job is; compares equal to its text (``JobState.failed == "failed"``)."""
+
+    pending = "pending"  # waiting (possibly in retry back-off until available_at)
+    leased = "leased"  # a worker holds it until lease_expires_at
+    done = "done"
+    failed = "failed"  # no attempts left
+    cancelled = "cancelled"  # superseded, e.g. by a reprocess of the study
+
+
+class ExportState(str, enum.Enum):
+    """Where an outbox row is."""
+
+    pending = "pending"  # waiting for next_attempt_at
+    sending = "sending"  # claimed by an exporter; next_attempt_at is the lease's end
+    sent = "sent"  # the destination answered the C-STORE with success
+    dead = "dead"  # max_attempts failed; waits for `triagenode exports retry`
 
 
 @dataclass(frozen=True)

@@ -36,16 +36,20 @@ import uvicorn
 
 from triagenode import __version__
 from triagenode.api.app import ApiServices, create_app
+from triagenode.api.server import build_server
 from triagenode.audit.events import AuditEventId, AuditLog, Outcome
 from triagenode.audit.syslog import AuditForwarder
-from triagenode.cli.api import build_server
 from triagenode.config.settings import ALL_ROLES, Settings
+from triagenode.delivery.exporter import Exporter
+from triagenode.delivery.outbox import ExportOutbox
+from triagenode.delivery.probe import DestinationProbe
 from triagenode.domain import DEMO_WARNING
 from triagenode.inference.backends.select import select_backend
 from triagenode.inference.batcher import DynamicBatcher
 from triagenode.inference.classifier import ZeroShotClassifier
 from triagenode.inference.model import load_model
 from triagenode.inference.predictor import ClassifierPredictor
+from triagenode.optimization.builder import OptimizationBuilder
 from triagenode.pipeline.notify import CriticalFindingNotifier
 from triagenode.pipeline.queue import JobQueue
 from triagenode.pipeline.retention import RetentionPurger
@@ -53,8 +57,6 @@ from triagenode.pipeline.scheduler import StudyScheduler
 from triagenode.pipeline.tracker import StudyTracker
 from triagenode.pipeline.triage import TriageRules
 from triagenode.pipeline.worker import StudyProcessor, WorkerPool
-from triagenode.scp.exporter import Exporter, ExportOutbox
-from triagenode.scp.probe import DestinationProbe
 from triagenode.scp.receiver import DicomReceiver
 from triagenode.store import migrate
 from triagenode.store.db import Database
@@ -93,7 +95,9 @@ def build_classifier(settings: Settings, *, batched: bool = True) -> ZeroShotCla
         log.info(
             "site calibration %s applied to label set %s", calibration.tag, calibration.label_set
         )
-    encoder = select_backend(settings.model, settings.artifacts_dir, model)
+    encoder = select_backend(
+        settings.model, settings.artifacts_dir, model, builder=OptimizationBuilder()
+    )
     batcher = None
     if batched:
         batcher = DynamicBatcher(encoder, settings.model.max_batch, settings.model.max_wait_ms)
@@ -244,7 +248,7 @@ class Node:
         )
         app = create_app(settings, self.db, self.audit, services)
         server = build_server(app, settings.api.host, settings.api.port)
-        server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        server.install_signal_handlers = lambda: None  # type: ignore[attr-defined,method-assign]
         scheme = "https" if settings.api.tls_cert is not None else "http"
         self.parts.append(_ApiServer(server, f"{scheme}://{settings.api.host}:{settings.api.port}"))
 

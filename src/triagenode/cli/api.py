@@ -6,7 +6,7 @@ import argparse
 
 from triagenode.cli.common import open_database, settings_from_args
 
-__all__ = ["build_server", "register"]
+__all__ = ["register"]
 
 
 def register(subparsers: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
@@ -18,39 +18,9 @@ def register(subparsers: argparse._SubParsersAction, parent: argparse.ArgumentPa
     parser.set_defaults(handler=_run)
 
 
-def build_server(app, host: str, port: int):  # type: ignore[no-untyped-def]
-    """A uvicorn server for ``app``: its own access log is off (ours drops query strings,
-    which may hold a patient ID) and it leaves the node's logging configuration alone.
-
-    With ``api.tls_cert`` and ``api.tls_key`` in the app's settings it serves HTTPS only;
-    with ``api.tls_client_ca`` too, every client must present a certificate that CA signed.
-    """
-    import ssl
-
-    import uvicorn
-
-    tls: dict[str, object] = {}
-    api = getattr(getattr(app.state, "settings", None), "api", None)
-    if api is not None and api.tls_cert is not None:
-        tls = {"ssl_certfile": str(api.tls_cert), "ssl_keyfile": str(api.tls_key)}
-        if api.tls_client_ca is not None:
-            tls.update(ssl_ca_certs=str(api.tls_client_ca), ssl_cert_reqs=ssl.CERT_REQUIRED)
-    config = uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        access_log=False,
-        log_config=None,
-        log_level="warning",
-        server_header=False,
-        proxy_headers=False,
-        **tls,  # type: ignore[arg-type]
-    )
-    return uvicorn.Server(config)
-
-
 def _run(args: argparse.Namespace) -> int:
     from triagenode.api import create_app
+    from triagenode.api.server import build_server
     from triagenode.audit import AuditEventId, AuditLog
 
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}

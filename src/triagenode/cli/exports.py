@@ -9,6 +9,7 @@ import argparse
 from typing import Any
 
 from triagenode.cli.common import open_database, print_json, print_table, settings_from_args
+from triagenode.domain import ExportState
 
 COLUMNS = [
     "id",
@@ -22,7 +23,7 @@ COLUMNS = [
     "sop_instance_uid",
     "last_error",
 ]
-STATES = ("pending", "sending", "sent", "dead")
+STATES = tuple(state.value for state in ExportState)  # pending, sending, sent, dead
 
 
 def register(subparsers: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
@@ -45,7 +46,7 @@ def register(subparsers: argparse._SubParsersAction, parent: argparse.ArgumentPa
 
 def _outbox(args: argparse.Namespace) -> Any:
     from triagenode.audit.events import AuditLog
-    from triagenode.scp.outbox import ExportOutbox
+    from triagenode.delivery.outbox import ExportOutbox
 
     settings = settings_from_args(args)
     db = open_database(settings)
@@ -69,7 +70,7 @@ def _list(args: argparse.Namespace) -> int:
             **row.to_dict(),
             "priority": _priority_name(row.priority),
             "next_attempt_at": row.next_attempt_at.isoformat(timespec="seconds")
-            if row.state in ("pending", "sending")
+            if row.state in (ExportState.pending, ExportState.sending)
             else "",
             "sent_at": row.sent_at.isoformat(timespec="seconds") if row.sent_at else "",
             "created_at": row.created_at.isoformat(timespec="seconds"),

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session as OrmSession
 
 from triagenode.api.schemas import without_phi
 from triagenode.audit.events import AuditEventId
-from triagenode.domain import Priority, StudyState
+from triagenode.domain import ExportState, JobState, Priority, StudyState
 from triagenode.pipeline.actions import REPROCESSABLE
 from triagenode.store.db import Database
 from triagenode.store.models import AuditEvent, Export, Job, Result, Study, StudyEvent, utcnow
@@ -305,7 +305,10 @@ class ExportsView:
     pages: int
 
 
-EXPORT_STATES = ("dead", "pending", "sending", "sent")
+_ACTIVE_JOBS = (JobState.pending.value, JobState.leased.value)
+EXPORT_STATES = tuple(
+    s.value for s in (ExportState.dead, ExportState.pending, ExportState.sending, ExportState.sent)
+)
 
 
 def exports_view(db: Database, state: str, page: int) -> ExportsView:
@@ -318,7 +321,7 @@ def exports_view(db: Database, state: str, page: int) -> ExportsView:
         jobs = dict(
             session.execute(
                 select(Job.state, func.count())
-                .where(Job.state.in_(("pending", "leased")))
+                .where(Job.state.in_(_ACTIVE_JOBS))
                 .group_by(Job.state)
             ).all()
         )
@@ -336,7 +339,7 @@ def exports_view(db: Database, state: str, page: int) -> ExportsView:
         state=state,
         counts={k: int(counts.get(k, 0)) for k in EXPORT_STATES},
         exports=rows,
-        jobs={k: int(jobs.get(k, 0)) for k in ("pending", "leased")},
+        jobs={k: int(jobs.get(k, 0)) for k in _ACTIVE_JOBS},
         total=total,
         page=page,
         pages=max(1, -(-total // PAGE_SIZE)),

@@ -26,7 +26,7 @@ from triagenode.audit.events import AuditEventId, AuditLog, Outcome
 from triagenode.console import queries
 from triagenode.console.auth import ConsoleUser, checked_form, viewer
 from triagenode.console.session import COOKIE, LOGIN_COOKIE, SessionCodec
-from triagenode.domain import Priority, StudyState
+from triagenode.domain import ExportState, Priority, StudyState
 from triagenode.pipeline import actions
 from triagenode.store.db import Database
 from triagenode.store.models import ApiToken, Export, Study
@@ -274,11 +274,11 @@ def exports(
     db: DbDep,
     user: Reader,
     call: CallAuditDep,
-    state: Annotated[str, Query(max_length=16)] = "dead",
+    state: Annotated[str, Query(max_length=16)] = ExportState.dead.value,
     page: Annotated[int, Query(ge=1, le=queries.MAX_PAGE)] = 1,
 ) -> Response:
     if state not in queries.EXPORT_STATES:
-        state = "dead"
+        state = ExportState.dead.value
     view = queries.exports_view(db, state, page)
     call.details.update(view="exports", state=state, count=len(view.exports))
     return _page(request, "exports.html", user, view=view, states=queries.EXPORT_STATES)

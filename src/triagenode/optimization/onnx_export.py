@@ -12,7 +12,6 @@ preprocess config in ``metadata_props`` (read back by
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -40,7 +39,6 @@ __all__ = [
     "ImageTower",
     "TextTower",
     "export_onnx",
-    "file_sha256",
     "label_prompts",
     "make_fp16_variant",
     "run_onnx",
@@ -94,15 +92,6 @@ class ExportResult:
             "image_parity": self.image_parity.to_dict(),
             "text_parity": self.text_parity.to_dict() if self.text_parity else None,
         }
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file's bytes, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def label_prompts() -> list[str]:

@@ -2,7 +2,8 @@
 
 Built like the TensorRT engines (:mod:`triagenode.optimization.tensorrt_build`): a model is
 only trusted on the CPU, OpenVINO version, source model and precision that were checked, so
-:func:`openvino_cache_key` turns those into a file name (pure, tested without OpenVINO) and
+:func:`~triagenode.inference.backends.engine_cache.openvino_cache_key` turns those into a file
+name (beside the backend that reads the models) and
 :func:`ensure_openvino_model` returns the cached IR when its key matches and builds one
 otherwise. A build reads the parity-checked ONNX export when there is one, else converts the
 PyTorch image tower directly; bf16 models store fp16 weights (half the file and the resident
@@ -14,87 +15,33 @@ for bf16: cosine >= 0.999 and 99 % top-1 agreement); the report is kept beside i
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import re
 import time
 import warnings
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from triagenode.inference.backends.cpu import INFERENCE_FLAGS, CpuCapabilities, detect_cpu
+from triagenode.inference.backends.cpu import CpuCapabilities, detect_cpu
+from triagenode.inference.backends.engine_cache import (
+    OPENVINO_PRECISIONS,
+    find_openvino_model,
+    openvino_key,
+    openvino_model_path,
+)
 from triagenode.inference.backends.openvino import OpenVinoImageEncoder, import_openvino
 from triagenode.optimization import parity
 from triagenode.optimization.parity import ParityError, ParityReport, ParityThresholds
 from triagenode.optional import require
 
-__all__ = [
-    "OpenVinoKey",
-    "build_openvino_model",
-    "ensure_openvino_model",
-    "openvino_cache_key",
-    "openvino_model_path",
-]
+__all__ = ["build_openvino_model", "ensure_openvino_model"]
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "bf16", "int8")
 THRESHOLDS = {"fp32": parity.FP32, "bf16": parity.BF16, "int8": parity.INT8}
-
-
-@dataclass(frozen=True)
-class OpenVinoKey:
-    """Everything a cached model depends on; equal keys mean interchangeable models."""
-
-    cpu: str  # e.g. "AMD EPYC" or "Intel(R) Xeon(R) Platinum 8480+"
-    cpu_flags: tuple[str, ...]  # the inference flags of :mod:`...backends.cpu`, sorted
-    openvino_version: str  # e.g. "2026.4.1-22982-..."
-    source_sha256: str  # the ONNX file's SHA-256, or "torch:<weights sha256>"
-    precision: str  # fp32, bf16 or int8
-    image_size: int
-
-    @classmethod
-    def for_cpu(
-        cls,
-        cpu: CpuCapabilities,
-        openvino_version: str,
-        source_sha256: str,
-        precision: str,
-        image_size: int,
-    ) -> OpenVinoKey:
-        flags = tuple(sorted(cpu.flags & frozenset(INFERENCE_FLAGS)))
-        return cls(cpu.name, flags, openvino_version, source_sha256, precision, image_size)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def openvino_cache_key(key: OpenVinoKey) -> str:
-    """File stem for a model: readable prefix plus a hash of every field of ``key``.
-
-    Pure: the same key always gives the same name and any changed field a different one.
-
-    Examples
-    --------
-    ``amd-epyc-ov2026.4.1-bf16-s224-3f2a...`` (24 hex digits at the end).
-    """
-    if key.precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS} (got {key.precision!r})")
-    canonical = json.dumps(key.to_dict(), sort_keys=True, separators=(",", ":"))
-    digest = hashlib.sha256(canonical.encode()).hexdigest()[:24]
-    cpu = re.sub(r"[^a-z0-9]+", "-", key.cpu.lower()).strip("-") or "cpu"
-    version = re.sub(r"[^0-9.]+", "", key.openvino_version.split("-")[0])
-    return f"{cpu}-ov{version}-{key.precision}-s{key.image_size}-{digest}"
-
-
-def openvino_model_path(cache_dir: Path, key: OpenVinoKey) -> Path:
-    """``cache_dir/<openvino_cache_key>.xml`` (its weights in the ``.bin`` beside it)."""
-    return Path(cache_dir) / f"{openvino_cache_key(key)}.xml"
 
 
 def _source_model(ov: Any, loaded: Any, source_onnx: Path | None) -> Any:
@@ -183,8 +130,8 @@ def build_openvino_model(
     ParityError
         When parity is below the thresholds; nothing is written.
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS} (got {precision!r})")
+    if precision not in OPENVINO_PRECISIONS:
+        raise ValueError(f"precision must be one of {OPENVINO_PRECISIONS} (got {precision!r})")
     ov = import_openvino()
     pre = loaded.preprocess
     if images is None:
@@ -280,27 +227,21 @@ def ensure_openvino_model(
     ParityError
         When a build fails parity (nothing is cached).
     """
-    from triagenode.optimization.onnx_export import file_sha256
-
     ov = import_openvino()
     cpu = cpu or detect_cpu()
-    source = (
-        file_sha256(Path(source_onnx))
-        if source_onnx is not None
-        else f"torch:{loaded.identity.weights_sha256}"
-    )
-    key = OpenVinoKey.for_cpu(
-        cpu, ov.get_version(), source, precision, int(loaded.preprocess.image_size)
+    key = openvino_key(
+        loaded,
+        precision=precision,
+        openvino_version=ov.get_version(),
+        source_onnx=source_onnx,
+        cpu=cpu,
     )
     path = openvino_model_path(cache_dir, key)
     if path.is_file() and path.with_suffix(".bin").is_file():
         log.info("OpenVINO model cache hit: %s", path.name)
         return path
     if not build:
-        raise FileNotFoundError(
-            f"no OpenVINO model {path.name} for this CPU, OpenVINO version, source and "
-            'precision; select model.backend = "openvino" to build it'
-        )
+        return find_openvino_model(cache_dir, key)  # raises: names the model and the setting
     log.info("OpenVINO model cache miss: building %s", path.name)
     report = build_openvino_model(
         loaded,

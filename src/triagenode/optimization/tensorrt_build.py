@@ -1,8 +1,9 @@
 """TensorRT engines from the ONNX image tower, built once per GPU and cached.
 
 An engine is only valid for the GPU model, compute capability and TensorRT version that
-built it, and for the exact ONNX graph and precision. :func:`engine_cache_key` turns those
-into a file name (a pure function, tested without TensorRT); :func:`ensure_engine` returns
+built it, and for the exact ONNX graph and precision.
+:func:`~triagenode.inference.backends.engine_cache.engine_cache_key` (beside the backend that
+reads the engines) turns those into a file name; :func:`ensure_engine` returns
 the cached engine when its key matches and builds one otherwise, so changing any input
 rebuilds. A per-GPU timing cache makes rebuilds (new weights, other precision) fast.
 
@@ -14,96 +15,24 @@ TensorRT 10 replacement of the deprecated implicit-quantisation calibrators.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import re
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
-__all__ = [
-    "EngineKey",
-    "GpuInfo",
-    "build_engine",
-    "current_gpu",
-    "engine_cache_key",
-    "engine_path",
-    "ensure_engine",
-]
+from triagenode.inference.backends.engine_cache import (
+    TENSORRT_PRECISIONS,
+    GpuInfo,
+    current_gpu,
+    engine_path,
+    find_tensorrt_engine,
+    tensorrt_key,
+)
+
+__all__ = ["build_engine", "ensure_engine"]
 
 log = logging.getLogger(__name__)
-
-PRECISIONS = ("fp32", "fp16", "int8")
-
-
-@dataclass(frozen=True)
-class GpuInfo:
-    """What makes an engine portable or not: the device and the TensorRT build."""
-
-    name: str  # e.g. "NVIDIA H100 80GB HBM3"
-    compute_capability: tuple[int, int]  # e.g. (9, 0)
-    tensorrt_version: str  # e.g. "10.3.0"
-
-
-@dataclass(frozen=True)
-class EngineKey:
-    """Everything an engine depends on; two builds with equal keys are interchangeable."""
-
-    gpu: GpuInfo
-    onnx_sha256: str
-    precision: str  # fp32, fp16 or int8
-    max_batch: int
-    image_size: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def engine_cache_key(key: EngineKey) -> str:
-    """File stem for an engine: readable prefix plus a hash of every field of ``key``.
-
-    Pure: the same key always gives the same name and any changed field a different one.
-
-    Examples
-    --------
-    ``nvidia-h100-80gb-hbm3-sm90-trt10.3.0-fp16-b256-3f2a...`` (24 hex digits at the end).
-    """
-    if key.precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS} (got {key.precision!r})")
-    canonical = json.dumps(key.to_dict(), sort_keys=True, separators=(",", ":"))
-    digest = hashlib.sha256(canonical.encode()).hexdigest()[:24]
-    gpu = re.sub(r"[^a-z0-9]+", "-", key.gpu.name.lower()).strip("-") or "gpu"
-    major, minor = key.gpu.compute_capability
-    trt = re.sub(r"[^0-9.]+", "", key.gpu.tensorrt_version)
-    return f"{gpu}-sm{major}{minor}-trt{trt}-{key.precision}-b{key.max_batch}-{digest}"
-
-
-def engine_path(cache_dir: Path, key: EngineKey) -> Path:
-    """``cache_dir/<engine_cache_key>.engine``."""
-    return Path(cache_dir) / f"{engine_cache_key(key)}.engine"
-
-
-def current_gpu(device_index: int = 0) -> GpuInfo:
-    """This machine's GPU and TensorRT version.
-
-    Raises
-    ------
-    RuntimeError
-        When CUDA or TensorRT is not available.
-    """
-    import tensorrt as trt
-    import torch
-
-    if not torch.cuda.is_available():
-        raise RuntimeError("TensorRT engines need a CUDA GPU; torch.cuda is not available")
-    return GpuInfo(
-        name=torch.cuda.get_device_name(device_index),
-        compute_capability=tuple(torch.cuda.get_device_capability(device_index)),  # type: ignore[arg-type]
-        tensorrt_version=trt.__version__,
-    )
 
 
 def build_engine(
@@ -154,8 +83,8 @@ def build_engine(
     """
     import tensorrt as trt
 
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS} (got {precision!r})")
+    if precision not in TENSORRT_PRECISIONS:
+        raise ValueError(f"precision must be one of {TENSORRT_PRECISIONS} (got {precision!r})")
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(0)  # TensorRT 10: networks are always explicit-batch
@@ -238,19 +167,16 @@ def ensure_engine(
     FileNotFoundError
         When ``build`` is False and no engine matches.
     """
-    from triagenode.optimization.onnx_export import file_sha256
-
     gpu = gpu or current_gpu()
-    key = EngineKey(gpu, file_sha256(Path(onnx_path)), precision, max_batch, image_size)
+    key = tensorrt_key(
+        onnx_path, precision=precision, max_batch=max_batch, image_size=image_size, gpu=gpu
+    )
     path = engine_path(cache_dir, key)
     if path.exists():
         log.info("TensorRT engine cache hit: %s", path.name)
         return path
     if not build:
-        raise FileNotFoundError(
-            f"no TensorRT engine {path.name} for this GPU, ONNX file and precision; "
-            "run `triagenode optimize build-trt`"
-        )
+        return find_tensorrt_engine(cache_dir, key)  # raises: names the engine and the command
     cc = "".join(map(str, gpu.compute_capability))
     timing = Path(cache_dir) / f"timing-sm{cc}-trt{gpu.tensorrt_version}.cache"
     build_engine(

@@ -6,7 +6,6 @@ these types without the claiming machinery.
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
@@ -15,12 +14,11 @@ from sqlalchemy import update
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session
 
-from triagenode.domain import Priority
+from triagenode.domain import JobState, Priority
 from triagenode.store.models import Job, utcnow
 
 __all__ = [
     "ClaimedJob",
-    "JobState",
     "QueuedJob",
     "cancel_pending_jobs",
     "effective_priority",
@@ -28,16 +26,6 @@ __all__ = [
 
 LEVELS = sorted(Priority)  # low .. stat
 MAX_ERROR = 2000  # characters of an error message kept on the job row
-
-
-class JobState(str, enum.Enum):
-    """Where a job is; compares equal to its text (``JobState.failed == "failed"``)."""
-
-    pending = "pending"  # waiting (possibly in retry back-off until available_at)
-    leased = "leased"  # a worker holds it until lease_expires_at
-    done = "done"
-    failed = "failed"  # no attempts left
-    cancelled = "cancelled"  # superseded, e.g. by a reprocess of the study
 
 
 ACTIVE = (JobState.pending.value, JobState.leased.value)

@@ -36,13 +36,12 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from triagenode.config.settings import Settings
-from triagenode.domain import Priority, StudyState
+from triagenode.domain import JobState, Priority, StudyState
 from triagenode.pipeline.jobs import (
     ACTIVE,
     LEVELS,
     MAX_ERROR,
     ClaimedJob,
-    JobState,
     QueuedJob,
     cancel_pending_jobs,
     effective_priority,
@@ -54,7 +53,6 @@ from triagenode.store.study_state import set_study_state
 __all__ = [
     "ClaimedJob",
     "JobQueue",
-    "JobState",
     "QueuedJob",
     "cancel_pending_jobs",
     "effective_priority",

@@ -19,7 +19,8 @@ from sqlalchemy import select
 
 from triagenode.audit.events import AuditEventId, AuditLog
 from triagenode.config.settings import Settings
-from triagenode.domain import Priority, StudyResult, StudyState
+from triagenode.delivery.outbox import ExportOutbox
+from triagenode.domain import JobState, Priority, StudyResult, StudyState
 from triagenode.errors import TriageNodeError
 from triagenode.inference.classifier import NoUsableImagesError, ZeroShotClassifier
 from triagenode.inference.plan import plan_study
@@ -36,7 +37,6 @@ from triagenode.reports.sr import build_sr, write_sr
 from triagenode.reports.summary_card import Thumbnail, layout_card
 from triagenode.reports.summary_pdf import build_summary_pdf
 from triagenode.reports.summary_sc import build_summary_sc
-from triagenode.scp.exporter import ExportOutbox
 from triagenode.store.db import Database
 from triagenode.store.models import Instance, Result, Series, Study
 from triagenode.store.study_state import set_study_state
@@ -370,7 +370,7 @@ class StudyProcessor:
                     },
                     session=session,
                 )
-        STUDIES_PROCESSED.labels("reported", snapshot.priority.name).inc()
+        STUDIES_PROCESSED.labels(StudyState.reported.value, snapshot.priority.name).inc()
         if self.on_exports_queued is not None and not shadow:
             self.on_exports_queued()
         if result.critical and self.notifier is not None:
@@ -512,15 +512,15 @@ class WorkerPool:
             retry = not isinstance(exc, NoUsableImagesError)
             state = self.queue.fail(job.id, worker_id, reason, retry=retry)
             with self.processor.db.write_session() as session:
-                final = state == "failed"
+                final = state is JobState.failed
                 set_study_state(
                     session,
                     job.study_id,
                     StudyState.failed if final else StudyState.queued,
                     reason if final else f"retrying after: {reason}",
                 )
-            if state == "failed":
-                STUDIES_PROCESSED.labels("failed", Priority(job.priority).name).inc()
+            if state is JobState.failed:
+                STUDIES_PROCESSED.labels(StudyState.failed.value, Priority(job.priority).name).inc()
             return True
         self.queue.complete(job.id, worker_id)
         return True

@@ -17,17 +17,23 @@ import logging
 import os
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
+from triagenode.config.settings import ScpSettings
 from triagenode.scp import negotiation, pdu
-from triagenode.scp.status import AbortReason, StoreStatus
-from triagenode.scp.storage import AssociationInfo, PendingInstance
+from triagenode.scp.negotiation import AssociateRequest
+from triagenode.scp.status import AbortReason, RejectReason, StoreStatus
+from triagenode.scp.storage import (
+    AssociationInfo,
+    AssociationOutcome,
+    InstanceStorage,
+    PendingInstance,
+)
 from triagenode.store.part10 import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
 if TYPE_CHECKING:
-    from triagenode.scp.receiver import DicomReceiver
     from triagenode.store.spool import IncomingInstance
 
 __all__ = [
@@ -37,6 +43,7 @@ __all__ = [
     "STA2",
     "STA6",
     "Association",
+    "AssociationHost",
     "ProtocolError",
 ]
 
@@ -101,6 +108,40 @@ class _Discarded:
         return self._answer
 
 
+class AssociationHost(Protocol):
+    """What an association needs from the receiver that accepted its connection: settings,
+    the admission policy and its accounting, the accepted syntaxes and instance storage.
+    (:class:`~triagenode.scp.receiver.DicomReceiver` is the one host; the protocol keeps the
+    import one-way, receiver -> association.)"""
+
+    @property
+    def scp_settings(self) -> ScpSettings: ...
+
+    @property
+    def storage(self) -> InstanceStorage: ...
+
+    @property
+    def abstract_syntaxes(self) -> Container[str]: ...
+
+    @property
+    def transfer_syntaxes(self) -> Container[str]: ...
+
+    @property
+    def active_associations(self) -> int: ...
+
+    def request_received(self) -> None: ...
+
+    def admission(
+        self, info: AssociationInfo, request: AssociateRequest
+    ) -> RejectReason | None: ...
+
+    def association_accepted(self, info: AssociationInfo) -> None: ...
+
+    def association_rejected(self, info: AssociationInfo, reason: RejectReason) -> None: ...
+
+    def association_ended(self) -> None: ...
+
+
 class Association:
     """Serves one connection until release, abort or close.
 
@@ -111,17 +152,17 @@ class Association:
     address
         ``host:port`` of the peer, for logs and audit.
     receiver
-        The node's receiver: admission policy and instance storage.
+        The node's receiver (an :class:`AssociationHost`): admission policy and storage.
     """
 
-    def __init__(self, sock: socket.socket, address: str, receiver: DicomReceiver) -> None:
+    def __init__(self, sock: socket.socket, address: str, receiver: AssociationHost) -> None:
         self._sock = sock
         self._receiver = receiver
         self.info = AssociationInfo(address=address)
         self._reader = sock.makefile("rb", buffering=1 << 20)
         self._contexts: dict[int, tuple[str, str]] = {}
         self._peer_max_pdu = 0
-        self._max_pdu = receiver.settings.scp.max_pdu
+        self._max_pdu = receiver.scp_settings.max_pdu
         self._command = bytearray()
         self._pending: PendingInstance | _Discarded | None = None
         self._pending_context = 0
@@ -133,7 +174,7 @@ class Association:
     # I/O ----------------------------------------------------------------------------------
 
     def _read(self, n: int) -> bytes:
-        data = self._reader.read(n)
+        data: bytes = self._reader.read(n)
         if len(data) != n:
             raise _Closed()
         return data
@@ -146,14 +187,14 @@ class Association:
         # fragment must follow the previous one (DIMSE timeout).
         if begun != self._mid_message:
             self._mid_message = begun
-            scp = self._receiver.settings.scp
+            scp = self._receiver.scp_settings
             self._sock.settimeout(scp.dimse_timeout_s if begun else scp.network_timeout_s)
 
     # Phases -------------------------------------------------------------------------------
 
     def run(self) -> None:
         """Negotiate, then serve until the association ends; never raises."""
-        settings = self._receiver.settings.scp
+        settings = self._receiver.scp_settings
         try:
             self._sock.settimeout(settings.acse_timeout_s)
             if not self._sta2():
@@ -161,7 +202,7 @@ class Association:
             self._sock.settimeout(settings.network_timeout_s)
             self._sta6()
         except ProtocolError as exc:
-            self.info.outcome = "aborted"
+            self.info.outcome = AssociationOutcome.aborted
             log.warning(
                 "association aborted calling_ae=%s address=%s: %s",
                 self.info.calling_ae,
@@ -171,10 +212,10 @@ class Association:
             self._try_send(pdu.abort_pdu(exc.reason))
         except TimeoutError:
             if self._counted:  # PS3.8: a timer expiring in an association aborts it
-                self.info.outcome = "aborted"
+                self.info.outcome = AssociationOutcome.aborted
                 self._try_send(pdu.abort_pdu(AbortReason.not_specified))
             else:  # ARTIM expired awaiting the request (Sta2): just close
-                self.info.outcome = "closed"
+                self.info.outcome = AssociationOutcome.closed
             log.warning(
                 "association timed out calling_ae=%s address=%s while %s",
                 self.info.calling_ae,
@@ -182,8 +223,8 @@ class Association:
                 "receiving a message" if self._mid_message else "idle",
             )
         except (_Closed, OSError) as exc:
-            if self.info.outcome == "open":
-                self.info.outcome = "closed"
+            if self.info.outcome is AssociationOutcome.open:
+                self.info.outcome = AssociationOutcome.closed
                 if not isinstance(exc, _Closed):
                     log.warning(
                         "association connection lost calling_ae=%s address=%s: %s",
@@ -192,7 +233,7 @@ class Association:
                         type(exc).__name__,
                     )
         except Exception:
-            self.info.outcome = "aborted"
+            self.info.outcome = AssociationOutcome.aborted
             log.exception("association failed calling_ae=%s", self.info.calling_ae)
             self._try_send(pdu.abort_pdu(AbortReason.not_specified))
         finally:
@@ -256,7 +297,7 @@ class Association:
         self.info.called_ae = request.called_ae_title
         reason = self._receiver.admission(self.info, request)
         if reason is not None:  # AE-8
-            self.info.outcome = "rejected"
+            self.info.outcome = AssociationOutcome.rejected
             self._send(negotiation.reject_pdu(reason))
             self._receiver.association_rejected(self.info, reason)
             return False
@@ -276,7 +317,7 @@ class Association:
 
     def AA_2(self, pdu_type: int, length: int) -> bool:
         """A-ABORT before association: close."""
-        self.info.outcome = "aborted"
+        self.info.outcome = AssociationOutcome.aborted
         return False
 
     def AA_1_unexpected(self, pdu_type: int, length: int) -> bool:
@@ -301,7 +342,7 @@ class Association:
         self._control_body(length)
         if self._pending is not None or self._command:
             raise ProtocolError(AbortReason.unexpected_pdu, "A-RELEASE-RQ inside a message")
-        self.info.outcome = "released"
+        self.info.outcome = AssociationOutcome.released
         self._discard_spare()  # before the reply: the peer may look at the spool
         self._send(pdu.release_rp_pdu())
         self._linger()
@@ -310,7 +351,7 @@ class Association:
     def AA_3(self, pdu_type: int, length: int) -> None:
         """A-ABORT from the peer: close; an instance in progress is dropped."""
         self._control_body(length)
-        self.info.outcome = "aborted"
+        self.info.outcome = AssociationOutcome.aborted
         raise _Ended()
 
     def _linger(self) -> None:

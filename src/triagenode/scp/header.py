@@ -136,6 +136,7 @@ def _skip_undefined(data: bytes, offset: int, implicit: bool) -> int:
 
 
 def _skip_element(data: bytes, offset: int, implicit: bool) -> int:
+    length: int
     if implicit:
         _, _, length = struct.unpack_from("<HHI", data, offset)
         offset += 8
@@ -155,7 +156,7 @@ def _skip_element(data: bytes, offset: int, implicit: bool) -> int:
 class _Header(dict[str, Any]):
     """Decoded top-level values by keyword: the little of ``Dataset`` that is needed."""
 
-    def get(self, keyword: str, default: Any = None) -> Any:  # type: ignore[override]
+    def get(self, keyword: str, default: Any = None) -> Any:
         return super().get(keyword, default)
 
 

@@ -31,13 +31,13 @@ from pynetdicom.service_class import ServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 
 from triagenode.audit.events import AuditEventId, AuditLog, Outcome
-from triagenode.config.settings import Settings
+from triagenode.config.settings import ScpSettings, Settings
 from triagenode.errors import ConfigError
 from triagenode.metrics import ASSOCIATIONS
 from triagenode.scp.association import Association
 from triagenode.scp.negotiation import APPLICATION_CONTEXT, AssociateRequest
 from triagenode.scp.status import RejectReason
-from triagenode.scp.storage import AssociationInfo, InstanceStorage
+from triagenode.scp.storage import AssociationInfo, AssociationOutcome, InstanceStorage
 from triagenode.store.db import Database
 from triagenode.store.ingest import StudyIngest
 from triagenode.store.recovery import (
@@ -127,6 +127,11 @@ class DicomReceiver:
         if self._listener is None:
             return self.settings.scp.port
         return int(self._listener.getsockname()[1])
+
+    @property
+    def scp_settings(self) -> ScpSettings:
+        """The ``[scp]`` section, for the associations."""
+        return self.settings.scp
 
     @property
     def active_associations(self) -> int:
@@ -306,7 +311,7 @@ class DicomReceiver:
                 self._handshake_done()
             association = Association(sock, address, self)
             association.run()
-            if association.info.outcome != "rejected":
+            if association.info.outcome is not AssociationOutcome.rejected:
                 self._finished(association.info)
         except (OSError, ssl.SSLError) as exc:
             log.warning("connection from %s failed: %s", address, type(exc).__name__)
@@ -379,7 +384,7 @@ class DicomReceiver:
         log.info(
             "association %s calling_ae=%s address=%s instances=%d bytes=%d seconds=%.3f "
             "failures=%d studies=%d",
-            info.outcome,
+            info.outcome.value,
             info.calling_ae,
             info.address,
             info.instances,
@@ -403,7 +408,7 @@ class DicomReceiver:
                         "bytes": tally.bytes,
                         "replaced": tally.replaced,
                         "called_ae": info.called_ae,
-                        "association": info.outcome,
+                        "association": info.outcome.value,
                     },
                 )
             except Exception as exc:

@@ -11,6 +11,7 @@ instead of adding up.
 
 from __future__ import annotations
 
+import enum
 import logging
 import time
 from concurrent.futures import Executor
@@ -33,9 +34,25 @@ from triagenode.store.spool import (
     is_path_safe_uid,
 )
 
-__all__ = ["AssociationInfo", "InstanceStorage", "PendingInstance", "StudyTally"]
+__all__ = [
+    "AssociationInfo",
+    "AssociationOutcome",
+    "InstanceStorage",
+    "PendingInstance",
+    "StudyTally",
+]
 
 log = logging.getLogger(__name__)
+
+
+class AssociationOutcome(str, enum.Enum):
+    """How an association ended; its text goes to the log and the audit trail."""
+
+    open = "open"  # still running
+    released = "released"  # A-RELEASE (the normal end)
+    aborted = "aborted"  # A-ABORT, sent or received, or a timer expired in the association
+    rejected = "rejected"  # A-ASSOCIATE-RJ: never established
+    closed = "closed"  # the connection ended without a release or an abort
 
 
 @dataclass
@@ -61,7 +78,7 @@ class AssociationInfo:
     failures: int = 0
     echoes: int = 0
     studies: dict[str, StudyTally] = field(default_factory=dict)
-    outcome: str = "open"  # released / aborted / rejected / closed
+    outcome: AssociationOutcome = AssociationOutcome.open
 
 
 class InstanceStorage:

@@ -323,9 +323,9 @@ class StudyIngest:
         return known, created
 
     def _series_id(self, conn: Connection, item: InstanceRecord, study_id: int) -> int:
-        series_id = self._series.get(item.series_uid)
-        if series_id is not None:
-            return series_id
+        cached = self._series.get(item.series_uid)
+        if cached is not None:
+            return cached
         conn.execute(
             _insert(self._db, _SERIES)
             .values(
@@ -336,7 +336,7 @@ class StudyIngest:
             )
             .on_conflict_do_nothing(index_elements=["series_uid"])
         )
-        series_id = conn.execute(
+        series_id: int = conn.execute(
             select(_SERIES.c.id).where(_SERIES.c.series_uid == item.series_uid)
         ).scalar_one()
         with self._lock:

@@ -8,6 +8,7 @@ Schema changes go through Alembic migrations in ``store/migrations``.
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from typing import Any
 
 from sqlalchemy import (
     JSON,
@@ -24,6 +25,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
+
+from triagenode.domain import ExportState, JobState
 
 __all__ = [
     "ApiToken",
@@ -101,7 +104,9 @@ class Study(Base):
     run: Mapped[int] = mapped_column(Integer, default=1)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     critical: Mapped[bool] = mapped_column(Boolean, default=False)
-    triage_inputs: Mapped[dict | None] = mapped_column(JSON)  # non-PHI fields rules match on
+    triage_inputs: Mapped[dict[str, Any] | None] = mapped_column(
+        JSON
+    )  # non-PHI fields rules match on
 
     series: Mapped[list[Series]] = relationship(back_populates="study", cascade="all")
     events: Mapped[list[StudyEvent]] = relationship(
@@ -181,7 +186,7 @@ class Job(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
     kind: Mapped[str] = mapped_column(String(32), default="classify")
-    state: Mapped[str] = mapped_column(String(16), default="pending")  # pending/leased/done/failed
+    state: Mapped[str] = mapped_column(String(16), default=JobState.pending.value)
     priority: Mapped[int] = mapped_column(Integer, default=20)
     run: Mapped[int] = mapped_column(Integer, default=1)
     enqueued_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -210,7 +215,7 @@ class Result(Base):
     label_set: Mapped[str] = mapped_column(String(64))
     top_finding: Mapped[str | None] = mapped_column(String(64))
     critical: Mapped[bool] = mapped_column(Boolean, default=False)
-    findings: Mapped[dict] = mapped_column(JSON)  # the JSON twin of the SR
+    findings: Mapped[dict[str, Any]] = mapped_column(JSON)  # the JSON twin of the SR
     sr_sop_instance_uid: Mapped[str | None] = mapped_column(UID, unique=True)
     sr_series_uid: Mapped[str | None] = mapped_column(UID)
     sr_path: Mapped[str | None] = mapped_column(Text)
@@ -233,7 +238,7 @@ class Export(Base):
     sop_instance_uid: Mapped[str] = mapped_column(UID)
     file_path: Mapped[str] = mapped_column(Text)  # relative to node.data_dir
     priority: Mapped[int] = mapped_column(Integer, default=20)
-    state: Mapped[str] = mapped_column(String(16), default="pending")  # pending/sending/sent/dead
+    state: Mapped[str] = mapped_column(String(16), default=ExportState.pending.value)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_error: Mapped[str | None] = mapped_column(Text)
@@ -261,7 +266,7 @@ class AuditEvent(Base):
     actor_address: Mapped[str | None] = mapped_column(String(128))
     study_uid: Mapped[str | None] = mapped_column(UID, index=True)
     patient_ref: Mapped[str | None] = mapped_column(String(64), index=True)
-    details: Mapped[dict | None] = mapped_column(JSON)
+    details: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     prev_hash: Mapped[str | None] = mapped_column(String(64))
     row_hash: Mapped[str | None] = mapped_column(String(64))
 

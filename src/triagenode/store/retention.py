@@ -28,6 +28,7 @@ from pathlib import Path
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
+from triagenode.domain import ExportState, StudyState
 from triagenode.store.db import Database
 from triagenode.store.models import Export, Instance, Result, Series, Study, StudyEvent
 
@@ -35,7 +36,7 @@ __all__ = ["PurgeItem", "RetentionPolicy", "execute_purge", "plan_purge"]
 
 log = logging.getLogger(__name__)
 
-_DONE_STATES = ("reported", "ignored")
+_DONE_STATES = (StudyState.reported.value, StudyState.ignored.value)
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,7 @@ class PurgeItem:
 
 def _sent_since(exports: list[Export]) -> datetime | None:
     """When the last of ``exports`` was sent, or None while any is not sent."""
-    if any(e.state != "sent" or e.sent_at is None for e in exports):
+    if any(e.state != ExportState.sent or e.sent_at is None for e in exports):
         return None
     return max((e.sent_at for e in exports if e.sent_at is not None), default=None)
 

@@ -15,6 +15,7 @@ from triagenode.api.schemas import ActionResult, ExportOut, Page
 from triagenode.api.tokens import Principal, Role
 from triagenode.audit.events import AuditEventId, AuditLog
 from triagenode.config.settings import Settings
+from triagenode.domain import ExportState
 from triagenode.store.db import Database
 from triagenode.store.models import Export, utcnow
 
@@ -54,16 +55,16 @@ def list_exports(
 def requeue_export(db: Database, audit: AuditLog, settings: Settings, export_id: int) -> bool:
     """Requeue through the exporter's outbox when it is installed, else by a DB update."""
     try:
-        from triagenode.scp.outbox import ExportOutbox
+        from triagenode.delivery.outbox import ExportOutbox
     except ImportError:
         pass
     else:
         return bool(ExportOutbox(db, audit, settings).retry(export_id))
     with db.write_session() as session:
         row = session.get(Export, export_id)
-        if row is None or row.state not in ("dead", "pending"):
+        if row is None or row.state not in (ExportState.dead, ExportState.pending):
             return False
-        row.state, row.attempts, row.next_attempt_at = "pending", 0, utcnow()
+        row.state, row.attempts, row.next_attempt_at = ExportState.pending.value, 0, utcnow()
         return True
 
 
@@ -88,4 +89,6 @@ def retry_export(
         raise Problem(
             409, f"export {export_id} is {state}; only dead exports are retried", "conflict"
         )
-    return ActionResult(export_id=export_id, action="retry", changed=True, state="pending")
+    return ActionResult(
+        export_id=export_id, action="retry", changed=True, state=ExportState.pending.value
+    )

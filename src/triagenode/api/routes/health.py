@@ -21,7 +21,7 @@ from sqlalchemy import func, select
 from triagenode.api.deps import DbDep, ServicesDep, SettingsDep
 from triagenode.api.schemas import ReadyOut
 from triagenode.audit.syslog import AuditForwardingCollector, forwarding_status
-from triagenode.domain import Priority
+from triagenode.domain import JobState, Priority
 from triagenode.metrics import REGISTRY
 from triagenode.store.db import Database
 from triagenode.store.models import AuditEvent, Export, Job, Study
@@ -60,7 +60,7 @@ class DatabaseStateCollector(Collector):
                     studies.add_metric([state], count)
                 pending = session.execute(
                     select(Job.priority, func.count())
-                    .where(Job.state == "pending")
+                    .where(Job.state == JobState.pending.value)
                     .group_by(Job.priority)
                 ).all()
                 by_priority = {p.name: 0 for p in Priority}

@@ -12,14 +12,14 @@ from triagenode.api.routes.studies import priority_name
 from triagenode.api.schemas import QueueJobOut, QueueOut, QueuePriorityOut
 from triagenode.api.tokens import Principal, Role
 from triagenode.audit.events import AuditEventId
-from triagenode.domain import Priority
+from triagenode.domain import JobState, Priority
 from triagenode.store.models import Job, Study
 
 __all__ = ["router"]
 
 router = APIRouter(prefix="/api/v1/queue", tags=["queue"])
 Reader = Annotated[Principal, Depends(require(Role.auditor, AuditEventId.query))]
-_ACTIVE = ("pending", "leased")
+_ACTIVE = (JobState.pending.value, JobState.leased.value)
 
 
 @router.get("", response_model=QueueOut, summary="Pending and leased jobs, highest priority first")
@@ -53,9 +53,9 @@ def get_queue(db: DbDep, _: Reader, limit: Annotated[int, Query(ge=1, le=1000)] 
             )
             for job, study_uid in rows
         ]
-    table = {p.value: {"pending": 0, "leased": 0} for p in Priority}
+    table = {p.value: dict.fromkeys(_ACTIVE, 0) for p in Priority}
     for priority, state, count in counts:
-        table.setdefault(priority, {"pending": 0, "leased": 0})[state] = count
+        table.setdefault(priority, dict.fromkeys(_ACTIVE, 0))[state] = count
     by_priority = [
         QueuePriorityOut(priority=priority_name(p), **table[p]) for p in sorted(table, reverse=True)
     ]

@@ -7,12 +7,17 @@ from pathlib import Path
 from typing import Any
 
 from triagenode.inference.backends.base import ImageEncoder
+from triagenode.inference.backends.engine_cache import EngineBuilder
 
 __all__ = ["ImageEncoder", "create_encoder"]
 
 
 def create_encoder(
-    loaded_model: Any, model_settings: Any, artifacts_dir: Path | None = None
+    loaded_model: Any,
+    model_settings: Any,
+    artifacts_dir: Path | None = None,
+    *,
+    builder: EngineBuilder | None = None,
 ) -> ImageEncoder:
     """The image encoder for ``model_settings.backend``, chosen by
     :func:`~triagenode.inference.backends.select.select_backend` from the artefacts in
@@ -26,6 +31,8 @@ def create_encoder(
         The ``[model]`` section: backend, device, precision, max_batch, threads.
     artifacts_dir
         ONNX models, OpenVINO models and TensorRT engines (``Settings.artifacts_dir``).
+    builder
+        Builds a compiled model missing from that cache (see ``select_backend``).
 
     Raises
     ------
@@ -35,4 +42,4 @@ def create_encoder(
     from triagenode.inference.backends.select import select_backend
 
     folder = artifacts_dir or getattr(model_settings, "artifacts_dir", None)
-    return select_backend(model_settings, folder, loaded_model)
+    return select_backend(model_settings, folder, loaded_model, builder=builder)

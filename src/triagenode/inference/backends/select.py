@@ -20,10 +20,16 @@ A candidate whose artefact is missing is skipped (logged at INFO: that is the no
 a fresh node); an artefact exported from other weights is refused as stale; a candidate that
 exists but fails to load logs a WARNING with the reason and the next one is tried. An
 explicit backend that cannot load falls back to PyTorch with a WARNING, never silently.
+
+The builds "on first start" above are done by the :class:`EngineBuilder` the caller passes
+(the node passes :class:`triagenode.optimization.builder.OptimizationBuilder`); this module
+only looks compiled models up (:mod:`~triagenode.inference.backends.engine_cache`), and
+without a builder a model missing from the cache is skipped like a missing artefact.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 from collections.abc import Callable
@@ -43,6 +49,13 @@ from triagenode.inference.backends.artifacts import (
 )
 from triagenode.inference.backends.base import ImageEncoder
 from triagenode.inference.backends.cpu import CpuCapabilities, detect_cpu
+from triagenode.inference.backends.engine_cache import (
+    EngineBuilder,
+    find_openvino_model,
+    find_tensorrt_engine,
+    openvino_key,
+    tensorrt_key,
+)
 
 __all__ = ["Candidate", "Machine", "plan_candidates", "select_backend"]
 
@@ -207,7 +220,12 @@ def _check_weights(candidate: Candidate, loaded_model: Any) -> None:
 
 
 def _build(
-    candidate: Candidate, settings: Any, artifacts_dir: Path, loaded_model: Any
+    candidate: Candidate,
+    settings: Any,
+    artifacts_dir: Path,
+    loaded_model: Any,
+    *,
+    builder: EngineBuilder | None = None,
 ) -> ImageEncoder:
     _check_weights(candidate, loaded_model)
     if candidate.backend == "onnxruntime":
@@ -221,16 +239,27 @@ def _build(
             max_batch=settings.max_batch,
         )
     if candidate.backend == "openvino":
-        from triagenode.inference.backends.openvino import OpenVinoImageEncoder
-        from triagenode.optimization.openvino_build import ensure_openvino_model
+        from triagenode.inference.backends.openvino import OpenVinoImageEncoder, import_openvino
 
-        path = ensure_openvino_model(
+        ov_key = openvino_key(
             loaded_model,
-            openvino_dir(artifacts_dir),
             precision=candidate.precision,
+            openvino_version=import_openvino().get_version(),
             source_onnx=candidate.artifact,
-            threads=settings.threads,
         )
+        try:
+            path = find_openvino_model(openvino_dir(artifacts_dir), ov_key)
+            log.info("OpenVINO model cache hit: %s", path.name)
+        except FileNotFoundError:
+            if builder is None:
+                raise
+            path = builder.openvino_model(
+                loaded_model,
+                openvino_dir(artifacts_dir),
+                precision=candidate.precision,
+                source_onnx=candidate.artifact,
+                threads=settings.threads,
+            )
         return OpenVinoImageEncoder(
             path,
             precision=candidate.precision,
@@ -239,19 +268,29 @@ def _build(
         )
     if candidate.backend == "tensorrt":
         from triagenode.inference.backends.tensorrt import TensorRTImageEncoder
-        from triagenode.optimization.tensorrt_build import ensure_engine
 
         size = loaded_model.preprocess.image_size
         assert candidate.artifact is not None  # tensorrt candidates always name their ONNX
-        engine = ensure_engine(
+        trt_key = tensorrt_key(
             candidate.artifact,
-            engines_dir(artifacts_dir),
             precision=candidate.precision,
             max_batch=settings.max_batch,
             image_size=size,
-            # auto never starts a minutes-long build at start-up; an explicit choice does.
-            build=settings.backend == "tensorrt",
         )
+        try:
+            engine = find_tensorrt_engine(engines_dir(artifacts_dir), trt_key)
+            log.info("TensorRT engine cache hit: %s", engine.name)
+        except FileNotFoundError:
+            # auto never starts a minutes-long build at start-up; an explicit choice does.
+            if builder is None or settings.backend != "tensorrt":
+                raise
+            engine = builder.tensorrt_engine(
+                candidate.artifact,
+                engines_dir(artifacts_dir),
+                precision=candidate.precision,
+                max_batch=settings.max_batch,
+                image_size=size,
+            )
         return TensorRTImageEncoder(
             engine, precision=candidate.precision, max_batch=settings.max_batch, image_size=size
         )
@@ -276,7 +315,8 @@ def select_backend(
     loaded_model: Any,
     *,
     machine: Machine | None = None,
-    build: Callable[[Candidate, Any, Path, Any], ImageEncoder] = _build,
+    builder: EngineBuilder | None = None,
+    build: Callable[[Candidate, Any, Path, Any], ImageEncoder] | None = None,
 ) -> ImageEncoder:
     """Open the best usable image encoder for these settings on this machine.
 
@@ -290,8 +330,12 @@ def select_backend(
         The model (PyTorch fallback, and the weights hash the artefacts must match).
     machine : Machine, optional
         Detected when None.
+    builder : EngineBuilder, optional
+        Builds a TensorRT engine or OpenVINO model missing from the cache
+        (:class:`triagenode.optimization.builder.OptimizationBuilder`); without one, a
+        candidate whose compiled model is not cached is skipped like a missing artefact.
     build : callable, optional
-        Opens one candidate (tests substitute it).
+        Opens one candidate (tests substitute it); by default :func:`_build` with ``builder``.
 
     Returns
     -------
@@ -303,6 +347,8 @@ def select_backend(
         When no candidate, not even PyTorch on CPU, can be opened.
     """
     machine = machine or Machine.detect()
+    if build is None:
+        build = functools.partial(_build, builder=builder)
     candidates = plan_candidates(model_settings, artifacts_dir, machine)
     log.info(
         "CPU %s: %s; openvino %s",

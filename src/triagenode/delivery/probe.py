@@ -30,7 +30,7 @@ class DestinationProbe:
         The destinations to probe.
     echo
         C-ECHO one destination: True when it answered with success
-        (:meth:`triagenode.scp.exporter.Exporter.echo`).
+        (:meth:`triagenode.delivery.exporter.Exporter.echo`).
     interval_s
         Seconds from the start of one probe of a destination to the start of the next (a
         probe that takes longer is followed at once by the next).

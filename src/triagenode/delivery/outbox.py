@@ -20,7 +20,6 @@ answer holds up only its own rows.
 from __future__ import annotations
 
 import builtins
-import enum
 import logging
 import random
 from collections.abc import Collection
@@ -35,21 +34,13 @@ from sqlalchemy.orm import Session
 
 from triagenode.audit.events import AuditLog
 from triagenode.config.settings import Settings
+from triagenode.domain import ExportState
 from triagenode.store.db import Database
 from triagenode.store.models import Export, utcnow
 
-__all__ = ["ExportOutbox", "ExportRow", "ExportState", "backoff_delay"]
+__all__ = ["ExportOutbox", "ExportRow", "backoff_delay"]
 
 log = logging.getLogger(__name__)
-
-
-class ExportState(str, enum.Enum):
-    """Where an outbox row is."""
-
-    pending = "pending"  # waiting for next_attempt_at
-    sending = "sending"  # claimed by an exporter; next_attempt_at is the lease's end
-    sent = "sent"  # the destination answered the C-STORE with success
-    dead = "dead"  # max_attempts failed; waits for `triagenode exports retry`
 
 
 @dataclass(frozen=True)
@@ -96,7 +87,7 @@ def backoff_delay(attempts: int, initial_s: float, max_s: float, *, jitter: floa
     """Seconds to wait after the ``attempts``-th failure: ``initial * 2**(attempts-1)``,
     capped at ``max_s``, plus up to ``jitter`` of itself so many rows do not retry in step.
     """
-    base = min(initial_s * 2 ** max(attempts - 1, 0), max_s)
+    base = min(initial_s * 2.0 ** max(attempts - 1, 0), max_s)
     return base + random.uniform(0, jitter * base)
 
 

@@ -32,15 +32,15 @@ from sqlalchemy.orm import Session
 
 from triagenode.audit.events import AuditEventId, AuditLog, Outcome
 from triagenode.config.settings import Destination, Settings
+from triagenode.delivery.outbox import ExportOutbox, ExportRow, backoff_delay
+from triagenode.domain import ExportState
 from triagenode.errors import ConfigError
 from triagenode.metrics import EXPORT_ATTEMPTS, EXPORT_FAILURES
-from triagenode.scp.outbox import ExportOutbox, ExportRow, ExportState, backoff_delay
 from triagenode.store.models import utcnow
 
 __all__ = [
     "ExportOutbox",
     "ExportRow",
-    "ExportState",
     "Exporter",
     "backoff_delay",
     "client_context",
