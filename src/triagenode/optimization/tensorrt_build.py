@@ -29,6 +29,7 @@ from triagenode.inference.backends.engine_cache import (
     find_tensorrt_engine,
     tensorrt_key,
 )
+from triagenode.optional import require
 
 __all__ = ["build_engine", "ensure_engine"]
 
@@ -81,7 +82,7 @@ def build_engine(
     RuntimeError
         When the ONNX file cannot be parsed or the build fails (TensorRT's errors included).
     """
-    import tensorrt as trt
+    trt = require("tensorrt", "tensorrt", "Building a TensorRT engine")
 
     if precision not in TENSORRT_PRECISIONS:
         raise ValueError(f"precision must be one of {TENSORRT_PRECISIONS} (got {precision!r})")

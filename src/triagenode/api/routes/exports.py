@@ -15,9 +15,10 @@ from triagenode.api.schemas import ActionResult, ExportOut, Page
 from triagenode.api.tokens import Principal, Role
 from triagenode.audit.events import AuditEventId, AuditLog
 from triagenode.config.settings import Settings
+from triagenode.delivery.outbox import ExportOutbox
 from triagenode.domain import ExportState
 from triagenode.store.db import Database
-from triagenode.store.models import Export, utcnow
+from triagenode.store.models import Export
 
 __all__ = ["requeue_export", "router"]
 
@@ -53,19 +54,8 @@ def list_exports(
 
 
 def requeue_export(db: Database, audit: AuditLog, settings: Settings, export_id: int) -> bool:
-    """Requeue through the exporter's outbox when it is installed, else by a DB update."""
-    try:
-        from triagenode.delivery.outbox import ExportOutbox
-    except ImportError:
-        pass
-    else:
-        return bool(ExportOutbox(db, audit, settings).retry(export_id))
-    with db.write_session() as session:
-        row = session.get(Export, export_id)
-        if row is None or row.state not in (ExportState.dead, ExportState.pending):
-            return False
-        row.state, row.attempts, row.next_attempt_at = ExportState.pending.value, 0, utcnow()
-        return True
+    """Queue a dead or pending export again, due now (the outbox records the audit event)."""
+    return bool(ExportOutbox(db, audit, settings).retry(export_id))
 
 
 @router.post(

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from triagenode.inference.backends.cpu import INFERENCE_FLAGS, CpuCapabilities, detect_cpu
+from triagenode.optional import require
 
 __all__ = [
     "OPENVINO_PRECISIONS",
@@ -112,10 +113,12 @@ def current_gpu(device_index: int = 0) -> GpuInfo:
 
     Raises
     ------
+    MissingDependency
+        When TensorRT is not installed (the message names ``triagenode[tensorrt]``).
     RuntimeError
-        When CUDA or TensorRT is not available.
+        When CUDA is not available.
     """
-    import tensorrt as trt
+    trt = require("tensorrt", "tensorrt", "A TensorRT engine")
     import torch
 
     if not torch.cuda.is_available():
