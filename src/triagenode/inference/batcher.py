@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from triagenode.domain import Priority
-from triagenode.inference.backends.base import ImageEncoder
+from triagenode.inference.backends.base import ImageEncoder, PrioritizedImageEncoder
 from triagenode.metrics import BATCH_SIZE, INFERENCE_SECONDS
 
 __all__ = ["BatcherClosedError", "DynamicBatcher"]
@@ -58,6 +58,7 @@ class DynamicBatcher:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1 (got {max_batch})")
         self.encoder = encoder
+        self._prioritized = isinstance(encoder, PrioritizedImageEncoder)
         self.max_batch = int(max_batch)
         self.max_wait_s = max(float(max_wait_ms), 0.0) / 1000.0
         self._shape = (3, encoder.image_size, encoder.image_size)
@@ -122,7 +123,13 @@ class DynamicBatcher:
     def _encode(self, items: list[_Item]) -> None:
         started = time.perf_counter()
         try:
-            embeddings = self.encoder.encode(np.stack([item.image for item in items]))
+            batch = np.stack([item.image for item in items])
+            if self._prioritized:
+                # The most urgent image decides: a stat image never waits behind its batch.
+                urgent = Priority(-min(item.rank for item in items))
+                embeddings = self.encoder.encode_prioritized(batch, urgent)  # type: ignore[attr-defined]
+            else:
+                embeddings = self.encoder.encode(batch)
         except Exception as exc:
             if len(items) == 1:
                 log.warning("image failed in the encoder: %s", exc)

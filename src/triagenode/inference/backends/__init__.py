@@ -17,7 +17,8 @@ def create_encoder(
 ) -> ImageEncoder:
     """The image encoder for ``model_settings.backend``.
 
-    ``torch``: PyTorch. ``onnxruntime``, ``openvino``, ``tensorrt`` and ``auto``: chosen by
+    ``torch``: PyTorch. ``triton``: a Triton server (no fallback). ``onnxruntime``,
+    ``openvino``, ``tensorrt`` and ``auto``: chosen by
     :func:`~triagenode.inference.backends.select.select_backend` from the artefacts in
     ``artifacts_dir`` (default ``model_settings.artifacts_dir``), falling back with a warning.
 
@@ -36,7 +37,7 @@ def create_encoder(
         For a backend this build cannot create, or a device/precision it cannot serve.
     """
     backend = getattr(model_settings, "backend", "auto")
-    if backend in ("auto", "onnxruntime", "openvino", "tensorrt"):
+    if backend in ("auto", "onnxruntime", "openvino", "tensorrt", "triton"):
         from triagenode.inference.backends.select import select_backend
 
         folder = artifacts_dir or getattr(model_settings, "artifacts_dir", None)
