@@ -143,17 +143,11 @@ class TritonImageEncoder:
             raise ModelLoadError(f"{self._where}: the server is not live")
         version = self.model_version
         if not self._call("the model readiness check", "is_model_ready", self.model_name, version):
-            index = self._call("listing the repository", "get_model_repository_index", as_json=True)
-            ready = sorted(
-                str(m.get("name"))
-                for m in index.get("models", [])
-                if m.get("state", "READY") == "READY"
-            )
             wanted = f" version {version}" if version else ""
             raise ModelLoadError(
-                f"{self._where}{wanted} is not ready on the server; ready models: "
-                f"{', '.join(ready) or 'none'} (set model.triton.model_name, or load the model "
-                "written by `triagenode optimize export-triton`)"
+                f"{self._where}{wanted} is not ready on the server; {self._ready_models()} "
+                "(set model.triton.model_name, or load the model written by "
+                "`triagenode optimize export-triton`)"
             )
         meta = self._call(
             "reading the model metadata",
@@ -205,6 +199,19 @@ class TritonImageEncoder:
             self.max_batch,
             levels,
         )
+
+    def _ready_models(self) -> str:
+        """The server's ready models, when it lets us list them (often restricted)."""
+        try:
+            index = self._client.get_model_repository_index(
+                headers=self._headers, client_timeout=self.timeout_s, as_json=True
+            )
+        except self._grpc.InferenceServerException as exc:
+            return f"the server does not list its models ({exc.message()})"
+        ready = sorted(
+            str(m.get("name")) for m in index.get("models", []) if m.get("state") == "READY"
+        )
+        return f"ready models: {', '.join(ready) or 'none'}"
 
     def _contract_problems(self, meta: dict[str, Any], config: dict[str, Any]) -> list[str]:
         problems: list[str] = []
