@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import queue
+import shutil
 import subprocess
 import sys
 import threading
@@ -69,18 +70,22 @@ class TritonServer:
     metrics_port: int
     process: subprocess.Popen[str]
     lines: queue.Queue[str]
+    log: Path
 
-    def expect(self, marker: str, timeout: float = 120.0) -> None:
+    def expect(self, marker: str, timeout: float = 300.0) -> None:
         """Wait for a protocol line of tests/triton_server.py (stdout, read by a thread)."""
         while True:
             try:
                 line = self.lines.get(timeout=timeout)
             except queue.Empty:
-                raise AssertionError(f"the Triton server did not say {marker}") from None
+                raise AssertionError(f"no {marker} from the server: {self._tail()}") from None
             if line.strip() == marker:
                 return
             if line == "":
-                raise AssertionError(f"the Triton server exited before {marker}")
+                raise AssertionError(f"the Triton server exited before {marker}: {self._tail()}")
+
+    def _tail(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:]
 
     def pending(self, model: str) -> float:
         """Requests queued in the server's scheduler (Prometheus metric)."""
@@ -103,7 +108,8 @@ def triton_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonSe
             "(see tests/triton_server.py)"
         )
     grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
-    log = (tmp_path_factory.mktemp("triton") / "server.log").open("w")
+    log_path = tmp_path_factory.mktemp("triton") / "server.log"
+    log = log_path.open("w")
     process = subprocess.Popen(
         [
             python,
@@ -135,7 +141,7 @@ def triton_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonSe
         lines.put("")
 
     threading.Thread(target=pump, daemon=True).start()
-    server = TritonServer(f"127.0.0.1:{grpc_port}", metrics_port, process, lines)
+    server = TritonServer(f"127.0.0.1:{grpc_port}", metrics_port, process, lines, log_path)
     try:
         server.expect("READY")
         yield server
@@ -269,6 +275,116 @@ def test_stat_overtakes_requests_queued_before_it_on_the_server(triton_server) -
         encoder.close()
     # Arrival order was low, low, stat; Triton ran stat first (execution 2), then the lows.
     assert order == {(Priority.stat, 3): 2, (Priority.low, 1): 3, (Priority.low, 2): 4}
+
+
+_DIST = """
+import pathlib, sys, sysconfig, pytriton
+root = pathlib.Path(pytriton.__file__).parent
+print(root / "tritonserver")
+print(root.parent / "nvidia_pytriton.libs")
+print(f"{sys.version_info[0]}.{sys.version_info[1]}")
+print(pathlib.Path(sys.executable).parent)
+print(sysconfig.get_config_var("LIBDIR"))
+"""
+
+
+@pytest.fixture
+def exported_repository_server(tmp_path: Path, capsys) -> Iterator[str]:
+    """``tritonserver`` itself (no pytriton) serving what ``export-triton`` wrote."""
+    python = _pytriton_python()
+    if python is None:
+        pytest.skip(f"no tritonserver: set {PYTRITON_ENV} (see tests/triton_server.py)")
+    from triagenode.cli import main
+
+    found = subprocess.run([python, "-c", _DIST], capture_output=True, text=True, check=True)
+    dist, libs, version, bindir, libdir = found.stdout.split("\n")[:5]
+    server = tmp_path / "tritonserver"
+    shutil.copytree(dist, server, ignore=shutil.ignore_patterns("python_backend_stubs"))
+    stub = Path(dist) / "python_backend_stubs" / version / "triton_python_backend_stub"
+    shutil.copy(stub, server / "backends" / "python")
+    repo = tmp_path / "models"
+    args = ["optimize", "export-triton", str(repo), "--artifacts", str(_demo_export_dir())]
+    assert main([*args, "--max-batch", str(SERVER_MAX_BATCH), "--preferred-batch", "4"]) == 0
+    capsys.readouterr()
+    config = repo / MODEL / "config.pbtxt"
+    text = config.read_text()
+    assert 'platform: "onnxruntime_onnx"' in text
+    config.write_text(text.replace('platform: "onnxruntime_onnx"', 'backend: "python"'))
+    shutil.copy(Path(__file__).with_name("triton_onnx_model.py"), repo / MODEL / "1" / "model.py")
+    grpc_port = free_port()
+    env = dict(os.environ)
+    # The Python backend's stub embeds libpython: it must load this interpreter's library
+    # and find the server Python's packages (numpy<2) first on PATH.
+    env["PATH"] = f"{bindir}:{env.get('PATH', '')}"
+    env["LD_LIBRARY_PATH"] = ":".join(p for p in (libdir, libs, env.get("LD_LIBRARY_PATH")) if p)
+    log = (tmp_path / "tritonserver.log").open("w")
+    process = subprocess.Popen(
+        [
+            str(server / "bin" / "tritonserver"),
+            f"--model-repository={repo}",
+            f"--backend-directory={server / 'backends'}",
+            "--grpc-address=127.0.0.1",
+            f"--grpc-port={grpc_port}",
+            "--allow-http=false",
+            "--allow-metrics=false",
+            "--exit-timeout-secs=5",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"127.0.0.1:{grpc_port}"
+    try:
+        import tritonclient.grpc as grpcclient
+
+        client = grpcclient.InferenceServerClient(url)
+
+        def ready() -> bool:
+            assert process.poll() is None, (tmp_path / "tritonserver.log").read_text()[-2000:]
+            try:
+                return bool(client.is_model_ready(MODEL))
+            except grpcclient.InferenceServerException:
+                return False
+
+        wait_for(ready, timeout=120, what="tritonserver to load the exported model")
+        client.close()
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+def test_the_exported_repository_loads_in_tritonserver_and_serves_the_node(
+    exported_repository_server,
+) -> None:
+    url = exported_repository_server
+    encoder = select_backend(_settings(url), None, demo_model())
+    try:
+        config = encoder._client.get_model_config(MODEL, as_json=True)["config"]
+        batching = config["dynamic_batching"]
+        assert batching["preferred_batch_size"] == [4]
+        assert (int(batching["priority_levels"]), int(batching["default_priority_level"])) == (4, 3)
+        weights = config["parameters"]["triagenode.weights_sha256"]["string_value"]
+        assert weights == demo_model().identity.weights_sha256
+        images = demo_images(SERVER_MAX_BATCH + 1)
+        np.testing.assert_allclose(
+            encoder.encode(images), _onnx_encoder().encode(images), rtol=0, atol=1e-6
+        )
+    finally:
+        encoder.close()
+    served = demo_model().identity.weights_sha256[:12]
+    with pytest.raises(ModelLoadError, match=rf"exported from other weights \({served} != ffff"):
+        TritonImageEncoder(
+            _settings(url).triton,
+            image_size=demo_model().preprocess.image_size,
+            embed_dim=demo_model().embed_dim,
+            weights_sha256="f" * 64,
+        )
 
 
 def test_triton_priority_levels_follow_the_triage_scale() -> None:

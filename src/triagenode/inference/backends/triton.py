@@ -272,7 +272,12 @@ class TritonImageEncoder:
             raise TritonRequestError(
                 f"{self._where}: a batch of {len(batch)} failed ({exc.message()})"
             ) from exc
-        embeddings = result.as_numpy(self._output)
+        try:
+            embeddings = result.as_numpy(self._output)
+        except ValueError as exc:  # fewer bytes than the shape it declares
+            raise TritonRequestError(
+                f"{self._where}: the answer to a batch of {len(batch)} is malformed ({exc})"
+            ) from exc
         if embeddings is None or embeddings.shape != (len(batch), self.embed_dim):
             shape = None if embeddings is None else embeddings.shape
             raise TritonRequestError(
