@@ -172,7 +172,8 @@ def _onnx_encoder() -> ImageEncoder:
 
 
 def test_embeddings_through_triton_equal_the_local_onnxruntime_backend(triton_server) -> None:
-    encoder = select_backend(_settings(triton_server.url), None, demo_model())
+    settings = _settings(triton_server.url, headers={"x-site": "north"})  # sent as metadata
+    encoder = select_backend(settings, None, demo_model())
     try:
         assert isinstance(encoder, TritonImageEncoder) and encoder.backend == "triton"
         assert encoder.max_batch == SERVER_MAX_BATCH

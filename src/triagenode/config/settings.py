@@ -274,9 +274,10 @@ class TritonSettings(Section):
     tls_ca: Path | None = Field(default=None, description="CA bundle (default: system CAs)")
     tls_cert: Path | None = Field(default=None, description="client certificate (mutual TLS)")
     tls_key: Path | None = Field(default=None, description="private key of tls_cert")
-    headers: dict[str, str] = Field(
+    headers: dict[str, SecretStr] = Field(
         default_factory=dict,
-        description="gRPC metadata sent with every request (for example a gateway's token)",
+        description="gRPC metadata sent with every request (for example a gateway's token); "
+        "values are secrets, never shown",
     )
 
     @field_validator("url")
@@ -286,7 +287,7 @@ class TritonSettings(Section):
         if not match or not 1 <= int(match.group(2)) <= 65535:
             raise ValueError(
                 "must be host:port of the server's gRPC endpoint, without a scheme "
-                f"(for example 'triton.example.org:8001'; got {value!r})"
+                f"(got {value!r}; for example 'triton.example.org:8001')"
             )
         return value.strip()
 
@@ -308,14 +309,14 @@ class TritonSettings(Section):
 
     @field_validator("headers")
     @classmethod
-    def _headers_valid(cls, value: dict[str, str]) -> dict[str, str]:
-        for name, text in value.items():
+    def _headers_valid(cls, value: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        for name, secret in value.items():
             if not _GRPC_HEADER.match(name):
                 raise ValueError(
                     f"header name {name!r}: lower-case letters, digits, '-', '_', '.'; "
                     "not starting with 'grpc-'"
                 )
-            if not all(" " <= ch <= "~" for ch in text):
+            if not all(" " <= ch <= "~" for ch in secret.get_secret_value()):
                 raise ValueError(f"header {name!r}: the value must be printable ASCII")
         return value
 

@@ -105,7 +105,9 @@ class TritonImageEncoder:
         self.model_name = settings.model_name
         self.model_version = settings.model_version
         self.timeout_s = float(settings.timeout_s)
-        self._headers = dict(settings.headers) or None
+        self._headers = {
+            name: value.get_secret_value() for name, value in settings.headers.items()
+        } or None
         self.image_size = int(image_size)
         self.embed_dim = int(embed_dim)
         self.device = "triton"
