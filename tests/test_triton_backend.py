@@ -1,29 +1,17 @@
 """``model.backend = "triton"`` against a real Triton Inference Server, and the batcher's
 priority hand-off.
 
-The server is ``tritonserver`` 2.51 from the ``nvidia-pytriton`` wheel, started by
-``tests/triton_server.py`` on loopback ports and hosting the demo model's exported image
-tower in ONNX Runtime on CPU. pytriton pins ``numpy<2`` and the node runs on numpy 2, so the
-server runs from the Python named by ``TRIAGENODE_TEST_PYTRITON_PYTHON`` (a virtual
-environment made with ``--system-site-packages`` and ``pip install nvidia-pytriton
-'numpy<2'``), or from this Python when it has pytriton with numpy<2. Without either, the
-server tests skip and say so; the tests that need no server (unreachable server, batcher
+The servers (tritonserver 2.51 from the ``nvidia-pytriton`` wheel, on loopback ports) are
+described in ``tests/triton_support.py``; without a Python that can run them, the server
+tests skip and say so, and the tests that need no server (unreachable server, batcher
 priority) always run.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import queue
-import shutil
-import subprocess
-import sys
 import threading
-import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +22,16 @@ from pydicom.uid import generate_uid
 from tests.factory import ct_slice, write
 from tests.onnx_fixtures import _demo_export_dir, demo_images, demo_model
 from tests.peers import free_port, wait_for
+from tests.triton_support import (
+    MODEL,
+    SERVER_MAX_BATCH,
+    TritonServer,
+    exported_tritonserver,
+    make_pki,
+    pytriton_python,
+    pytriton_server,
+    skip_reason,
+)
 from triagenode.config.labels import LabelSettings
 from triagenode.config.settings import ModelSettings
 from triagenode.domain import ImageRef, Priority
@@ -50,110 +48,24 @@ from triagenode.inference.backends.triton import (
     triton_priority,
 )
 
-PYTRITON_ENV = "TRIAGENODE_TEST_PYTRITON_PYTHON"
-MODEL = "triagenode_image"
-SERVER_MAX_BATCH = 8
-
-
-def _pytriton_python() -> str | None:
-    named = os.environ.get(PYTRITON_ENV)
-    if named:
-        return named
-    if importlib.util.find_spec("pytriton") is not None and np.__version__.startswith("1."):
-        return sys.executable
-    return None
-
-
-@dataclass
-class TritonServer:
-    url: str
-    metrics_port: int
-    process: subprocess.Popen[str]
-    lines: queue.Queue[str]
-    log: Path
-
-    def expect(self, marker: str, timeout: float = 300.0) -> None:
-        """Wait for a protocol line of tests/triton_server.py (stdout, read by a thread)."""
-        while True:
-            try:
-                line = self.lines.get(timeout=timeout)
-            except queue.Empty:
-                raise AssertionError(f"no {marker} from the server: {self._tail()}") from None
-            if line.strip() == marker:
-                return
-            if line == "":
-                raise AssertionError(f"the Triton server exited before {marker}: {self._tail()}")
-
-    def _tail(self) -> str:
-        return self.log.read_text(errors="replace")[-3000:]
-
-    def pending(self, model: str) -> float:
-        """Requests queued in the server's scheduler (Prometheus metric)."""
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as response:
-            text = response.read().decode()
-        for line in text.splitlines():
-            if line.startswith("nv_inference_pending_request_count") and f'model="{model}"' in line:
-                return float(line.rsplit(" ", 1)[1])
-        return 0.0
-
 
 @pytest.fixture(scope="module")
 def triton_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
-    python = _pytriton_python()
+    python = pytriton_python()
     if python is None:
-        pytest.skip(
-            "no Triton server: nvidia-pytriton needs numpy<2 and this Python has numpy "
-            f"{np.__version__}; set {PYTRITON_ENV} to a Python with nvidia-pytriton "
-            "(see tests/triton_server.py)"
-        )
-    grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
-    log_path = tmp_path_factory.mktemp("triton") / "server.log"
-    log = log_path.open("w")
-    process = subprocess.Popen(
-        [
-            python,
-            str(Path(__file__).with_name("triton_server.py")),
-            "--onnx",
-            str(_demo_export_dir() / "image.onnx"),
-            "--name",
-            MODEL,
-            "--grpc-port",
-            str(grpc_port),
-            "--http-port",
-            str(http_port),
-            "--metrics-port",
-            str(metrics_port),
-            "--max-batch",
-            str(SERVER_MAX_BATCH),
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=log,
-        text=True,
-    )
-    lines: queue.Queue[str] = queue.Queue()
-
-    def pump() -> None:
-        assert process.stdout is not None
-        for line in process.stdout:
-            lines.put(line)
-        lines.put("")
-
-    threading.Thread(target=pump, daemon=True).start()
-    server = TritonServer(f"127.0.0.1:{grpc_port}", metrics_port, process, lines, log_path)
-    try:
-        server.expect("READY")
+        pytest.skip(skip_reason())
+    with pytriton_server(python, tmp_path_factory.mktemp("pytriton")) as server:
         yield server
-    finally:
-        assert process.stdin is not None
-        process.stdin.close()
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
+
+
+@pytest.fixture
+def exported_repository_server(tmp_path: Path) -> Iterator[str]:
+    """``tritonserver`` itself (no pytriton) serving what ``export-triton`` wrote."""
+    python = pytriton_python()
+    if python is None:
+        pytest.skip(skip_reason())
+    with exported_tritonserver(python, tmp_path) as url:
+        yield url
 
 
 def _settings(url: str, **triton: Any) -> ModelSettings:
@@ -278,88 +190,6 @@ def test_stat_overtakes_requests_queued_before_it_on_the_server(triton_server) -
     assert order == {(Priority.stat, 3): 2, (Priority.low, 1): 3, (Priority.low, 2): 4}
 
 
-_DIST = """
-import pathlib, sys, sysconfig, pytriton
-root = pathlib.Path(pytriton.__file__).parent
-print(root / "tritonserver")
-print(root.parent / "nvidia_pytriton.libs")
-print(f"{sys.version_info[0]}.{sys.version_info[1]}")
-print(pathlib.Path(sys.executable).parent)
-print(sysconfig.get_config_var("LIBDIR"))
-"""
-
-
-@pytest.fixture
-def exported_repository_server(tmp_path: Path, capsys) -> Iterator[str]:
-    """``tritonserver`` itself (no pytriton) serving what ``export-triton`` wrote."""
-    python = _pytriton_python()
-    if python is None:
-        pytest.skip(f"no tritonserver: set {PYTRITON_ENV} (see tests/triton_server.py)")
-    from triagenode.cli import main
-
-    found = subprocess.run([python, "-c", _DIST], capture_output=True, text=True, check=True)
-    dist, libs, version, bindir, libdir = found.stdout.split("\n")[:5]
-    server = tmp_path / "tritonserver"
-    shutil.copytree(dist, server, ignore=shutil.ignore_patterns("python_backend_stubs"))
-    stub = Path(dist) / "python_backend_stubs" / version / "triton_python_backend_stub"
-    shutil.copy(stub, server / "backends" / "python")
-    repo = tmp_path / "models"
-    args = ["optimize", "export-triton", str(repo), "--artifacts", str(_demo_export_dir())]
-    assert main([*args, "--max-batch", str(SERVER_MAX_BATCH), "--preferred-batch", "4"]) == 0
-    capsys.readouterr()
-    config = repo / MODEL / "config.pbtxt"
-    text = config.read_text()
-    assert 'platform: "onnxruntime_onnx"' in text
-    config.write_text(text.replace('platform: "onnxruntime_onnx"', 'backend: "python"'))
-    shutil.copy(Path(__file__).with_name("triton_onnx_model.py"), repo / MODEL / "1" / "model.py")
-    grpc_port = free_port()
-    env = dict(os.environ)
-    # The Python backend's stub embeds libpython: it must load this interpreter's library
-    # and find the server Python's packages (numpy<2) first on PATH.
-    env["PATH"] = f"{bindir}:{env.get('PATH', '')}"
-    env["LD_LIBRARY_PATH"] = ":".join(p for p in (libdir, libs, env.get("LD_LIBRARY_PATH")) if p)
-    log = (tmp_path / "tritonserver.log").open("w")
-    process = subprocess.Popen(
-        [
-            str(server / "bin" / "tritonserver"),
-            f"--model-repository={repo}",
-            f"--backend-directory={server / 'backends'}",
-            "--grpc-address=127.0.0.1",
-            f"--grpc-port={grpc_port}",
-            "--allow-http=false",
-            "--allow-metrics=false",
-            "--exit-timeout-secs=5",
-        ],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"127.0.0.1:{grpc_port}"
-    try:
-        import tritonclient.grpc as grpcclient
-
-        client = grpcclient.InferenceServerClient(url)
-
-        def ready() -> bool:
-            assert process.poll() is None, (tmp_path / "tritonserver.log").read_text()[-2000:]
-            try:
-                return bool(client.is_model_ready(MODEL))
-            except grpcclient.InferenceServerException:
-                return False
-
-        wait_for(ready, timeout=120, what="tritonserver to load the exported model")
-        client.close()
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
-
-
 def test_the_exported_repository_loads_in_tritonserver_and_serves_the_node(
     exported_repository_server,
 ) -> None:
@@ -386,6 +216,40 @@ def test_the_exported_repository_loads_in_tritonserver_and_serves_the_node(
             embed_dim=demo_model().embed_dim,
             weights_sha256="f" * 64,
         )
+
+
+def test_mutual_tls_to_the_server(tmp_path: Path) -> None:
+    python = pytriton_python()
+    if python is None:
+        pytest.skip(skip_reason())
+    pki = make_pki(tmp_path)
+    model = demo_model()
+    with exported_tritonserver(python, tmp_path, pki) as url:
+        tls = {"tls": True, "tls_ca": str(pki / "ca.crt")}
+        client = {"tls_cert": str(pki / "client.crt"), "tls_key": str(pki / "client.key")}
+        encoder = select_backend(_settings(url, **tls, **client), None, model)
+        images = demo_images(2)
+        np.testing.assert_allclose(
+            encoder.encode(images), _onnx_encoder().encode(images), rtol=0, atol=1e-6
+        )
+        encoder.close()
+        refused = {
+            "plain text": _settings(url),
+            "no client certificate": _settings(url, **tls),
+            "a CA that did not sign the server": _settings(
+                url, tls=True, tls_ca=str(pki / "other-ca.crt"), **client
+            ),
+            "a client certificate of another CA": _settings(
+                url,
+                **tls,
+                tls_cert=str(pki / "stranger.crt"),
+                tls_key=str(pki / "stranger.key"),
+            ),
+        }
+        for why, settings in refused.items():
+            with pytest.raises(ModelLoadError, match=f"Triton server {url}, model") as caught:
+                select_backend(settings, None, model)
+            assert "the liveness check" in str(caught.value), why
 
 
 def test_triton_priority_levels_follow_the_triage_scale() -> None:

@@ -1,6 +1,6 @@
 """A real Triton Inference Server for the tests: pytriton hosting an ONNX Runtime session.
 
-Run as a script by ``tests/test_triton_backend.py`` with a Python that has
+Run as a script by ``tests/triton_support.py`` with a Python that has
 ``nvidia-pytriton`` (which bundles ``tritonserver`` 2.51 and its Python backend, but no ONNX
 Runtime backend, so the ONNX file is run by ONNX Runtime on CPU inside the Python model).
 pytriton pins ``numpy<2`` while the node runs on numpy 2, so the server usually lives in its
