@@ -132,6 +132,23 @@ def test_the_nodes_results_through_triton_equal_the_local_backends(
     )
 
 
+def test_a_model_without_priority_levels_or_weights_is_used_with_warnings(
+    triton_server, caplog
+) -> None:
+    caplog.set_level("WARNING", logger="triagenode.inference.backends.triton")
+    settings = _settings(triton_server.url, model_name="no_priorities")
+    encoder = select_backend(settings, None, demo_model())
+    try:
+        images = demo_images(3)
+        stat = encoder.encode_prioritized(images, Priority.stat)  # type: ignore[attr-defined]
+        np.testing.assert_allclose(stat, _onnx_encoder().encode(images), rtol=0, atol=1e-6)
+    finally:
+        encoder.close()
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "has 0 priority levels (needs 4): requests go without priority" in warned
+    assert "cannot confirm it serves this node's weights" in warned
+
+
 def test_a_model_name_the_server_does_not_have_is_refused_naming_the_ready_ones(
     triton_server,
 ) -> None:

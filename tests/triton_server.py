@@ -7,10 +7,11 @@ pytriton pins ``numpy<2`` while the node runs on numpy 2, so the server usually 
 own virtual environment (``--system-site-packages``, plus ``nvidia-pytriton 'numpy<2'``);
 the node under test talks to it over loopback gRPC only, as it would to a remote server.
 
-Two models are served:
+Three models are served:
 
 - ``--name`` (the image tower): ``pixel_values (-1,3,S,S) FP32 -> image_embeds (-1,D) FP32``,
   dynamic batching with the node's four priority levels, like ``export-triton`` writes it.
+- ``no_priorities``: the same without priority levels (a model set up by someone else).
 - ``order_probe`` (same tensors, batch size 1): its first request blocks until the test
   writes ``release`` on stdin; each output row is filled with the execution's sequence
   number, so the test sees in which order Triton's scheduler ran the queued requests.
@@ -96,6 +97,13 @@ def main() -> None:
             outputs=tensors_out,
             config=ModelConfig(max_batch_size=args.max_batch, batcher=levels),
             strict=True,
+        )
+        triton.bind(
+            model_name="no_priorities",  # a model set up by someone else: no levels
+            infer_func=encode,
+            inputs=tensors_in,
+            outputs=tensors_out,
+            config=ModelConfig(max_batch_size=args.max_batch),
         )
         triton.bind(
             model_name="order_probe",

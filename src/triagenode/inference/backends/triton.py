@@ -185,10 +185,12 @@ class TritonImageEncoder:
             )
         self.precision = str(parameters.get(PRECISION_PARAMETER, {}).get("string_value", "fp32"))
         levels = int(config.get("dynamic_batching", {}).get("priority_levels", 0) or 0)
-        if levels < PRIORITY_LEVELS:
+        # With fewer levels the scale would be cut arbitrarily: send none (0, the default).
+        self._send_priority = levels >= PRIORITY_LEVELS
+        if not self._send_priority:
             log.warning(
-                "%s has %d priority levels (needs %d): stat studies do not overtake routine "
-                "ones on the server",
+                "%s has %d priority levels (needs %d): requests go without priority, so stat "
+                "studies do not overtake routine ones on the server",
                 self._where,
                 levels,
                 PRIORITY_LEVELS,
@@ -250,7 +252,7 @@ class TritonImageEncoder:
             When the server fails the request or answers with another shape.
         """
         images = np.ascontiguousarray(images, dtype=np.float32)
-        level = triton_priority(priority)
+        level = triton_priority(priority) if self._send_priority else 0
         parts = [
             self._infer(images[start : start + self.max_batch], level)
             for start in range(0, len(images), self.max_batch)
