@@ -5,8 +5,8 @@ thread gathers pending images into a batch until ``max_batch`` are waiting or th
 has waited ``max_wait_ms``, whichever comes first; the highest priority goes first (then
 arrival order), so a stat study's images overtake a routine back-load queued before them.
 When a batch fails, its images are retried one by one, so one bad image fails alone.
-An encoder that takes a priority (:class:`~triagenode.inference.backends.base.
-PrioritizedImageEncoder`, the ``triton`` backend) gets the batch's most urgent one.
+An encoder with ``encode_prioritized`` (``PrioritizedImageEncoder``: the ``triton``
+backend) is handed the most urgent priority among the batch's images.
 """
 
 from __future__ import annotations
