@@ -132,6 +132,32 @@ def test_the_nodes_results_through_triton_equal_the_local_backends(
     )
 
 
+def test_triagenode_classify_through_triton_prints_the_local_backends_scores(
+    triton_server, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    import json
+
+    from triagenode.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    study, series = generate_uid(), generate_uid()
+    for index in range(3):
+        write(ct_slice(study, series, index, size=64, seed=5), tmp_path / "in" / f"{index}.dcm")
+    monkeypatch.setenv("TRIAGENODE_MODEL__ARTIFACTS_DIR", str(_demo_export_dir()))
+    monkeypatch.setenv("TRIAGENODE_MODEL__TRITON__URL", triton_server.url)
+    studies = {}
+    for backend in ("triton", "onnxruntime"):
+        monkeypatch.setenv("TRIAGENODE_MODEL__BACKEND", backend)
+        assert main(["classify", str(tmp_path / "in"), "--demo-model", "--json"]) == 0
+        lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.strip()]
+        [studies[backend]] = [line for line in lines if line["type"] == "study"]
+    assert studies["triton"]["backend"] == "triton"
+    assert studies["onnxruntime"]["backend"] == "onnxruntime"
+    # printed with 6 decimals: equal up to a rounding step
+    assert studies["triton"]["scores"] == pytest.approx(studies["onnxruntime"]["scores"], abs=2e-6)
+    assert studies["triton"]["label_set"] == "ct_head"
+
+
 def test_a_model_without_priority_levels_or_weights_is_used_with_warnings(
     triton_server, caplog
 ) -> None:
