@@ -23,6 +23,7 @@ request is executing. The server stops when stdin closes.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import sysconfig
@@ -38,6 +39,8 @@ def main() -> None:
     parser.add_argument("--metrics-port", type=int, required=True)
     parser.add_argument("--max-batch", type=int, default=8)
     args = parser.parse_args()
+    # pytriton's own progress (server start, model loading) goes to the test's server log
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
 
     # The Python backend stub links libpython3.x dynamically: it must find this
     # interpreter's (pyenv, venv), not an older system copy with a different stdlib ABI.

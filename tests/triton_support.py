@@ -103,25 +103,22 @@ class TritonServer:
         return 0.0
 
 
-@contextlib.contextmanager
-def pytriton_server(python: str, folder: Path) -> Iterator[TritonServer]:
-    """``tests/triton_server.py`` started with ``python``; stopped by closing its stdin."""
+def _start_pytriton(python: str, log_path: Path) -> TritonServer:
     grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
-    log_path = folder / "server.log"
-    log = log_path.open("w")
-    process = subprocess.Popen(
-        [
-            python,
-            str(Path(__file__).with_name("triton_server.py")),
-            *("--onnx", str(_demo_export_dir() / "image.onnx"), "--name", MODEL),
-            *("--grpc-port", str(grpc_port), "--http-port", str(http_port)),
-            *("--metrics-port", str(metrics_port), "--max-batch", str(SERVER_MAX_BATCH)),
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=log,
-        text=True,
-    )
+    with log_path.open("w") as log:  # the child keeps its own descriptor
+        process = subprocess.Popen(
+            [
+                python,
+                str(Path(__file__).with_name("triton_server.py")),
+                *("--onnx", str(_demo_export_dir() / "image.onnx"), "--name", MODEL),
+                *("--grpc-port", str(grpc_port), "--http-port", str(http_port)),
+                *("--metrics-port", str(metrics_port), "--max-batch", str(SERVER_MAX_BATCH)),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+        )
     lines: queue.Queue[str] = queue.Queue()
 
     def pump() -> None:
@@ -131,15 +128,32 @@ def pytriton_server(python: str, folder: Path) -> Iterator[TritonServer]:
         lines.put("")
 
     threading.Thread(target=pump, daemon=True).start()
-    server = TritonServer(f"127.0.0.1:{grpc_port}", metrics_port, process, lines, log_path)
+    return TritonServer(f"127.0.0.1:{grpc_port}", metrics_port, process, lines, log_path)
+
+
+@contextlib.contextmanager
+def pytriton_server(python: str, folder: Path) -> Iterator[TritonServer]:
+    """``tests/triton_server.py`` started with ``python``; stopped by closing its stdin.
+
+    A second try with other ports when the first does not come up: a free port picked here
+    can be taken by another process before the server binds it.
+    """
+    for attempt in (1, 2):
+        server = _start_pytriton(python, folder / f"server-{attempt}.log")
+        try:
+            server.expect("READY", timeout=180)
+            break
+        except AssertionError:
+            server.process.kill()
+            server.process.wait()
+            if attempt == 2:
+                raise
     try:
-        server.expect("READY")
         yield server
     finally:
-        assert process.stdin is not None
-        process.stdin.close()
-        _stop(process)
-        log.close()
+        assert server.process.stdin is not None
+        server.process.stdin.close()
+        _stop(server.process)
 
 
 _DIST = """
