@@ -146,3 +146,6 @@ _.commit  # store/spool.py: IncomingInstance.commit
 
 # Counted but never reported (AssociationInfo.echoes): left for the lead to wire or drop.
 _.echoes
+
+# Read through dataclasses.asdict (the export-triton command's JSON output).
+_.config_path  # optimization/triton_repo.py: TritonRepository.config_path

@@ -1,4 +1,4 @@
-"""``triagenode optimize``: ONNX export, INT8 quantisation, TensorRT engines.
+"""``triagenode optimize``: ONNX export, INT8 quantisation, TensorRT engines, Triton repository.
 
 Artefacts go to ``model.artifacts_dir`` (default ``<data_dir>/engines``) unless ``--out``
 names another folder; each is written only after its parity with PyTorch fp32 passes.
@@ -98,6 +98,49 @@ def register(subparsers: argparse._SubParsersAction, parent: argparse.ArgumentPa
         help="folder holding the ONNX models (default artifacts_dir)",
     )
     trt.set_defaults(handler=_build_trt)
+
+    triton = actions.add_parser(
+        "export-triton",
+        parents=[parent],
+        help="a Triton Inference Server model repository of the image tower",
+    )
+    triton.add_argument("dir", type=Path, help="model repository folder (created)")
+    triton.add_argument(
+        "--artifacts",
+        type=Path,
+        default=None,
+        help="folder holding image.onnx from export-onnx (default artifacts_dir)",
+    )
+    triton.add_argument(
+        "--name", default=None, help="Triton model name (default model.triton.model_name)"
+    )
+    triton.add_argument(
+        "--kind",
+        choices=["cpu", "gpu"],
+        default="cpu",
+        help="instance kind: gpu uses a TensorRT plan from build-trt when one matches",
+    )
+    triton.add_argument("--instances", type=int, default=1, help="model instances (per GPU)")
+    triton.add_argument(
+        "--max-batch", type=int, default=None, help="max_batch_size (default model.max_batch)"
+    )
+    triton.add_argument(
+        "--preferred-batch",
+        type=int,
+        action="append",
+        default=None,
+        help="preferred batch size of the dynamic batcher (repeatable; default the max batch)",
+    )
+    triton.add_argument(
+        "--max-queue-delay-ms",
+        type=float,
+        default=None,
+        help="longest wait for a fuller batch on the server (default model.max_wait_ms)",
+    )
+    triton.add_argument(
+        "--onnx-only", action="store_true", help="ONNX even when a TensorRT plan is present"
+    )
+    triton.set_defaults(handler=_export_triton)
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -205,4 +248,26 @@ def _build_trt(args: argparse.Namespace) -> int:
         image_size=size,
     )
     print(engine)
+    return 0
+
+
+def _export_triton(args: argparse.Namespace) -> int:
+    from triagenode.optimization.triton_repo import write_model_repository
+
+    settings = settings_from_args(args)
+    model = settings.model
+    result = write_model_repository(
+        args.dir,
+        Path(args.artifacts or settings.artifacts_dir),
+        model_name=args.name or model.triton.model_name,
+        max_batch=args.max_batch or model.max_batch,
+        preferred_batch_sizes=args.preferred_batch,
+        max_queue_delay_ms=(
+            model.max_wait_ms if args.max_queue_delay_ms is None else args.max_queue_delay_ms
+        ),
+        gpu=args.kind == "gpu",
+        instances=args.instances,
+        use_plan=not args.onnx_only,
+    )
+    print(json.dumps(result.to_dict(), indent=2))
     return 0

@@ -51,6 +51,7 @@ __all__ = [
     "Settings",
     "StudySettings",
     "SyslogSettings",
+    "TritonSettings",
     "load_settings",
     "placeholder_secret_problem",
 ]
@@ -255,6 +256,89 @@ class DatabaseSettings(Section):
         return value
 
 
+# A Triton model name is a folder name in the model repository; a header name is gRPC
+# metadata (lower-case, "grpc-" is reserved by gRPC itself).
+_TRITON_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+_GRPC_HEADER = re.compile(r"^(?!grpc-)[a-z0-9_.-]{1,64}$")
+_HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):([0-9]{1,5})$")
+
+
+class TritonSettings(Section):
+    """``[model.triton]``: where ``model.backend = "triton"`` sends preprocessed batches."""
+
+    url: str = Field(
+        default="127.0.0.1:8001",
+        description="gRPC address of the Triton server, host:port (no scheme)",
+    )
+    model_name: str = Field(
+        default="triagenode_image", description="model in the server's repository"
+    )
+    model_version: str = Field(
+        default="", description="version number; empty: the server's version policy"
+    )
+    timeout_s: float = Field(
+        default=30.0, gt=0, le=3600, description="per request, and for the checks at start"
+    )
+    tls: bool = Field(default=False, description="gRPC over TLS")
+    tls_ca: Path | None = Field(default=None, description="CA bundle (default: system CAs)")
+    tls_cert: Path | None = Field(default=None, description="client certificate (mutual TLS)")
+    tls_key: Path | None = Field(default=None, description="private key of tls_cert")
+    headers: dict[str, SecretStr] = Field(
+        default_factory=dict,
+        description="gRPC metadata sent with every request (for example a gateway's token); "
+        "values are secrets, never shown",
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _url_is_host_port(cls, value: str) -> str:
+        match = _HOST_PORT.match(value.strip())
+        if not match or not 1 <= int(match.group(2)) <= 65535:
+            raise ValueError(
+                "must be host:port of the server's gRPC endpoint, without a scheme "
+                f"(got {value!r}; for example 'triton.example.org:8001')"
+            )
+        return value.strip()
+
+    @field_validator("model_name")
+    @classmethod
+    def _model_name_valid(cls, value: str) -> str:
+        if not _TRITON_NAME.match(value):
+            raise ValueError(
+                f"must be 1-128 characters of letters, digits, '_', '.', '-' (got {value!r})"
+            )
+        return value
+
+    @field_validator("model_version")
+    @classmethod
+    def _version_is_a_number(cls, value: str) -> str:
+        if value and not re.fullmatch(r"[1-9][0-9]{0,8}", value):
+            raise ValueError(f"must be empty or a positive version number (got {value!r})")
+        return value
+
+    @field_validator("headers")
+    @classmethod
+    def _headers_valid(cls, value: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        for name, secret in value.items():
+            if not _GRPC_HEADER.match(name):
+                raise ValueError(
+                    f"header name {name!r}: lower-case letters, digits, '-', '_', '.'; "
+                    "not starting with 'grpc-'"
+                )
+            if not all(" " <= ch <= "~" for ch in secret.get_secret_value()):
+                raise ValueError(f"header {name!r}: the value must be printable ASCII")
+        return value
+
+    @model_validator(mode="after")
+    def _tls_consistent(self) -> TritonSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        uses_tls = self.tls_ca or self.tls_cert
+        if uses_tls and not self.tls:
+            raise ValueError("tls_ca/tls_cert/tls_key are set but tls = false")
+        return self
+
+
 class ModelSettings(Section):
     source: str = DEFAULT_MODEL_SOURCE
     revision: str | None = Field(
@@ -262,7 +346,7 @@ class ModelSettings(Section):
         description="Commit (40 hex digits) an hf-hub: source is pinned to; required in "
         "production, so every node loads the same weights. Results record the commit loaded",
     )
-    backend: Literal["auto", "torch", "onnxruntime", "openvino", "tensorrt"] = "auto"
+    backend: Literal["auto", "torch", "onnxruntime", "openvino", "tensorrt", "triton"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "fp16", "bf16", "int8"] = "auto"
     max_batch: int = Field(default=32, ge=1, le=4096)
@@ -290,6 +374,10 @@ class ModelSettings(Section):
     performance_hint: Literal["latency", "throughput"] = Field(
         default="latency",
         description="OpenVINO PERFORMANCE_HINT (openvino backend): latency = one stream",
+    )
+    triton: TritonSettings = Field(
+        default_factory=TritonSettings,
+        description="Triton Inference Server the triton backend sends image batches to",
     )
 
     @field_validator("source")

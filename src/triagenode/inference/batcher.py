@@ -5,6 +5,8 @@ thread gathers pending images into a batch until ``max_batch`` are waiting or th
 has waited ``max_wait_ms``, whichever comes first; the highest priority goes first (then
 arrival order), so a stat study's images overtake a routine back-load queued before them.
 When a batch fails, its images are retried one by one, so one bad image fails alone.
+An encoder with ``encode_prioritized`` (``PrioritizedImageEncoder``: the ``triton``
+backend) is handed the most urgent priority among the batch's images.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from triagenode.domain import Priority
-from triagenode.inference.backends.base import ImageEncoder
+from triagenode.inference.backends.base import ImageEncoder, PrioritizedImageEncoder
 from triagenode.metrics import BATCH_SIZE, INFERENCE_SECONDS
 
 __all__ = ["BatcherClosedError", "DynamicBatcher"]
@@ -58,6 +60,7 @@ class DynamicBatcher:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1 (got {max_batch})")
         self.encoder = encoder
+        self._prioritized = isinstance(encoder, PrioritizedImageEncoder)
         self.max_batch = int(max_batch)
         self.max_wait_s = max(float(max_wait_ms), 0.0) / 1000.0
         self._shape = (3, encoder.image_size, encoder.image_size)
@@ -116,7 +119,13 @@ class DynamicBatcher:
     def _encode(self, items: list[_Item]) -> None:
         started = time.perf_counter()
         try:
-            embeddings = self.encoder.encode(np.stack([item.image for item in items]))
+            batch = np.stack([item.image for item in items])
+            if self._prioritized:
+                # The most urgent image decides: a stat image never waits behind its batch.
+                urgent = Priority(-min(item.rank for item in items))
+                embeddings = self.encoder.encode_prioritized(batch, urgent)  # type: ignore[attr-defined]
+            else:
+                embeddings = self.encoder.encode(batch)
         except Exception as exc:
             if len(items) == 1:
                 log.warning("image failed in the encoder: %s", exc)

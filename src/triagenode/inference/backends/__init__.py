@@ -19,9 +19,10 @@ def create_encoder(
     *,
     builder: EngineBuilder | None = None,
 ) -> ImageEncoder:
-    """The image encoder for ``model_settings.backend``, chosen by
-    :func:`~triagenode.inference.backends.select.select_backend` from the artefacts in
-    ``artifacts_dir`` (default ``model_settings.artifacts_dir``), falling back with a warning.
+    """The image encoder for ``model_settings.backend``, opened by
+    :func:`~triagenode.inference.backends.select.select_backend`: ``triton`` is a Triton
+    server (no fallback); the others are chosen from the artefacts in ``artifacts_dir``
+    (default ``model_settings.artifacts_dir``), falling back with a warning.
 
     Parameters
     ----------

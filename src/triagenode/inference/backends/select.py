@@ -309,6 +309,22 @@ def _torch_encoder(loaded_model: Any, settings: Any, device: str, precision: str
     )
 
 
+def _triton_encoder(model_settings: Any, loaded_model: Any) -> ImageEncoder:
+    """``backend = "triton"``: the image tower on a Triton server, no local candidates.
+
+    No fallback to PyTorch: a node set up for a shared GPU pool that quietly ran ViT on its
+    own CPU would fall hours behind; an unreachable or mismatching server stops the start.
+    """
+    from triagenode.inference.backends.triton import TritonImageEncoder
+
+    return TritonImageEncoder(
+        model_settings.triton,
+        image_size=loaded_model.preprocess.image_size,
+        embed_dim=loaded_model.embed_dim,
+        weights_sha256=loaded_model.identity.weights_sha256,
+    )
+
+
 def select_backend(
     model_settings: Any,
     artifacts_dir: Path | None,
@@ -346,6 +362,8 @@ def select_backend(
     ModelLoadError
         When no candidate, not even PyTorch on CPU, can be opened.
     """
+    if model_settings.backend == "triton":
+        return _triton_encoder(model_settings, loaded_model)
     machine = machine or Machine.detect()
     if build is None:
         build = functools.partial(_build, builder=builder)
