@@ -17,9 +17,11 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, get_args
 
 import numpy as np
+
+from triagenode.config.settings import Backend
 
 CSV_COLUMNS = (
     "type",
@@ -50,7 +52,7 @@ def register(subparsers: argparse._SubParsersAction, parent: argparse.ArgumentPa
     parser.add_argument("--json", action="store_true", help="JSON lines on stdout")
     parser.add_argument("--out", type=Path, metavar="FILE", help="write .json(l) or .csv")
     parser.add_argument("--label-set", metavar="NAME", help="label set for every image")
-    parser.add_argument("--backend", choices=["auto", "torch", "onnxruntime", "tensorrt"])
+    parser.add_argument("--backend", choices=get_args(Backend))
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16", "int8"])
     parser.add_argument("--batch", type=int, metavar="N", help="images per batch")

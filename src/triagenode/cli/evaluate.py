@@ -12,9 +12,10 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from triagenode.cli.common import print_table, settings_from_args
+from triagenode.config.settings import Backend
 
 
 def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,7 +64,7 @@ def register(subparsers: argparse._SubParsersAction, parent: argparse.ArgumentPa
     parser.add_argument("--from-node", action="store_true", help="use the node's stored results")
     parser.add_argument("--label-set", metavar="NAME", help="label set for every study")
     parser.add_argument("--demo-model", action="store_true", help="use the built-in demo model")
-    parser.add_argument("--backend", choices=["auto", "torch", "onnxruntime", "tensorrt"])
+    parser.add_argument("--backend", choices=get_args(Backend))
     parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples")
     parser.add_argument("--seed", type=int, default=20261128, help="bootstrap and split seed")
     parser.add_argument("--fit-calibration", action="store_true", help="fit a site calibration")

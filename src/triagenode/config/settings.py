@@ -40,6 +40,7 @@ __all__ = [
     "ALL_ROLES",
     "ApiSettings",
     "AuditSettings",
+    "Backend",
     "DatabaseSettings",
     "Destination",
     "ExportSettings",
@@ -59,6 +60,8 @@ __all__ = [
 ENV_PREFIX = "TRIAGENODE_"
 # What one process may run (node.roles); "all" names every one of them.
 Role = Literal["receiver", "worker", "exporter", "api", "all"]
+# model.backend: "auto" picks the fastest correct one on this machine.
+Backend = Literal["auto", "torch", "onnxruntime", "openvino", "tensorrt", "triton"]
 ALL_ROLES = ("receiver", "worker", "exporter", "api")
 DEFAULT_MODEL_SOURCE = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
 # PS3.5 6.2: an AE title is 1-16 characters of the default repertoire, no backslash or
@@ -346,7 +349,7 @@ class ModelSettings(Section):
         description="Commit (40 hex digits) an hf-hub: source is pinned to; required in "
         "production, so every node loads the same weights. Results record the commit loaded",
     )
-    backend: Literal["auto", "torch", "onnxruntime", "openvino", "tensorrt", "triton"] = "auto"
+    backend: Backend = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "fp16", "bf16", "int8"] = "auto"
     max_batch: int = Field(default=32, ge=1, le=4096)
