@@ -124,3 +124,45 @@ def test_command_line_flags_win_over_the_environment(
     monkeypatch.setenv("TRIAGENODE_SCP__ALLOW_ANY_CALLING_AE", "true")
     with pytest.raises(ConfigError, match="'demo' is refused"):
         settings_from_args(args, model={"source": "demo"})
+
+
+# database.password_file: the PostgreSQL password from a secret file (compose, Kubernetes)
+
+
+def test_database_password_file_goes_into_the_url(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secret = tmp_path / "db_password"
+    secret.write_text("p@ss:w/rd\n", encoding="utf-8")  # as `echo ... > file` writes it
+    monkeypatch.setenv("TRIAGENODE_DATABASE__URL", "postgresql+psycopg://triagenode@db:5432/tn")
+    monkeypatch.setenv("TRIAGENODE_DATABASE__PASSWORD_FILE", str(secret))
+    monkeypatch.setenv("TRIAGENODE_NODE__DATA_DIR", str(tmp_path / "data"))
+    settings = load_settings()
+
+    from sqlalchemy.engine import make_url
+
+    url = make_url(settings.database_url)
+    assert url.password == "p@ss:w/rd"
+    assert (url.username, url.host, url.port, url.database) == ("triagenode", "db", 5432, "tn")
+    # The setting itself holds the file's name, never the password.
+    assert "p@ss" not in settings.model_dump_json()
+
+
+@pytest.mark.parametrize(
+    ("url", "content", "expected"),
+    [
+        ("postgresql+psycopg://tn@db/tn", None, "database.password_file: cannot read"),
+        ("postgresql+psycopg://tn@db/tn", "\n", "is empty"),
+        (None, "pw", "database.password_file: needs database.url to be a postgresql://"),
+        ("sqlite:///x.sqlite3", "pw", "needs database.url to be a postgresql://"),
+    ],
+)
+def test_database_password_file_problems_name_the_key(
+    tmp_path: Path, url: str | None, content: str | None, expected: str
+) -> None:
+    secret = tmp_path / "db_password"
+    if content is not None:
+        secret.write_text(content, encoding="utf-8")
+    database = {"password_file": str(secret)} | ({"url": url} if url else {})
+    with pytest.raises(ConfigError, match=expected.replace(".", r"\.").replace("+", r"\+")):
+        load_settings(node={"data_dir": str(tmp_path / "data")}, database=database)

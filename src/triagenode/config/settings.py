@@ -19,6 +19,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -257,6 +258,34 @@ class DatabaseSettings(Section):
                 f"must be a sqlite:// or postgresql:// URL (got {value.split(':')[0]!r})"
             )
         return value
+
+    password_file: Path | None = Field(
+        default=None,
+        description="File holding the PostgreSQL password (a Docker or Kubernetes secret); "
+        "read at start, it replaces any password in url. Trailing newlines are not part of it",
+    )
+
+    @field_validator("password_file")
+    @classmethod
+    def _password_readable(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is None:
+            return None
+        if not (info.data.get("url") or "").startswith("postgresql"):
+            raise ValueError("needs database.url to be a postgresql:// URL")
+        read_password_file(value)
+        return value
+
+
+def read_password_file(path: Path) -> str:
+    """The password in ``path`` without trailing newlines; ValueError when unusable."""
+    try:
+        password = path.read_text(encoding="utf-8").rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8"
+        raise ValueError(f"cannot read {path} ({reason})") from None
+    if not password:
+        raise ValueError(f"{path} is empty")
+    return password
 
 
 # A Triton model name is a folder name in the model repository; a header name is gRPC
@@ -720,6 +749,12 @@ class Settings(BaseSettings):
 
     @property
     def database_url(self) -> str:
+        if self.database.url and self.database.password_file is not None:
+            from sqlalchemy.engine import make_url
+
+            password = read_password_file(self.database.password_file)
+            url = make_url(self.database.url).set(password=password)
+            return url.render_as_string(hide_password=False)
         if self.database.url:
             return self.database.url
         return f"sqlite:///{(self.node.data_dir / 'triagenode.sqlite3').resolve()}"
