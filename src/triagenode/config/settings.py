@@ -282,6 +282,20 @@ class ModelSettings(Section):
         default="latency",
         description="OpenVINO PERFORMANCE_HINT (openvino backend): latency = one stream",
     )
+    prefetch_workers: int = Field(
+        default=2,
+        ge=0,
+        le=64,
+        description="Threads decoding and preprocessing a study's next images while the "
+        "encoder runs; 0 = serial (decode every image, then encode)",
+    )
+    prefetch_images: int = Field(
+        default=8,
+        ge=1,
+        le=1024,
+        description="Most preprocessed images waiting for the encoder at once, over all "
+        "studies (bounds the prefetch's memory: about 0.6 MB each at 224 px)",
+    )
 
     @field_validator("source")
     @classmethod
