@@ -181,8 +181,9 @@ class _PickyEncoder:
         self.inner.close()
 
 
-def _prefetch_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith("prefetch")]
+def _prefetch_threads() -> set[threading.Thread]:
+    """Live prefetch threads (other tests' classifiers may still hold idle ones: compare)."""
+    return {t for t in threading.enumerate() if t.name.startswith("prefetch")}
 
 
 @pytest.fixture(scope="module")
@@ -216,6 +217,7 @@ def test_classify_study_overlapped_equals_serial(demo_model, head_ct, with_batch
     # the head set's brain window applies on both paths; slice 5 fails in the encoder
     encoder.bad = preprocess_file(images[5][1], demo_model.preprocess, window=(40.0, 80.0))[0]
     results = {}
+    before = _prefetch_threads()
     for workers in (0, 2):
         batcher = DynamicBatcher(encoder, max_batch=4, max_wait_ms=1) if with_batcher else None
         classifier = ZeroShotClassifier(
@@ -245,7 +247,7 @@ def test_classify_study_overlapped_equals_serial(demo_model, head_ct, with_batch
     )
     assert [f.images for f in overlapped.findings] == [f.images for f in serial.findings]
     assert {"preprocess", "encode"} <= set(overlapped.timings_ms)
-    assert not _prefetch_threads()
+    assert not _prefetch_threads() - before
 
 
 def test_an_interrupt_propagates_and_the_pool_recovers(demo_model, head_ct, monkeypatch):
@@ -255,6 +257,7 @@ def test_an_interrupt_propagates_and_the_pool_recovers(demo_model, head_ct, monk
 
     study, images = head_ct
     good = [item for item in images if item[1].name != "broken.dcm"]
+    before = _prefetch_threads()
     classifier = ZeroShotClassifier(
         demo_model,
         TorchImageEncoder(demo_model, device="cpu"),
@@ -278,10 +281,10 @@ def test_an_interrupt_propagates_and_the_pool_recovers(demo_model, head_ct, monk
         # the places the interrupted study held are free again: the next study completes
         again = classifier.classify_study(study, good, "ct_head")
         assert len(again.images_used) == len(good)
-        assert _prefetch_threads()
+        assert _prefetch_threads() - before
     finally:
         classifier.close()
-    assert not _prefetch_threads()
+    assert not _prefetch_threads() - before
     classifier.close()  # twice is harmless
 
 
