@@ -563,7 +563,7 @@ def main() -> int:
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--prefetch-workers", type=int, default=2, help="model.prefetch_workers")
-    parser.add_argument("--prefetch-images", type=int, default=8, help="model.prefetch_images")
+    parser.add_argument("--prefetch-images", type=int, default=16, help="model.prefetch_images")
     parser.add_argument(
         "--workers", type=int, default=0, help="N worker processes: studies/hour for 1..N"
     )

@@ -36,7 +36,7 @@ def test_the_next_item_is_prepared_while_the_encoder_runs():
 
     prefetcher = StudyPrefetcher(workers=1, lookahead=4)
     try:
-        out = prefetcher.run(list(range(5)), prepare, encode, max_batch=8)
+        out = prefetcher.run(list(range(5)), prepare, encode, max_batch=1)
     finally:
         prefetcher.close()
     assert saw_encoder_running == [True] * 4
@@ -207,46 +207,57 @@ def head_ct(tmp_path: Path):
 
 
 @pytest.mark.parametrize("with_batcher", [False, True])
-def test_classify_study_overlapped_equals_serial(demo_model, head_ct, with_batcher: bool):
+@pytest.mark.parametrize("images_in_flight", [16, 4])
+def test_classify_study_overlapped_equals_serial(
+    demo_model, head_ct, with_batcher: bool, images_in_flight: int
+):
     from triagenode.config.labels import LabelSettings
     from triagenode.inference.batcher import DynamicBatcher
     from triagenode.inference.classifier import ZeroShotClassifier
 
     study, images = head_ct
     encoder = _PickyEncoder(TorchImageEncoder(demo_model, device="cpu", precision="fp32"))
-    # the head set's brain window applies on both paths; slice 5 fails in the encoder
-    encoder.bad = preprocess_file(images[5][1], demo_model.preprocess, window=(40.0, 80.0))[0]
-    results = {}
+    # the head set's brain window applies on both paths; slice 5 may fail in the encoder
+    bad = preprocess_file(images[5][1], demo_model.preprocess, window=(40.0, 80.0))[0]
     before = _prefetch_threads()
-    for workers in (0, 2):
-        batcher = DynamicBatcher(encoder, max_batch=4, max_wait_ms=1) if with_batcher else None
-        classifier = ZeroShotClassifier(
-            demo_model,
-            encoder,
-            LabelSettings(),
-            None,
-            batcher,
-            prefetch_workers=workers,
-            prefetch_images=2,
-        )
-        try:
-            results[workers] = classifier.classify_study(study, images, "ct_head")
-        finally:
-            classifier.close()
-            if batcher is not None:
-                batcher.close()
-    serial, overlapped = results[0], results[2]
-    assert overlapped.images_used == serial.images_used and len(serial.images_used) == 5
-    assert overlapped.images_failed == serial.images_failed
-    reasons = [reason for _, reason in serial.images_failed]
-    assert len(reasons) == 2 and "not a DICOM file" in reasons[0]
-    assert reasons[1] == "encoder failed (bad pixels)"
-    assert [f.name for f in overlapped.findings] == [f.name for f in serial.findings]
-    np.testing.assert_allclose(
-        [f.score for f in overlapped.findings], [f.score for f in serial.findings], atol=1e-6
-    )
-    assert [f.images for f in overlapped.findings] == [f.images for f in serial.findings]
-    assert {"preprocess", "encode"} <= set(overlapped.timings_ms)
+    for encoder.bad in (bad, None):
+        results = {}
+        for name, workers in (("serial", 0), ("overlapped", 2), ("again", 2)):
+            batcher = DynamicBatcher(encoder, max_batch=8, max_wait_ms=1) if with_batcher else None
+            classifier = ZeroShotClassifier(
+                demo_model,
+                encoder,
+                LabelSettings(),
+                None,
+                batcher,
+                prefetch_workers=workers,
+                prefetch_images=images_in_flight,
+            )
+            try:
+                results[name] = classifier.classify_study(study, images, "ct_head")
+            finally:
+                classifier.close()
+                if batcher is not None:
+                    batcher.close()
+        serial, overlapped = results["serial"], results["overlapped"]
+        # the batches never depend on timing: the same findings at every run
+        assert results["again"].findings == overlapped.findings
+        assert overlapped.images_used == serial.images_used
+        assert overlapped.images_failed == serial.images_failed
+        reasons = [reason for _, reason in serial.images_failed]
+        assert "not a DICOM file" in reasons[0]
+        if encoder.bad is not None:
+            assert len(serial.images_used) == 5 and reasons[1:] == ["encoder failed (bad pixels)"]
+        if images_in_flight == 16 or encoder.bad is not None:
+            # one batch (or one image at a time after a failed batch), as the serial path
+            assert overlapped.findings == serial.findings
+        else:  # batches of 2 against one of 6: the backend's last bits may differ
+            np.testing.assert_allclose(
+                [f.score for f in overlapped.findings],
+                [f.score for f in serial.findings],
+                atol=1e-5,
+            )
+        assert {"preprocess", "encode"} <= set(overlapped.timings_ms)
     assert not _prefetch_threads() - before
 
 
@@ -293,7 +304,7 @@ def test_the_settings_bound_the_prefetch():
 
     from triagenode.config.settings import ModelSettings
 
-    assert ModelSettings().prefetch_workers == 2 and ModelSettings().prefetch_images == 8
+    assert ModelSettings().prefetch_workers == 2 and ModelSettings().prefetch_images == 16
     assert ModelSettings(prefetch_workers=0).prefetch_workers == 0
     with pytest.raises(ValidationError):
         ModelSettings(prefetch_workers=-1)

@@ -290,11 +290,12 @@ class ModelSettings(Section):
         "encoder runs; 0 = serial (decode every image, then encode)",
     )
     prefetch_images: int = Field(
-        default=8,
+        default=16,
         ge=1,
         le=1024,
         description="Most preprocessed images waiting for the encoder at once, over all "
-        "studies (bounds the prefetch's memory: about 0.6 MB each at 224 px)",
+        "studies (about 0.6 MB each at 224 px); a study's images are encoded in batches of "
+        "at most half of this, the next decoded while one is encoded",
     )
 
     @field_validator("source")

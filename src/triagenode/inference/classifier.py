@@ -106,7 +106,10 @@ class ZeroShotClassifier:
         while the encoder runs; 0 decodes every image first, then encodes (serial).
     prefetch_images
         ``model.prefetch_images``: most preprocessed images waiting for the encoder at once,
-        over all studies being classified (bounds the prefetch's memory).
+        over all studies being classified (bounds the prefetch's memory). A study of up to
+        half of this is decoded in parallel, then encoded as one batch, exactly as the serial
+        path encodes it; a larger one in batches of that size, the next decoded while one
+        is encoded.
 
     Call :meth:`close` when done, to stop the prefetch threads.
     """
@@ -119,7 +122,7 @@ class ZeroShotClassifier:
         cache_dir: Path | None = None,
         batcher: Any = None,
         prefetch_workers: int = 2,
-        prefetch_images: int = 8,
+        prefetch_images: int = 16,
     ) -> None:
         self.model = model
         self.encoder = encoder

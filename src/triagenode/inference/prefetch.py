@@ -3,11 +3,13 @@
 Without overlap a study costs ``read + decode + preprocess`` of every image and then the
 encoder's time; on a CPU the first part is 10-30 % of the second for an 8-slice CT with
 ViT-B/16 (``docs/performance.md``). :class:`StudyPrefetcher` runs the preparation in a small
-bounded thread pool (``model.prefetch_workers`` threads) and hands the encoder every prepared
-image that is ready as soon as the encoder is free: the first images are encoded while the
-next ones are decoded. At most ``model.prefetch_images`` prepared images wait for the encoder
-at any moment, summed over every study classified at once through the same pool, so memory
-stays bounded by configuration whatever the studies' sizes. The backends release the GIL
+bounded thread pool (``model.prefetch_workers`` threads): a batch's images are decoded in
+parallel, and the next batch is decoded while the encoder works on this one. The batches are
+cut before anything runs (at most half of ``model.prefetch_images`` images each), so what the
+encoder sees, and so every result, never depends on timing. At most
+``model.prefetch_images`` prepared images wait for the encoder at any moment, summed over
+every study classified at once through the same pool, so memory stays bounded by
+configuration whatever the studies' sizes. The backends release the GIL
 while they compute (OpenVINO, ONNX Runtime, PyTorch), and pydicom's decoders and numpy
 resizing mostly run in C, so the threads do overlap.
 
@@ -109,7 +111,7 @@ class StudyPrefetcher:
         max_batch: int = 32,
         size: Callable[[T], int] | None = None,
     ) -> list[list[Outcome]]:
-        """Prepare ``items`` in the pool and encode their images in order as they are ready.
+        """Prepare ``items`` in the pool a batch ahead of the encoder; encode them in order.
 
         Parameters
         ----------
@@ -133,48 +135,74 @@ class StudyPrefetcher:
             :class:`EncodeFailure`. A failing batch is retried image by image, so one bad
             image does not fail its neighbours. An exception that is not an ``Exception``
             (KeyboardInterrupt, SystemExit) propagates, the items not started are cancelled.
+
+        Notes
+        -----
+        The items are cut into batches of consecutive items, at most ``min(max_batch,
+        lookahead // 2)`` images each, before anything runs; each batch's items are prepared
+        in parallel, and the batch is encoded once all of them are ready, while the next
+        batch is being prepared. So the batches the encoder sees never depend on timing and
+        the results are the same at every run (a backend's last bits can depend on the batch
+        size); a study that fits in one batch is encoded exactly as the serial path does.
         """
         results: list[list[Outcome]] = [[] for _ in items]
-        pending: deque[tuple[int, int, Future[Sequence[Outcome]]]] = deque()
-        next_item = 0
+        batches = self._batches(items, min(max_batch, max(self.lookahead // 2, 1)), size)
+        pending: deque[tuple[int, list[tuple[int, Future[Sequence[Outcome]]]]]] = deque()
+        next_batch = 0
         try:
-            while next_item < len(items) or pending:
-                while next_item < len(items):
-                    count = min(max(size(items[next_item]) if size else 1, 1), self.lookahead)
+            while next_batch < len(batches) or pending:
+                while next_batch < len(batches):
+                    members, count = batches[next_batch]
                     # Wait for room only with nothing of ours in flight: what we hold is freed
                     # by our own encoding, so waiting while holding some could deadlock.
                     if not self._budget.take(count, wait=not pending):
                         break
-                    try:
-                        future = self._submit(prepare, items[next_item])
-                    except BaseException:
-                        self._budget.give(count)
-                        raise
-                    pending.append((next_item, count, future))
-                    next_item += 1
-                # Wait for the oldest item, then take every later one that is already done.
-                ready = [pending.popleft()]
+                    futures: list[tuple[int, Future[Sequence[Outcome]]]] = []
+                    pending.append((count, futures))
+                    for index in members:
+                        futures.append((index, self._submit(prepare, items[index])))
+                    next_batch += 1
+                count, futures = pending.popleft()
                 try:
-                    ready[0][2].result()
-                    while pending and pending[0][2].done():
-                        ready.append(pending.popleft())
-                    for index, _, future in ready:
+                    for index, future in futures:
                         results[index] = list(future.result())
                     slots = [
                         (index, position)
-                        for index, _, _ in ready
+                        for index, _ in futures
                         for position, outcome in enumerate(results[index])
                         if isinstance(outcome, np.ndarray)
                     ]
                     for start in range(0, len(slots), max_batch):
                         self._encode(results, slots[start : start + max_batch], encode)
                 finally:
-                    self._budget.give(sum(count for _, count, _ in ready))
+                    for _, future in futures:
+                        future.cancel()  # only after an exception: the others are done
+                    self._budget.give(count)
         finally:
-            for _, count, future in pending:  # only after an exception
-                future.cancel()
+            for count, futures in pending:  # only after an exception
+                for _, future in futures:
+                    future.cancel()
                 self._budget.give(count)
         return results
+
+    def _batches(
+        self, items: Sequence[T], most: int, size: Callable[[T], int] | None
+    ) -> list[tuple[list[int], int]]:
+        """Consecutive items in batches of at most ``most`` images (an item larger than that
+        alone), each with the places it takes in the bound."""
+        batches: list[tuple[list[int], int]] = []
+        members: list[int] = []
+        images = 0
+        for index, item in enumerate(items):
+            count = max(size(item) if size else 1, 1)
+            if members and images + count > most:
+                batches.append((members, min(images, self.lookahead)))
+                members, images = [], 0
+            members.append(index)
+            images += count
+        if members:
+            batches.append((members, min(images, self.lookahead)))
+        return batches
 
     @staticmethod
     def _encode(results: list[list[Outcome]], slots: list[tuple[int, int]], encode: Encode) -> None:
