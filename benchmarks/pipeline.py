@@ -174,7 +174,7 @@ def summary_objects(size: int, repeat: int) -> dict:
         verdict = "ok" if row["median_ms"] < 150 else "MISSED"
         print(
             f"{name:<18}{row['median_ms']:>10.1f}{row['p90_ms']:>9.1f}{row['max_ms']:>9.1f}"
-            f"  {verdict}"
+            f"  {'+'.join(map(str, run['per_worker']))}  {verdict}"
         )
     return results
 
@@ -416,8 +416,6 @@ def print_ratio(result: dict) -> None:
 def _process_worker(args, work, threads, todo, done, ready, go) -> None:
     """One worker process: its own model, backend and classifier; classifies studies from the
     shared list until it is empty."""
-    import queue
-
     import torch
 
     torch.set_num_threads(threads)
@@ -436,9 +434,11 @@ def _process_worker(args, work, threads, todo, done, ready, go) -> None:
         cpu_started = time.process_time()
         count = 0
         while True:
-            try:
-                index = todo.get_nowait()
-            except queue.Empty:
+            # get_nowait() is no test for an empty list: it raises Empty while another
+            # process holds the queue's read lock. The parent ends the list with one None
+            # per worker.
+            index = todo.get(timeout=600)
+            if index is None:
                 break
             label_set, paths = studies[index]
             classifier.classify_study("1.2.3", _refs([Path(p) for p in paths]), label_set)
@@ -491,7 +491,7 @@ def scaling(args: argparse.Namespace) -> dict:
             todo, done, ready = context.Queue(), context.Queue(), context.Queue()
             go = context.Event()
             n = args.studies_per_worker * k
-            for index in range(n):
+            for index in [*range(n), *([None] * k)]:
                 todo.put(index)
             procs = [
                 context.Process(
@@ -544,14 +544,14 @@ def print_scaling(result: dict) -> None:
         )
     print(
         f"{'workers':>8}{'studies':>9}{'wall s':>9}{'studies/h':>11}{'x one':>8}{'goal':>7}"
-        f"{'CPU s/study':>13}"
+        f"{'CPU s/study':>13}  per worker"
     )
     for k, run in result["runs"].items():
         verdict = "ok" if run["scaling"] >= run["goal_scaling"] else "MISSED"
         print(
             f"{k:>8}{run['studies']:>9}{run['wall_s']:>9.2f}{run['per_hour']:>11}"
             f"{run['scaling']:>8.2f}{run['goal_scaling']:>7.2f}{run['cpu_s_per_study']:>13.3f}"
-            f"  {verdict}"
+            f"  {'+'.join(map(str, run['per_worker']))}  {verdict}"
         )
 
 
