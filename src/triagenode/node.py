@@ -82,7 +82,8 @@ def build_classifier(settings: Settings, *, batched: bool = True) -> ZeroShotCla
     (``model.calibration``, refused for other weights), opens the best usable backend
     (:func:`~triagenode.inference.backends.select.select_backend`) and, when ``batched``,
     puts a :class:`~triagenode.inference.batcher.DynamicBatcher` in front of it so
-    concurrent workers share batches.
+    concurrent workers share batches. Decoding overlaps encoding as ``model.prefetch_workers``
+    and ``model.prefetch_images`` say. Release it with :func:`close_classifier`.
     """
     calibration = None
     if settings.model.calibration is not None:
@@ -101,11 +102,21 @@ def build_classifier(settings: Settings, *, batched: bool = True) -> ZeroShotCla
     batcher = None
     if batched:
         batcher = DynamicBatcher(encoder, settings.model.max_batch, settings.model.max_wait_ms)
-    return ZeroShotClassifier(model, encoder, labels, cache_dir, batcher=batcher)
+    return ZeroShotClassifier(
+        model,
+        encoder,
+        labels,
+        cache_dir,
+        batcher=batcher,
+        prefetch_workers=settings.model.prefetch_workers,
+        prefetch_images=settings.model.prefetch_images,
+    )
 
 
 def close_classifier(classifier: ZeroShotClassifier) -> None:
-    """Stop the classifier's batcher thread, then release its backend."""
+    """Stop the classifier's prefetch and batcher threads, then release its backend (after
+    the workers using it have stopped)."""
+    classifier.close()
     if classifier.batcher is not None:
         classifier.batcher.close()
     classifier.encoder.close()

@@ -14,6 +14,7 @@ import re
 import sys
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from pydantic import (
     Field,
@@ -276,6 +277,18 @@ class DatabaseSettings(Section):
         return value
 
 
+def url_with_password(url: str, password: str) -> str:
+    """``url`` (``dialect+driver://user[:old]@host...``) with ``password``, percent-encoded
+    as SQLAlchemy reads it back."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        raise ConfigError("database.url: a password file needs a user in the URL (user@host)")
+    userinfo, host = parts.netloc.rsplit("@", 1)
+    user = userinfo.split(":", 1)[0]
+    netloc = f"{user}:{quote(password, safe='')}@{host}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 def read_password_file(path: Path) -> str:
     """The password in ``path`` without trailing newlines; ValueError when unusable."""
     try:
@@ -410,6 +423,21 @@ class ModelSettings(Section):
     triton: TritonSettings = Field(
         default_factory=TritonSettings,
         description="Triton Inference Server the triton backend sends image batches to",
+    )
+    prefetch_workers: int = Field(
+        default=2,
+        ge=0,
+        le=64,
+        description="Threads decoding and preprocessing a study's next images while the "
+        "encoder runs; 0 = serial (decode every image, then encode)",
+    )
+    prefetch_images: int = Field(
+        default=16,
+        ge=1,
+        le=1024,
+        description="Most preprocessed images waiting for the encoder at once, over all "
+        "studies (about 0.6 MB each at 224 px); a study's images are encoded in batches of "
+        "at most half of this, the next decoded while one is encoded",
     )
 
     @field_validator("source")
@@ -677,7 +705,8 @@ class Settings(BaseSettings):
             raise ValueError(f"destinations: names must be unique (repeated: {duplicates})")
         if self.node.environment == "production":
             self._production_checks()
-        if self.database_url.startswith("sqlite") and set(self.node.roles) != {"all"}:
+        sqlite = not self.database.url or self.database.url.startswith("sqlite")
+        if sqlite and set(self.node.roles) != {"all"}:
             raise ValueError(
                 f"node.roles: {self.node.roles} splits the node over several processes, which "
                 "needs a PostgreSQL database (database.url); SQLite serves one process with "
@@ -750,11 +779,8 @@ class Settings(BaseSettings):
     @property
     def database_url(self) -> str:
         if self.database.url and self.database.password_file is not None:
-            from sqlalchemy.engine import make_url
-
             password = read_password_file(self.database.password_file)
-            url = make_url(self.database.url).set(password=password)
-            return url.render_as_string(hide_password=False)
+            return url_with_password(self.database.url, password)
         if self.database.url:
             return self.database.url
         return f"sqlite:///{(self.node.data_dir / 'triagenode.sqlite3').resolve()}"

@@ -14,6 +14,11 @@ named in every result. A finding is present at or above its threshold. A present
 finding flags the study; it raises the priority only when the label's threshold is marked
 calibrated for that use.
 
+A study's images are decoded and preprocessed in a small bounded pool while the encoder
+works on the ones already prepared (:mod:`triagenode.inference.prefetch`,
+``model.prefetch_workers``); 0 workers keeps the serial path (decode every image, then
+encode). Both give the same embeddings, failures and reasons.
+
 Text embeddings are computed once per (label set content, model weights hash) and kept in
 memory and in ``cache_dir/text-embeddings/`` as ``.npy`` files, so a restart does not run
 the text tower again.
@@ -37,6 +42,7 @@ from triagenode.config.labels import LabelSet, LabelSettings
 from triagenode.domain import ImageRef, LabelFinding, Priority, SkippedSeries, StudyResult
 from triagenode.errors import PreprocessError, TriageNodeError
 from triagenode.inference.backends.base import ImageEncoder
+from triagenode.inference.prefetch import StudyPrefetcher, study_embeddings
 from triagenode.inference.preprocess import (
     IMAGE_SUFFIXES,
     preprocess_dataset,
@@ -95,6 +101,17 @@ class ZeroShotClassifier:
         A :class:`~triagenode.inference.batcher.DynamicBatcher` over ``encoder``; when given,
         images go through it (shared batches, priority order) instead of straight to
         ``encoder``.
+    prefetch_workers
+        ``model.prefetch_workers``: threads decoding and preprocessing a study's next images
+        while the encoder runs; 0 decodes every image first, then encodes (serial).
+    prefetch_images
+        ``model.prefetch_images``: most preprocessed images waiting for the encoder at once,
+        over all studies being classified (bounds the prefetch's memory). A study of up to
+        half of this is decoded in parallel, then encoded as one batch, exactly as the serial
+        path encodes it; a larger one in batches of that size, the next decoded while one
+        is encoded.
+
+    Call :meth:`close` when done, to stop the prefetch threads.
     """
 
     def __init__(
@@ -104,6 +121,8 @@ class ZeroShotClassifier:
         labels: LabelSettings,
         cache_dir: Path | None = None,
         batcher: Any = None,
+        prefetch_workers: int = 2,
+        prefetch_images: int = 16,
     ) -> None:
         self.model = model
         self.encoder = encoder
@@ -115,6 +134,14 @@ class ZeroShotClassifier:
         self._text_lock = threading.Lock()
         # where text embeddings came from: "memory", "disk" or "computed" (tests, metrics)
         self.text_cache_stats: Counter[str] = Counter()
+        self.prefetcher = (
+            StudyPrefetcher(prefetch_workers, prefetch_images) if prefetch_workers > 0 else None
+        )
+
+    def close(self) -> None:
+        """Stop the prefetch threads (the encoder and the batcher are their owner's to close)."""
+        if self.prefetcher is not None:
+            self.prefetcher.close()
 
     @property
     def backend(self) -> str:
@@ -286,6 +313,61 @@ class ZeroShotClassifier:
                 arrays.append(array)
         return refs, arrays, failed
 
+    def _embed_serial(
+        self,
+        images: Sequence[tuple[ImageRef, Path]],
+        window: tuple[float, float] | None,
+        priority: Priority,
+    ) -> tuple[list[ImageRef], list[np.ndarray], list[tuple[ImageRef, str]], float, float]:
+        """Decode and preprocess every image, then encode them all: (used, embeddings,
+        failed, preprocess ms, encode ms)."""
+        started = time.perf_counter()
+        refs, arrays, failed = self._preprocess(images, window)
+        encode_started = time.perf_counter()
+        used: list[ImageRef] = []
+        embeddings: list[np.ndarray] = []
+        if arrays:
+            for ref, item in zip(refs, self.encode_images(np.stack(arrays), priority), strict=True):
+                if isinstance(item, BaseException):
+                    failed.append((ref, f"encoder failed ({item})"))
+                else:
+                    used.append(ref)
+                    embeddings.append(item)
+        encode_ms = (time.perf_counter() - encode_started) * 1000
+        return used, embeddings, failed, (encode_started - started) * 1000, encode_ms
+
+    def _embed_overlapped(
+        self,
+        images: Sequence[tuple[ImageRef, Path]],
+        window: tuple[float, float] | None,
+        priority: Priority,
+    ) -> tuple[list[ImageRef], list[np.ndarray], list[tuple[ImageRef, str]], float, float]:
+        """As :meth:`_embed_serial`, the next images decoded while the encoder runs. The
+        encode time is the time spent in the encoder; the preprocess time is the rest of the
+        step: the decoding the encoder did not hide."""
+        assert self.prefetcher is not None
+        encode_s = 0.0
+
+        def encode(batch: np.ndarray) -> list[np.ndarray | BaseException]:
+            nonlocal encode_s
+            began = time.perf_counter()
+            try:
+                return self.encode_images(batch, priority)
+            finally:
+                encode_s += time.perf_counter() - began
+
+        started = time.perf_counter()
+        used, embeddings, failed = study_embeddings(
+            images,
+            self.model.preprocess,
+            encode,
+            self.prefetcher,
+            max_batch=max(len(images), 1),  # as the serial path: the encoder splits batches
+            window=window,
+        )
+        step_ms = (time.perf_counter() - started) * 1000
+        return used, embeddings, failed, step_ms - encode_s * 1000, encode_s * 1000
+
     def classify_study(
         self,
         study_uid: str,
@@ -334,19 +416,14 @@ class ZeroShotClassifier:
         self.text_embeddings(name)
         text_ms = (time.perf_counter() - text_started) * 1000
         window = (chosen.window.center, chosen.window.width) if chosen.window else None
-        refs, arrays, failed = self._preprocess(images, window)
-        preprocess_ms = (time.perf_counter() - started) * 1000 - text_ms
-        encode_started = time.perf_counter()
-        used: list[ImageRef] = []
-        embeddings: list[np.ndarray] = []
-        if arrays:
-            for ref, item in zip(refs, self.encode_images(np.stack(arrays), priority), strict=True):
-                if isinstance(item, BaseException):
-                    failed.append((ref, f"encoder failed ({item})"))
-                else:
-                    used.append(ref)
-                    embeddings.append(item)
-        encode_ms = (time.perf_counter() - encode_started) * 1000
+        if self.prefetcher is not None:
+            used, embeddings, failed, preprocess_ms, encode_ms = self._embed_overlapped(
+                images, window, priority
+            )
+        else:
+            used, embeddings, failed, preprocess_ms, encode_ms = self._embed_serial(
+                images, window, priority
+            )
         if not used:
             reasons = "; ".join(sorted({reason for _, reason in failed})[:3]) or "no images given"
             raise NoUsableImagesError(
