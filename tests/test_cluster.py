@@ -1,0 +1,208 @@
+"""Cluster-wide work held by one process at a time (PostgreSQL advisory locks), taken over
+when that process dies; SQLite runs it in its one process and refuses split roles."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from tests.peers import wait_for
+from triagenode.errors import ConfigError
+from triagenode.store.cluster import (
+    ClusterSingleton,
+    ClusterWork,
+    check_roles_database,
+    cluster_holders,
+)
+from triagenode.store.db import Database
+
+
+class RecordingPart:
+    """A part that counts how often it runs, across every instance made."""
+
+    running: list[RecordingPart] = []
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def start(self) -> None:
+        RecordingPart.running.append(self)
+
+    def stop(self) -> None:
+        RecordingPart.running.remove(self)
+
+
+@pytest.fixture(autouse=True)
+def _no_parts_left() -> Iterator[None]:
+    RecordingPart.running.clear()
+    yield
+    RecordingPart.running.clear()
+
+
+def running_names() -> list[str]:
+    return [part.name for part in RecordingPart.running]
+
+
+def singleton(
+    db: Database, name: str, work: ClusterWork = ClusterWork.scheduler
+) -> ClusterSingleton:
+    return ClusterSingleton(db, work, lambda: RecordingPart(name), retry_s=0.1, check_s=0.1)
+
+
+# SQLite: one process, the part just runs ---------------------------------------------------
+
+
+def test_on_sqlite_the_part_runs_at_once(tmp_path: Path) -> None:
+    db = Database(f"sqlite:///{tmp_path / 'one.sqlite3'}")
+    holder = singleton(db, "a")
+    holder.start()
+    assert running_names() == ["a"] and holder.holds
+    assert cluster_holders(db) == {work.value: "local" for work in ClusterWork}
+    holder.stop()
+    assert running_names() == [] and not holder.holds
+    db.dispose()
+
+
+@pytest.mark.parametrize("roles", [["receiver"], ["worker", "exporter"], ["api"]])
+def test_sqlite_refuses_roles_split_over_processes(roles: list[str], tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"node\.roles: .*PostgreSQL"):
+        check_roles_database(roles, f"sqlite:///{tmp_path / 'x.sqlite3'}")
+
+
+@pytest.mark.parametrize("roles", [["all"], ["receiver", "worker", "exporter", "api"]])
+def test_sqlite_allows_one_process_doing_everything(roles: list[str], tmp_path: Path) -> None:
+    check_roles_database(roles, f"sqlite:///{tmp_path / 'x.sqlite3'}")
+
+
+def test_postgres_allows_any_roles() -> None:
+    check_roles_database(["receiver"], "postgresql+psycopg://u@127.0.0.1/db")
+
+
+# PostgreSQL: one holder, takeover ----------------------------------------------------------
+
+
+@pytest.fixture
+def pg_dbs(postgres_url: str) -> Iterator[list[Database]]:
+    """Three engines on one database: as three processes would see it."""
+    dbs = [Database(postgres_url) for _ in range(3)]
+    yield dbs
+    for db in dbs:
+        db.dispose()
+
+
+@pytest.mark.postgres
+def test_one_holder_at_a_time_and_takeover_on_stop(pg_dbs: list[Database]) -> None:
+    holders = [singleton(db, name) for db, name in zip(pg_dbs, "abc", strict=True)]
+    for holder in holders:
+        holder.start()
+    first = wait_for(running_names, what="a holder")
+    time.sleep(0.5)  # several standby retries: nobody else may start it meanwhile
+    assert running_names() == first and len(first) == 1
+    named = cluster_holders(pg_dbs[0])[ClusterWork.scheduler.value]
+    assert named is not None and named.startswith("triagenode:") and named.endswith(":scheduler")
+    # the holder stops cleanly: another takes over within a few retries
+    by_name = dict(zip("abc", holders, strict=True))
+    by_name[first[0]].stop()
+    second = wait_for(running_names, timeout=5, what="a takeover")
+    assert len(second) == 1 and second != first
+    for holder in holders:
+        holder.stop()
+    assert running_names() == []
+    assert cluster_holders(pg_dbs[0])[ClusterWork.scheduler.value] is None
+
+
+@pytest.mark.postgres
+def test_each_kind_of_work_has_its_own_lock(pg_dbs: list[Database]) -> None:
+    scheduler = singleton(pg_dbs[0], "scheduler", ClusterWork.scheduler)
+    retention = singleton(pg_dbs[1], "retention", ClusterWork.retention)
+    scheduler.start()
+    retention.start()
+    wait_for(lambda: len(running_names()) == 2, what="both kinds running")
+    holders = cluster_holders(pg_dbs[2])
+    assert holders["scheduler"] and holders["retention"]
+    assert holders["audit-forwarding"] is None
+    scheduler.stop()
+    retention.stop()
+
+
+@pytest.mark.postgres
+def test_holder_that_loses_its_connection_stops_the_part(
+    pg_dbs: list[Database], postgres_url: str
+) -> None:
+    """The server drops the holder's lock connection: the holder stops its copy at once and
+    a standby takes over (never two copies for longer than one check)."""
+    a = singleton(pg_dbs[0], "a")
+    a.start()
+    wait_for(lambda: running_names() == ["a"], what="a holds")
+    b = singleton(pg_dbs[1], "b")
+    b.start()
+    admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        killed = connection.execute(
+            text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE application_name LIKE :pattern"
+            ),
+            {"pattern": "triagenode:%:scheduler"},
+        ).all()
+    admin.dispose()
+    assert len(killed) == 1
+    wait_for(lambda: running_names() == ["b"], timeout=5, what="b takes over, a stops")
+    b.stop()
+    a.stop()
+
+
+HOLDER_SCRIPT = textwrap.dedent(
+    """
+    import sys, threading
+    from triagenode.store.cluster import ClusterSingleton, ClusterWork
+    from triagenode.store.db import Database
+
+    class Part:
+        def start(self): print("holding", flush=True)
+        def stop(self): pass
+
+    holder = ClusterSingleton(Database(sys.argv[1]), ClusterWork.scheduler, Part, retry_s=0.1)
+    holder.start()
+    threading.Event().wait()
+    """
+)
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_takeover_within_seconds_when_the_holder_is_killed(
+    pg_dbs: list[Database], postgres_url: str
+) -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-c", HOLDER_SCRIPT, postgres_url],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ},
+    )
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline().strip() == "holding"
+        standby = singleton(pg_dbs[0], "standby")
+        standby.start()
+        time.sleep(0.5)  # several retries while the other process lives
+        assert running_names() == []
+        killed_at = time.monotonic()
+        process.send_signal(signal.SIGKILL)
+        process.wait(10)
+        wait_for(lambda: running_names() == ["standby"], timeout=10, what="takeover")
+        assert time.monotonic() - killed_at < 5
+        standby.stop()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
