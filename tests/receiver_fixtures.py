@@ -54,9 +54,16 @@ class Node:
             return list(session.execute(select(Instance).order_by(Instance.id)).scalars())
 
     def spool_files(self) -> list[Path]:
-        """Everything under the spool, temp files included."""
+        """Everything under the spool, temp files included (the receivers' claims on their
+        temp folders aside)."""
         root = self.data_dir / "spool"
-        return sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
+        if not root.is_dir():
+            return []
+        return sorted(p for p in root.rglob("*") if p.is_file() and p.name != ".claim")
+
+    def temp_files(self) -> list[Path]:
+        """Temp files of instances being received, in every receiver's temp folder."""
+        return [p for p in self.spool_files() if ".incoming" in p.parts]
 
 
 @pytest.fixture

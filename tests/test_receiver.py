@@ -50,7 +50,7 @@ def test_study_is_stored_byte_for_byte_with_rows(
         assert row.instance_number == sent.InstanceNumber
         meta = pydicom.dcmread(stored, stop_before_pixels=True).file_meta
         assert meta.MediaStorageSOPInstanceUID == sent.SOPInstanceUID
-    assert not list((node.data_dir / "spool" / ".incoming").iterdir())
+    assert node.temp_files() == []
 
     [study] = node.studies()
     assert study.study_uid == study_uid

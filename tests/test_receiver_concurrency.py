@@ -42,7 +42,7 @@ def test_four_senders_at_once_all_stored(node: Node, tmp_path: Path) -> None:
         s.byte_count == sum(r.size for r in rows if r.file_path.split("/")[1] == s.study_uid)
         for s in studies
     )
-    assert not list((node.data_dir / "spool" / ".incoming").iterdir())
+    assert node.temp_files() == []
 
 
 def test_restart_mid_study_becomes_stable_once(node: Node, tmp_path: Path) -> None:

@@ -69,8 +69,7 @@ def assert_still_serving(node: Node, tmp_path: Path) -> None:
 
 
 def incoming(node: Node) -> list[Path]:
-    folder = node.data_dir / "spool" / ".incoming"
-    return list(folder.iterdir()) if folder.is_dir() else []
+    return node.temp_files()
 
 
 @sqlite_only

@@ -111,11 +111,20 @@ def test_clean_stop_needs_no_check_and_unreadable_marker_checks_all(tmp_path: Pa
     marker = recovery.RunMarker(tmp_path)
     assert marker.unclean_since() == (False, None)
     marker.mark_running()
-    unclean, since = marker.unclean_since()
-    assert unclean and since is not None and since < utcnow()
+    # another receiver on the same data folder: a live run is not an unclean one
+    neighbour = recovery.RunMarker(tmp_path)
+    assert neighbour.unclean_since() == (False, None) and neighbour.others_running()
     marker.mark_stopped()
     assert marker.unclean_since() == (False, None)
-    (tmp_path / recovery.RUNNING_MARKER).write_text("garbage")
+    assert not neighbour.others_running()
+    crashed = recovery.RunMarker(tmp_path)
+    crashed.mark_running()
+    del crashed  # its process ended without stopping: the marker stays, unlocked
+    unclean, since = neighbour.unclean_since()
+    assert unclean and since is not None and since < utcnow()
+    neighbour.recovered()
+    assert neighbour.unclean_since() == (False, None)
+    (tmp_path / recovery.RUNNING_MARKER).write_text("garbage")  # the older, single marker
     assert marker.unclean_since() == (True, None)
 
 
@@ -155,3 +164,35 @@ def test_clean_restart_leaves_the_spool_alone(node: Node, tmp_path: Path) -> Non
     assert recovery.remove_files_without_rows(node.db, node.data_dir, utcnow()) == 0
     assert recovery.remove_files_without_rows(node.db, node.data_dir, before) == 1
     assert not stray.exists() and len(node.spool_files()) == 1
+
+
+def test_beside_a_live_receiver_recovery_waits_and_spares_its_work(
+    db: Database, tmp_path: Path
+) -> None:
+    """Receivers sharing a data folder: a start after another's crash checks the crashed
+    run's work only once a live neighbour's in-flight instances have settled, and only
+    what arrived before the start."""
+    live = recovery.RunMarker(tmp_path)
+    live.mark_running()
+    crashed = recovery.RunMarker(tmp_path)
+    crashed.mark_running()
+    del crashed  # ended without stopping
+    ingest = StudyIngest(db)
+    try:
+        lost = ingest.submit(_record("1.9.2.1.1"), commit_early=True)
+        lost.file_durable(True)  # committed; its file never became durable (none on disk)
+        lost.wait()
+        starting = recovery.RunMarker(tmp_path)
+        later = recovery.recover_unclean_runs(db, tmp_path, starting, grace_s=0.3)
+        assert later is not None  # deferred: a neighbour is live
+        # the neighbour's instance in flight: rows committed, its file not renamed yet
+        flying = ingest.submit(_record("1.9.2.1.2"), commit_early=True)
+        flying.file_durable(True)
+        flying.wait()
+    finally:
+        ingest.close()
+    later.join(10)
+    assert _counts(db)[0] == ["1.9.2.1.2"]
+    assert starting.unclean_since() == (False, None)  # the crashed run was dealt with
+    starting.mark_stopped()
+    live.mark_stopped()

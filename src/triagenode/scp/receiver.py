@@ -42,8 +42,7 @@ from triagenode.store.db import Database
 from triagenode.store.ingest import StudyIngest
 from triagenode.store.recovery import (
     RunMarker,
-    remove_files_without_rows,
-    remove_rows_without_files,
+    recover_unclean_runs,
 )
 from triagenode.store.spool import Spool
 
@@ -152,12 +151,9 @@ class DicomReceiver:
         if removed:
             log.info("spool: removed %d unacknowledged temp files from a previous run", removed)
         # Rows of new instances commit in parallel with their file's fsync: after a crash,
-        # rows whose file never arrived (never acknowledged) are taken back before serving.
-        unclean, since = self._marker.unclean_since()
-        if unclean:
-            remove_rows_without_files(self.db, self.storage.spool.data_dir, since)
-            remove_files_without_rows(self.db, self.storage.spool.data_dir, since)
-        self._marker.mark_running()
+        # rows whose file never arrived (never acknowledged) are taken back before serving
+        # (or, beside other live receivers, once what they have in flight has settled).
+        recover_unclean_runs(self.db, self.storage.spool.data_dir, self._marker)
         if self.settings.scp.tls_enabled:
             from triagenode.scp.tls import server_context
 
@@ -205,6 +201,7 @@ class DicomReceiver:
             thread.join(max(0.0, deadline - time.monotonic()))
         self.storage.close()
         if not any(thread.is_alive() for thread in active):
+            self.storage.spool.release()
             self._marker.mark_stopped()  # nothing in flight any more
         log.info("DICOM receiver stopped")
 

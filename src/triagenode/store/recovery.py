@@ -27,18 +27,22 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import cast
 
 from sqlalchemy import Connection, Table, delete, select, update
 
+from triagenode.store.claims import LiveClaim, is_held, process_tag
 from triagenode.store.db import Database
-from triagenode.store.models import Instance, Series, Study
+from triagenode.store.models import Instance, Series, Study, utcnow
 from triagenode.store.spool import INCOMING, Spool
 
 __all__ = [
     "RunMarker",
+    "recover_unclean_runs",
     "remove_files_without_rows",
     "remove_instance_row",
     "remove_rows_without_files",
@@ -49,64 +53,136 @@ log = logging.getLogger(__name__)
 _STUDIES = cast(Table, Study.__table__)
 _SERIES = cast(Table, Series.__table__)
 _INSTANCES = cast(Table, Instance.__table__)
-# Present in the data folder while a receiver runs; holds when that run began.
+# Before per-process markers: present in the data folder while the one receiver ran.
 RUNNING_MARKER = ".receiver-running"
+# One marker per running receiver, each claimed (locked) by its process: several receivers
+# may share the data folder, and one's clean stop must not hide another's crash.
+MARKERS = ".receivers"
 # Clock steps between runs must not hide rows from the recovery check.
 _CLOCK_MARGIN = timedelta(minutes=10)
+# With other receivers running, what they have in flight (rows committed, file not yet
+# renamed, or the reverse) settles within this; the dead run's leftovers are checked after.
+IN_FLIGHT_GRACE_S = 30.0
 
 
 class RunMarker:
-    """A marker file that tells a start whether the receiver's last run ended cleanly.
+    """Marker files that tell a start whether receivers' last runs ended cleanly.
+
+    Each receiver process keeps ``<folder>/.receivers/<process>.running`` (holding when its
+    run began) while it runs, locked by its process (:mod:`triagenode.store.claims`). A
+    marker nobody holds was left by a run that did not stop cleanly.
 
     Parameters
     ----------
     folder
-        Where the marker lives (the node's data folder).
+        Where the markers live (the node's data folder).
     """
 
     def __init__(self, folder: Path) -> None:
         self._root = Path(folder)
+        self._dir = self._root / MARKERS
+        self._own: LiveClaim | None = None
+        self._dead: list[Path] = []
+
+    def _others(self) -> list[Path]:
+        if not self._dir.is_dir():
+            return []
+        own = self._own.path if self._own is not None else None
+        return [path for path in self._dir.glob("*.running") if path != own]
 
     def unclean_since(self) -> tuple[bool, datetime | None]:
-        """Whether the previous run ended without :meth:`mark_stopped`, and since when.
+        """Whether a previous run ended without :meth:`mark_stopped`, and since when.
 
-        Returns ``(False, None)`` after a clean stop; ``(True, time)`` with the unclean
-        run's start (less a margin for clock steps); ``(True, None)`` when the marker is
-        unreadable, so every row must be checked.
+        Returns ``(False, None)`` when every earlier run stopped cleanly (or still runs);
+        ``(True, time)`` with the earliest unclean run's start (less a margin for clock
+        steps); ``(True, None)`` when a marker is unreadable, so every row must be checked.
         """
-        try:
-            text = (self._root / RUNNING_MARKER).read_text(encoding="ascii")
-        except FileNotFoundError:
+        dead = [path for path in self._others() if not is_held(path)]
+        legacy = self._root / RUNNING_MARKER
+        if legacy.exists():
+            dead.append(legacy)
+        self._dead = dead
+        if not dead:
             return False, None
-        except (OSError, UnicodeError):
+        starts = [_started(path) for path in dead]
+        if any(start is None for start in starts):
             return True, None
-        try:
-            started = datetime.fromisoformat(text.strip())
-        except ValueError:
-            return True, None
-        if started.tzinfo is None:
-            return True, None
-        return True, started - _CLOCK_MARGIN
+        return True, min(start for start in starts if start is not None) - _CLOCK_MARGIN
+
+    def others_running(self) -> bool:
+        """Whether other receivers share this data folder and run now."""
+        return any(is_held(path) for path in self._others())
 
     def mark_running(self) -> None:
-        """Durably record that a run begins now (call after any recovery)."""
-        self._root.mkdir(parents=True, exist_ok=True)
-        marker = self._root / RUNNING_MARKER
-        temp = self._root / f"{RUNNING_MARKER}.tmp"
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
-        try:
-            os.write(fd, datetime.now(timezone.utc).isoformat().encode("ascii"))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temp, marker)
-        Spool.fsync_dir(self._root)
+        """Durably record that this process's run begins now."""
+        if self._own is not None:
+            return
+        self._dir.mkdir(parents=True, exist_ok=True)
+        stamp = datetime.now(timezone.utc).isoformat().encode("ascii")
+        self._own = LiveClaim.take(self._dir / f"{process_tag()}.running", stamp)
+        Spool.fsync_dir(self._dir)
+
+    def recovered(self) -> None:
+        """The unclean runs :meth:`unclean_since` found have been checked: forget them."""
+        for path in self._dead:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        self._dead = []
+        with contextlib.suppress(FileNotFoundError):
+            Spool.fsync_dir(self._dir)
 
     def mark_stopped(self) -> None:
         """The run ended cleanly: nothing is in flight, no check is needed next start."""
-        with contextlib.suppress(FileNotFoundError):
-            (self._root / RUNNING_MARKER).unlink()
-            Spool.fsync_dir(self._root)
+        own, self._own = self._own, None
+        if own is not None:
+            own.release()
+            with contextlib.suppress(FileNotFoundError):
+                Spool.fsync_dir(self._dir)
+
+
+def _started(path: Path) -> datetime | None:
+    try:
+        started = datetime.fromisoformat(path.read_text(encoding="ascii").strip())
+    except (OSError, UnicodeError, ValueError):
+        return None
+    return started if started.tzinfo is not None else None
+
+
+def recover_unclean_runs(
+    db: Database, data_dir: Path, marker: RunMarker, grace_s: float = IN_FLIGHT_GRACE_S
+) -> threading.Thread | None:
+    """Take back what receivers that did not stop cleanly left half-done, then mark this
+    run as running.
+
+    Alone on the data folder, the check runs now. Beside live receivers it must not take
+    their instances in flight for leftovers: it then runs in a thread once ``grace_s`` has
+    passed, and only over what arrived before this start (returned, for tests).
+    """
+    unclean, since = marker.unclean_since()
+    if not unclean:
+        marker.mark_running()
+        return None
+    if not marker.others_running():
+        remove_rows_without_files(db, data_dir, since)
+        remove_files_without_rows(db, data_dir, since)
+        marker.recovered()
+        marker.mark_running()
+        return None
+    until = utcnow()
+    marker.mark_running()
+
+    def later() -> None:
+        time.sleep(grace_s)  # a fixed settling time, nothing to poll for
+        try:
+            remove_rows_without_files(db, data_dir, since, until)
+            remove_files_without_rows(db, data_dir, since, until)
+            marker.recovered()
+        except Exception:  # the next start checks again: the dead markers are kept
+            log.exception("recovery after an unclean stop failed")
+
+    thread = threading.Thread(target=later, name="spool-recovery", daemon=True)
+    thread.start()
+    return thread
 
 
 def _remove(conn: Connection, instance_id: int, size: int, study_id: int) -> None:
@@ -150,8 +226,11 @@ def remove_instance_row(db: Database, sop_instance_uid: str, sha256: str) -> boo
     return True
 
 
-def remove_rows_without_files(db: Database, data_dir: Path, since: datetime | None) -> int:
-    """Delete instance rows received at or after ``since`` whose file does not exist.
+def remove_rows_without_files(
+    db: Database, data_dir: Path, since: datetime | None, until: datetime | None = None
+) -> int:
+    """Delete instance rows received at or after ``since`` (and before ``until``) whose file
+    does not exist.
 
     Parameters
     ----------
@@ -172,6 +251,8 @@ def remove_rows_without_files(db: Database, data_dir: Path, since: datetime | No
     ).join(_SERIES, _SERIES.c.id == _INSTANCES.c.series_id)
     if since is not None:
         query = query.where(_INSTANCES.c.received_at >= since)
+    if until is not None:
+        query = query.where(_INSTANCES.c.received_at < until)
     removed = 0
     with db.engine.connect() as conn:
         _begin(db, conn)
@@ -188,8 +269,9 @@ def remove_rows_without_files(db: Database, data_dir: Path, since: datetime | No
     return removed
 
 
-def _recent_files(spool_root: Path, since: float | None) -> list[str]:
-    """Instance files (``spool/<study>/<series>/<sop>.dcm``) changed at or after ``since``."""
+def _recent_files(spool_root: Path, since: float | None, until: float | None = None) -> list[str]:
+    """Instance files (``spool/<study>/<series>/<sop>.dcm``) changed at or after ``since``
+    (and before ``until``)."""
     found = []
     for study in os.scandir(spool_root):
         if study.name == INCOMING or not study.is_dir(follow_symlinks=False):
@@ -205,13 +287,17 @@ def _recent_files(spool_root: Path, since: float | None) -> list[str]:
                     entry.name.endswith(".dcm")
                     and entry.is_file(follow_symlinks=False)
                     and (since is None or entry.stat().st_mtime >= since)
+                    and (until is None or entry.stat().st_mtime < until)
                 ):
                     found.append(f"spool/{study.name}/{series.name}/{entry.name}")
     return found
 
 
-def remove_files_without_rows(db: Database, data_dir: Path, since: datetime | None) -> int:
-    """Delete spool files placed at or after ``since`` that no instance row describes.
+def remove_files_without_rows(
+    db: Database, data_dir: Path, since: datetime | None, until: datetime | None = None
+) -> int:
+    """Delete spool files placed at or after ``since`` (and before ``until``) that no
+    instance row describes.
 
     Such a file's rows never committed, so it was never acknowledged; each removal is
     logged with the file's path (UIDs only, no PHI).
@@ -224,7 +310,11 @@ def remove_files_without_rows(db: Database, data_dir: Path, since: datetime | No
     spool_root = Path(data_dir) / "spool"
     if not spool_root.is_dir():
         return 0
-    candidates = _recent_files(spool_root, since.timestamp() if since is not None else None)
+    candidates = _recent_files(
+        spool_root,
+        since.timestamp() if since is not None else None,
+        until.timestamp() if until is not None else None,
+    )
     known: set[str] = set()
     with db.engine.connect() as conn:
         for start in range(0, len(candidates), 500):

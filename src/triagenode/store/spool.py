@@ -1,7 +1,10 @@
 """The spool: received instances as DICOM Part 10 files, written durably and atomically.
 
-An instance is streamed into a temp file under ``spool/.incoming`` while it arrives, then
-fsynced, renamed to ``spool/<study>/<series>/<sop>.dcm`` and the directory fsynced. Only
+An instance is streamed into a temp file under ``spool/.incoming/<process>/`` while it
+arrives, then fsynced, renamed to ``spool/<study>/<series>/<sop>.dcm`` and the directory
+fsynced. Each process has its own temp folder, claimed with a lock (see
+:mod:`triagenode.store.claims`), so a receiver that starts beside live ones on a shared spool
+removes only the temp files of receivers that are gone. Only
 after :meth:`IncomingInstance.commit` returns is the file safe; until then
 :meth:`IncomingInstance.discard` leaves nothing behind. The dataset bytes are written exactly
 as received; the node only prepends the 128-byte preamble, ``DICM`` and the file meta group.
@@ -17,6 +20,7 @@ import hashlib
 import logging
 import os
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
@@ -24,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from triagenode.errors import StorageError
+from triagenode.store.claims import LiveClaim, is_held, process_tag
 
 __all__ = [
     "IncomingInstance",
@@ -35,6 +40,10 @@ __all__ = [
 ]
 
 INCOMING = ".incoming"
+_CLAIM = ".claim"
+# A temp folder without its claim file is left alone this long: its process may be between
+# creating the folder and locking the claim.
+_UNCLAIMED_GRACE_S = 60.0
 log = logging.getLogger(__name__)
 _DIGITS = frozenset("0123456789")
 _UID_CHARS = frozenset("0123456789.")
@@ -316,6 +325,19 @@ def _unlink(path: str) -> None:
         os.unlink(path)
 
 
+def _remove_folder(folder: Path) -> int:
+    """Remove a temp folder and its files; return how many temp files it held."""
+    removed = 0
+    with contextlib.suppress(FileNotFoundError):
+        for leftover in folder.iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
+                removed += leftover.name != _CLAIM
+    with contextlib.suppress(OSError):
+        folder.rmdir()
+    return removed
+
+
 class Spool:
     """The spool folder ``<data_dir>/spool``.
 
@@ -331,21 +353,59 @@ class Spool:
         self.root = self.data_dir / "spool"
         self.incoming = self.root / INCOMING
         self.root_str = str(self.root)
-        self.incoming_str = str(self.incoming)
+        # This process's own temp folder, claimed on first use.
+        self.temp = self.incoming / process_tag()
+        self.incoming_str = str(self.temp)
+        self._claim: LiveClaim | None = None
         self._durable_dirs: set[str] = set()
         self._lock = threading.Lock()
 
     def prepare(self) -> int:
-        """Create the folders and remove temp files a crash left behind; return how many.
+        """Create the folders, claim this process's temp folder and remove the temp files
+        that processes no longer running left behind; return how many.
 
-        Temp files were never acknowledged, so removing them loses nothing.
+        Temp files were never acknowledged, so removing them loses nothing. The temp files
+        of receivers still running (other processes sharing the spool) are left alone.
         """
         self.incoming.mkdir(parents=True, exist_ok=True)
+        self._claim_temp()
         removed = 0
-        for leftover in self.incoming.iterdir():
-            leftover.unlink(missing_ok=True)
-            removed += 1
+        for entry in self.incoming.iterdir():
+            if entry == self.temp:
+                continue
+            if not entry.is_dir():  # the layout before per-process folders
+                entry.unlink(missing_ok=True)
+                removed += 1
+            elif self._abandoned(entry):
+                removed += _remove_folder(entry)
         return removed
+
+    def _claim_temp(self) -> None:
+        with self._lock:
+            if self._claim is not None:
+                return
+            self.temp.mkdir(parents=True, exist_ok=True)
+            self._claim = LiveClaim.take(self.temp / _CLAIM)
+
+    @staticmethod
+    def _abandoned(folder: Path) -> bool:
+        claim = folder / _CLAIM
+        if claim.exists():
+            return not is_held(claim)
+        try:
+            age = time.time() - folder.stat().st_mtime
+        except FileNotFoundError:
+            return False
+        return age > _UNCLAIMED_GRACE_S
+
+    def release(self) -> None:
+        """Give up this process's temp folder (call once nothing is being received)."""
+        with self._lock:
+            claim, self._claim = self._claim, None
+        if claim is None:
+            return
+        claim.release()
+        _remove_folder(self.temp)
 
     def remove_superseded(self, relative_path: str) -> bool:
         """Delete an older copy's file that a committed replacement moved away from.
@@ -397,9 +457,13 @@ class Spool:
         try:
             fd = os.open(path, _OPEN_FLAGS, 0o640)
         except FileNotFoundError:
-            # The incoming folder was removed underneath us: recreate it once.
+            # Not claimed yet, or the folder was removed underneath us: (re)claim it once.
             try:
-                self.incoming.mkdir(parents=True, exist_ok=True)
+                with self._lock:
+                    if self._claim is not None:
+                        self._claim.release(remove=False)
+                        self._claim = None
+                self._claim_temp()
                 fd = os.open(path, _OPEN_FLAGS, 0o640)
             except OSError as exc:
                 raise SpoolError(f"spool not writable: {exc.strerror}", exc.errno) from exc
