@@ -45,6 +45,7 @@ __all__ = [
     "CheckpointCheck",
     "CheckpointLog",
     "CheckpointSigner",
+    "HeadCheckpointer",
     "check_checkpoints",
     "load_public_key",
     "read_checkpoints",
@@ -226,6 +227,60 @@ class CheckpointLog:
         except OSError as exc:
             log.error("audit checkpoint not written to %s: %s", self.path, exc.strerror or exc)
             return None
+
+
+class HeadCheckpointer:
+    """Checkpoints the chain's head every ``interval_s`` when it moved, in a thread.
+
+    With several processes (``node.roles``) appending to one chain, checkpoints are the
+    cluster's work, not each appender's: one process at a time runs this part (see
+    :mod:`triagenode.store.cluster`), and the processes' audit logs write none of their own.
+    One writer keeps the checkpoint file well-formed where ``O_APPEND`` from several machines
+    is not atomic (NFS), and its checkpoints in ascending order.
+    """
+
+    def __init__(self, db: Database, log_: CheckpointLog, interval_s: float = 1.0) -> None:
+        self.db = db
+        self.log = log_
+        self.interval_s = interval_s
+        self._last_seq = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def tick(self) -> Checkpoint | None:
+        """Checkpoint the head if it is newer than the last one written here."""
+        with self.db.session() as session:
+            head = session.execute(
+                select(AuditEvent.seq, AuditEvent.row_hash)
+                .where(AuditEvent.seq.is_not(None))
+                .order_by(AuditEvent.seq.desc())
+                .limit(1)
+            ).first()
+        if head is None or int(head.seq) <= self._last_seq:
+            return None
+        checkpoint = self.log.write(int(head.seq), head.row_hash)
+        self._last_seq = checkpoint.seq
+        return checkpoint
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="audit-checkpoints", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        try:
+            self.tick()  # the head as this process leaves it
+        except Exception:
+            log.exception("audit checkpoint at stop failed")
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.tick()
+            except Exception:  # database briefly away, or the file: next interval
+                log.exception("audit checkpoint failed")
 
 
 def read_checkpoints(path: Path) -> Iterator[Checkpoint | str]:
