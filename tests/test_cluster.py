@@ -1,10 +1,11 @@
 """Cluster-wide work held by one process at a time (PostgreSQL advisory locks), taken over
-when that process dies; SQLite runs it in its one process and refuses split roles."""
+when that process dies; SQLite runs it in its one process."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -16,11 +17,11 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from tests.peers import wait_for
-from triagenode.errors import ConfigError
+from triagenode.pipeline.worker import WorkerPool
 from triagenode.store.cluster import (
+    LOCK_KEYS,
     ClusterSingleton,
     ClusterWork,
-    check_roles_database,
     cluster_holders,
 )
 from triagenode.store.db import Database
@@ -30,6 +31,7 @@ class RecordingPart:
     """A part that counts how often it runs, across every instance made."""
 
     running: list[RecordingPart] = []
+    stopped: list[str] = []
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -39,11 +41,13 @@ class RecordingPart:
 
     def stop(self) -> None:
         RecordingPart.running.remove(self)
+        RecordingPart.stopped.append(self.name)
 
 
 @pytest.fixture(autouse=True)
 def _no_parts_left() -> Iterator[None]:
     RecordingPart.running.clear()
+    RecordingPart.stopped.clear()
     yield
     RecordingPart.running.clear()
 
@@ -70,21 +74,6 @@ def test_on_sqlite_the_part_runs_at_once(tmp_path: Path) -> None:
     holder.stop()
     assert running_names() == [] and not holder.holds
     db.dispose()
-
-
-@pytest.mark.parametrize("roles", [["receiver"], ["worker", "exporter"], ["api"]])
-def test_sqlite_refuses_roles_split_over_processes(roles: list[str], tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"node\.roles: .*PostgreSQL"):
-        check_roles_database(roles, f"sqlite:///{tmp_path / 'x.sqlite3'}")
-
-
-@pytest.mark.parametrize("roles", [["all"], ["receiver", "worker", "exporter", "api"]])
-def test_sqlite_allows_one_process_doing_everything(roles: list[str], tmp_path: Path) -> None:
-    check_roles_database(roles, f"sqlite:///{tmp_path / 'x.sqlite3'}")
-
-
-def test_postgres_allows_any_roles() -> None:
-    check_roles_database(["receiver"], "postgresql+psycopg://u@127.0.0.1/db")
 
 
 # PostgreSQL: one holder, takeover ----------------------------------------------------------
@@ -139,26 +128,31 @@ def test_holder_that_loses_its_connection_stops_the_part(
     pg_dbs: list[Database], postgres_url: str
 ) -> None:
     """The server drops the holder's lock connection: the holder stops its copy at once and
-    a standby takes over (never two copies for longer than one check)."""
+    the work runs on in one process (never two copies for longer than one check)."""
     a = singleton(pg_dbs[0], "a")
-    a.start()
-    wait_for(lambda: running_names() == ["a"], what="a holds")
     b = singleton(pg_dbs[1], "b")
-    b.start()
-    admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        killed = connection.execute(
-            text(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                " WHERE application_name LIKE :pattern"
-            ),
-            {"pattern": "triagenode:%:scheduler"},
-        ).all()
-    admin.dispose()
-    assert len(killed) == 1
-    wait_for(lambda: running_names() == ["b"], timeout=5, what="b takes over, a stops")
-    b.stop()
-    a.stop()
+    try:
+        a.start()
+        wait_for(lambda: running_names() == ["a"], what="a holds")
+        b.start()
+        key = LOCK_KEYS[ClusterWork.scheduler]
+        admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+        with admin.connect() as connection:
+            killed = connection.execute(
+                text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory'"
+                    " AND granted AND classid = :high AND objid = :low AND objsubid = 1"
+                ),
+                {"high": key >> 32, "low": key & 0xFFFF_FFFF},
+            ).all()
+        admin.dispose()
+        assert killed == [(True,)]
+        wait_for(lambda: RecordingPart.stopped == ["a"], timeout=5, what="a stopping its copy")
+        wait_for(running_names, timeout=5, what="a takeover")
+        assert len(running_names()) == 1
+    finally:
+        b.stop()
+        a.stop()
 
 
 HOLDER_SCRIPT = textwrap.dedent(
@@ -206,3 +200,24 @@ def test_takeover_within_seconds_when_the_holder_is_killed(
         if process.poll() is None:
             process.kill()
             process.wait(10)
+
+
+class RecordingQueue:
+    def __init__(self) -> None:
+        self.owners: set[str] = set()
+
+    def claim(self, worker_id: str) -> None:
+        self.owners.add(worker_id)
+
+
+def test_worker_lease_owners_name_their_process() -> None:
+    """Workers of different processes share the queue: their lease owners must differ."""
+    queue = RecordingQueue()
+    pool = WorkerPool(object(), queue, workers=2)  # type: ignore[arg-type]
+    pool.start()
+    try:
+        wait_for(lambda: len(queue.owners) == 2, what="both workers asking for a job")
+    finally:
+        pool.stop()
+    suffix = f"@{socket.gethostname()}:{os.getpid()}"
+    assert sorted(queue.owners) == [f"worker-0{suffix}", f"worker-1{suffix}"]

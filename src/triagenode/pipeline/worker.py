@@ -8,6 +8,8 @@ derive from (study, model, run): redoing the same work rewrites the same SR, nev
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -471,9 +473,14 @@ class WorkerPool:
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
+        # Lease owners must differ between processes sharing the queue, or one process
+        # could renew or complete a job another took over after its lease lapsed.
+        owner = f"{socket.gethostname()}:{os.getpid()}"
         for index in range(self.workers):
             thread = threading.Thread(
-                target=self._run, args=(f"{self.name}-{index}",), name=f"{self.name}-{index}"
+                target=self._run,
+                args=(f"{self.name}-{index}@{owner}"[:128],),
+                name=f"{self.name}-{index}",
             )
             thread.daemon = True
             thread.start()

@@ -32,8 +32,8 @@ off from the network is noticed by the server only when TCP gives up; the server
 Each lock connection names itself in ``application_name`` (``triagenode:<host>:<pid>:<work>``)
 so :func:`cluster_holders` can tell from ``pg_locks`` who holds what.
 
-On SQLite there is one process by construction (see :func:`check_roles_database`), and the
-wrapper simply runs the part.
+On SQLite there is one process by construction (settings refuse ``node.roles`` other than
+``["all"]`` there), and the wrapper simply runs the part.
 """
 
 from __future__ import annotations
@@ -42,14 +42,13 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from enum import Enum
 from typing import Any, Protocol
 
 from prometheus_client import Gauge
 from sqlalchemy import Connection, text
 
-from triagenode.errors import ConfigError
 from triagenode.metrics import REGISTRY
 from triagenode.store.db import Database
 
@@ -58,7 +57,6 @@ __all__ = [
     "ClusterSingleton",
     "ClusterWork",
     "Part",
-    "check_roles_database",
     "cluster_holders",
 ]
 
@@ -222,6 +220,7 @@ class ClusterSingleton:
                 )
                 self._stop_part()
                 self._drop_connection()
+                self._stop.wait(self.retry_s)  # give the standbys their turn first
                 return
         self._stop_part()
         self._release()
@@ -311,32 +310,3 @@ def cluster_holders(db: Database) -> dict[str, str | None]:
         if work is not None:
             found[work.value] = row.application_name or "?"
     return found
-
-
-ALL_ROLES = "all"
-# Together these are what "all" runs.
-_EVERY_ROLE = frozenset({"receiver", "worker", "exporter", "api"})
-
-
-def check_roles_database(roles: Sequence[str], database_url: str) -> None:
-    """Refuse roles that split the node over processes when the database is SQLite.
-
-    SQLite is a file of one machine with one writer at a time: the processes of a split
-    node could neither share it across machines nor coordinate through advisory locks.
-
-    Raises
-    ------
-    ConfigError
-        ``roles`` leaves some of the node's work to other processes (it is neither
-        ``["all"]`` nor every role) and ``database_url`` is a SQLite URL.
-    """
-    if not database_url.startswith("sqlite"):
-        return
-    if ALL_ROLES in roles or _EVERY_ROLE.issubset(roles):
-        return
-    raise ConfigError(
-        f"node.roles: {list(roles)!r} splits the node over several processes, which needs "
-        "a PostgreSQL database shared by all of them (database.url = "
-        "'postgresql+psycopg://...'); with SQLite only roles = ['all'] (one process) is "
-        "allowed"
-    )
