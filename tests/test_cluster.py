@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ from sqlalchemy import create_engine, text
 
 from tests.peers import wait_for
 from triagenode.pipeline.worker import WorkerPool
+from triagenode.store import migrate
 from triagenode.store.cluster import (
     LOCK_KEYS,
     ClusterSingleton,
@@ -159,7 +161,8 @@ HOLDER_SCRIPT = textwrap.dedent(
     """
     import sys, threading
     from triagenode.store.cluster import ClusterSingleton, ClusterWork
-    from triagenode.store.db import Database
+    from triagenode.store import migrate
+from triagenode.store.db import Database
 
     class Part:
         def start(self): print("holding", flush=True)
@@ -221,3 +224,24 @@ def test_worker_lease_owners_name_their_process() -> None:
         pool.stop()
     suffix = f"@{socket.gethostname()}:{os.getpid()}"
     assert sorted(queue.owners) == [f"worker-0{suffix}", f"worker-1{suffix}"]
+
+
+@pytest.mark.postgres
+def test_processes_starting_together_migrate_one_at_a_time(pg_dbs: list[Database]) -> None:
+    """Every process of a split node migrates at start: on an empty database at once."""
+    results: list[str] = []
+    errors: list[BaseException] = []
+
+    def upgrade(db: Database) -> None:
+        try:
+            results.append(migrate.upgrade(db))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=upgrade, args=(db,)) for db in pg_dbs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not errors, errors
+    assert results == [migrate.head_revision()] * len(pg_dbs)

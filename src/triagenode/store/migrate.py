@@ -9,6 +9,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from sqlalchemy import text
 
 from triagenode.store.db import Database
 
@@ -16,6 +17,8 @@ __all__ = ["current_revision", "head_revision", "upgrade"]
 
 log = logging.getLogger(__name__)
 _SCRIPTS = Path(__file__).parent / "migrations"
+# "triage" in ASCII, then 0100: the other advisory lock keys are in store/cluster.py.
+_PG_MIGRATION_LOCK = 0x7472_6961_6765_0100
 
 
 def _config() -> Config:
@@ -39,6 +42,12 @@ def upgrade(db: Database, revision: str = "head") -> str:
     """Bring the schema to ``revision``; returns the revision now in force."""
     config = _config()
     with db.engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            # Processes of one node starting together (node.roles) migrate one at a time;
+            # the others then find the schema current. Held until this transaction ends.
+            connection.execute(
+                text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATION_LOCK}
+            )
         config.attributes["connection"] = connection
         command.upgrade(config, revision)
     now = current_revision(db)
