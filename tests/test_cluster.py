@@ -18,6 +18,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from tests.peers import wait_for
+from triagenode.metrics import REGISTRY
 from triagenode.pipeline.worker import WorkerPool
 from triagenode.store import migrate
 from triagenode.store.cluster import (
@@ -54,6 +55,11 @@ def _no_parts_left() -> Iterator[None]:
     RecordingPart.running.clear()
 
 
+def held(work: str) -> float | None:
+    """The metric that tells which kinds of work this process holds."""
+    return REGISTRY.get_sample_value("triagenode_cluster_work_held", {"work": work})
+
+
 def running_names() -> list[str]:
     return [part.name for part in RecordingPart.running]
 
@@ -73,8 +79,10 @@ def test_on_sqlite_the_part_runs_at_once(tmp_path: Path) -> None:
     holder.start()
     assert running_names() == ["a"] and holder.holds
     assert cluster_holders(db) == {work.value: "local" for work in ClusterWork}
+    assert held("scheduler") == 1
     holder.stop()
     assert running_names() == [] and not holder.holds
+    assert held("scheduler") == 0
     db.dispose()
 
 
