@@ -169,8 +169,7 @@ HOLDER_SCRIPT = textwrap.dedent(
     """
     import sys, threading
     from triagenode.store.cluster import ClusterSingleton, ClusterWork
-    from triagenode.store import migrate
-from triagenode.store.db import Database
+    from triagenode.store.db import Database
 
     class Part:
         def start(self): print("holding", flush=True)
