@@ -72,16 +72,33 @@ class Serve:
         self.process.send_signal(signal.SIGKILL)
         self.process.wait(30)
 
-    def stop(self) -> int | None:
-        if self.process is None or self.process.poll() is not None:
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def terminate(self) -> None:
+        if self.running:
+            assert self.process is not None
+            self.process.send_signal(signal.SIGTERM)
+
+    def wait(self) -> int | None:
+        """The exit status once stopped (killed after a minute: None)."""
+        if self.process is None:
             return None
-        self.process.send_signal(signal.SIGTERM)
         try:
             return self.process.wait(60)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait(10)
             return None
+
+
+def stop_all(serves: dict[str, Serve]) -> dict[str, int | None]:
+    """SIGTERM to every running process at once, then their exit statuses."""
+    running = [name for name, serve in serves.items() if serve.running]
+    for name in running:
+        serves[name].terminate()
+    return {name: serves[name].wait() for name in running}
 
 
 @pytest.fixture
@@ -143,12 +160,9 @@ send = ["sr"]
     try:
         yield state
     finally:
-        codes = {name: serve.stop() for name, serve in serves.items()}
+        stop_all(serves)  # after a failure: whatever still runs
         db.dispose()
         pacs.stop()
-        for name, serve in serves.items():
-            if codes[name] not in (None, 0):
-                print(f"--- {name} exited {codes[name]}:\n{serve.log.read_text()[-3000:]}")
 
 
 def start_count(db: Database) -> int:
@@ -258,14 +272,17 @@ def test_scale_out_processes_survive_kills_and_every_study_gets_one_sr(
     # 4. workers; one is killed holding a job, then the holder of the cluster-wide work
     workers = [serves["worker-1"].start(config), serves["worker-2"].start(config)]
 
-    def leased_by_first_worker() -> bool:
+    def first_worker_processing() -> bool:
+        """worker-1 holds a job and its study shows as processing (the claim is recorded)."""
         with db.session() as session:
             owners = session.scalars(
-                select(Job.lease_owner).where(Job.state == JobState.leased.value)
+                select(Job.lease_owner)
+                .join(Study, Study.id == Job.study_id)
+                .where(Job.state == JobState.leased.value, Study.state == "processing")
             ).all()
         return any(owner and owner.endswith(f":{workers[0].pid}") for owner in owners)
 
-    wait_for(leased_by_first_worker, timeout=120, interval=0.01, what="worker-1 holding a job")
+    wait_for(first_worker_processing, timeout=120, interval=0.01, what="worker-1 holding a job")
     workers[0].kill()
     holder = holder_pid(db, ClusterWork.scheduler)
     assert holder is not None
@@ -315,3 +332,9 @@ def test_scale_out_processes_survive_kills_and_every_study_gets_one_sr(
     )
     assert verify.returncode == 0, verify.stdout + verify.stderr
     assert "audit chain intact" in verify.stdout
+
+    # every process still running stops cleanly on SIGTERM
+    codes = stop_all(serves)
+    assert len(codes) == 5 and set(codes.values()) == {0}, {
+        name: serves[name].log.read_text()[-2000:] for name, code in codes.items() if code != 0
+    }
