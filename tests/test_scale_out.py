@@ -295,7 +295,9 @@ def test_scale_out_processes_survive_kills_and_every_study_gets_one_sr(
         what="a takeover of the scheduler",
     )
     if holding is not workers[0]:
+        starts = start_count(db)
         holding.start(config)  # a supervisor restarts it
+        wait_for(lambda: start_count(db) > starts, timeout=120, what=f"{holding.name} again")
 
     # 5. every study reported, exactly one SR each in Orthanc
     wait_for_states(db, {"reported": len(studies)}, timeout=180)
