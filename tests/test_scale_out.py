@@ -127,6 +127,9 @@ secret = "scale-out-test-secret-0123456789"
 lease_s = 5.0
 [export]
 backoff_initial_s = 0.2
+[cluster]
+retry_s = 0.5
+check_s = 0.5
 [[destinations]]
 name = "pacs"
 ae_title = "{pacs.ae_title}"

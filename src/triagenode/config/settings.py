@@ -43,6 +43,7 @@ __all__ = [
     "ApiSettings",
     "AuditSettings",
     "Backend",
+    "ClusterSettings",
     "DatabaseSettings",
     "Destination",
     "ExportSettings",
@@ -670,6 +671,26 @@ class AuditSettings(Section):
         return value
 
 
+class ClusterSettings(Section):
+    """Work held by one process of a split node at a time (docs/scale-out.md)."""
+
+    retry_s: float = Field(
+        default=2.0,
+        gt=0,
+        le=300,
+        description="How often a standby process asks for cluster-wide work (the study "
+        "scheduler, audit forwarding and checkpoints, retention): about how long a takeover "
+        "takes after the holder dies",
+    )
+    check_s: float = Field(
+        default=2.0,
+        gt=0,
+        le=300,
+        description="How often the holder checks that the database connection holding its "
+        "lock is alive; it stops the work at once when not",
+    )
+
+
 class Settings(BaseSettings):
     """All of the node's settings. Build it with :func:`load_settings`."""
 
@@ -692,6 +713,7 @@ class Settings(BaseSettings):
     api: ApiSettings = Field(default_factory=ApiSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    cluster: ClusterSettings = Field(default_factory=ClusterSettings)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Settings:
