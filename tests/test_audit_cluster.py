@@ -28,7 +28,7 @@ APPENDER = textwrap.dedent(
     from triagenode.audit import AuditEventId, AuditLog, load_or_create_secret
     from triagenode.audit.checkpoint import CheckpointLog, HeadCheckpointer
     from triagenode.config.settings import load_settings
-    from triagenode.store.cluster import ClusterSingleton, ClusterWork
+    from triagenode.pipeline.cluster import ClusterSingleton, ClusterWork
     from triagenode.store.db import Database
 
     settings = load_settings(sys.argv[1])

@@ -19,14 +19,14 @@ from sqlalchemy import create_engine, text
 
 from tests.peers import wait_for
 from triagenode.metrics import REGISTRY
-from triagenode.pipeline.worker import WorkerPool
-from triagenode.store import migrate
-from triagenode.store.cluster import (
+from triagenode.pipeline.cluster import (
     LOCK_KEYS,
     ClusterSingleton,
     ClusterWork,
     cluster_holders,
 )
+from triagenode.pipeline.worker import WorkerPool
+from triagenode.store import migrate
 from triagenode.store.db import Database
 
 
@@ -168,7 +168,7 @@ def test_holder_that_loses_its_connection_stops_the_part(
 HOLDER_SCRIPT = textwrap.dedent(
     """
     import sys, threading
-    from triagenode.store.cluster import ClusterSingleton, ClusterWork
+    from triagenode.pipeline.cluster import ClusterSingleton, ClusterWork
     from triagenode.store.db import Database
 
     class Part:

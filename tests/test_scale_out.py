@@ -29,8 +29,8 @@ from sqlalchemy import func, select
 from tests import factory
 from tests.orthanc import OrthancServer
 from tests.peers import free_port, run_tool, tool, wait_for, wait_for_port
+from triagenode.pipeline.cluster import ClusterWork, cluster_holders
 from triagenode.pipeline.jobs import JobState
-from triagenode.store.cluster import ClusterWork, cluster_holders
 from triagenode.store.db import Database
 from triagenode.store.models import AuditEvent, Job, Study, StudyEvent
 
@@ -288,7 +288,7 @@ def test_scale_out_processes_survive_kills_and_every_study_gets_one_sr(
     wait_for(first_worker_processing, timeout=120, interval=0.01, what="worker-1 holding a job")
     workers[0].kill()
     holder = holder_pid(db, ClusterWork.scheduler)
-    assert holder is not None, "no process holds the scheduler's lock (store/cluster.py)"
+    assert holder is not None, "no process holds the scheduler's lock (pipeline/cluster.py)"
     (holding,) = [s for s in serves.values() if s.process and s.pid == holder]
     holding.kill()
     # another live process takes the cluster-wide work over within seconds

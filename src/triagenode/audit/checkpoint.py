@@ -234,7 +234,7 @@ class HeadCheckpointer:
 
     With several processes (``node.roles``) appending to one chain, checkpoints are the
     cluster's work, not each appender's: one process at a time runs this part (see
-    :mod:`triagenode.store.cluster`), and the processes' audit logs write none of their own.
+    :mod:`triagenode.pipeline.cluster`), and the processes' audit logs write none of their own.
     One writer keeps the checkpoint file well-formed where ``O_APPEND`` from several machines
     is not atomic (NFS), and its checkpoints in ascending order.
     """

@@ -17,7 +17,7 @@ __all__ = ["current_revision", "head_revision", "upgrade"]
 
 log = logging.getLogger(__name__)
 _SCRIPTS = Path(__file__).parent / "migrations"
-# "triage" in ASCII, then 0100: the other advisory lock keys are in store/cluster.py.
+# "triage" in ASCII, then 0100: the other advisory lock keys are in pipeline/cluster.py.
 _PG_MIGRATION_LOCK = 0x7472_6961_6765_0100
 
 
