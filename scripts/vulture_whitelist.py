@@ -149,3 +149,5 @@ _.echoes
 
 # Read through dataclasses.asdict (the export-triton command's JSON output).
 _.config_path  # optimization/triton_repo.py: TritonRepository.config_path
+_.holds  # pipeline/cluster.py: ClusterSingleton.holds (tests; the metric says the same)
+_.takeovers  # pipeline/cluster.py: ClusterSingleton.takeovers (tests)

@@ -37,6 +37,7 @@ import uvicorn
 from triagenode import __version__
 from triagenode.api.app import ApiServices, create_app
 from triagenode.api.server import build_server
+from triagenode.audit.checkpoint import HeadCheckpointer
 from triagenode.audit.events import AuditEventId, AuditLog, Outcome
 from triagenode.audit.syslog import AuditForwarder
 from triagenode.config.settings import ALL_ROLES, Settings
@@ -50,6 +51,8 @@ from triagenode.inference.classifier import ZeroShotClassifier
 from triagenode.inference.model import load_model
 from triagenode.inference.predictor import ClassifierPredictor
 from triagenode.optimization.builder import OptimizationBuilder
+from triagenode.pipeline.cluster import ClusterSingleton, ClusterWork
+from triagenode.pipeline.cluster import Part as ClusterPart
 from triagenode.pipeline.notify import CriticalFindingNotifier
 from triagenode.pipeline.queue import JobQueue
 from triagenode.pipeline.retention import RetentionPurger
@@ -160,7 +163,7 @@ class Node:
     notifier: CriticalFindingNotifier | None = None
     receiver: DicomReceiver | None = None
     probe: DestinationProbe | None = None
-    forwarder: AuditForwarder | None = None
+    forwarder: ClusterSingleton | None = None
     # Started in this order, stopped in reverse: consumers first, the receiver last.
     parts: list[Part] = field(default_factory=list)
     _started: list[Part] = field(default_factory=list, init=False)
@@ -221,18 +224,34 @@ class Node:
             pool = WorkerPool(processor, self.queue, workers=workers)
             self.parts.append(pool)
 
-        # Duties: every process runs them, whatever its roles.
-        rules = TriageRules(settings.triage)
-        self.tracker = StudyTracker(settings, db, audit, prioritizer=rules.prioritize)
-        self.parts.append(
-            StudyScheduler(
-                db, self.tracker, self.queue, on_queued=pool.wake if pool is not None else None
+        # Duties: whatever its roles, every process offers to run them; one process of the
+        # cluster at a time does (pipeline/cluster.py), and another takes over when it dies.
+        def duty(work: ClusterWork, build: Callable[[], ClusterPart]) -> ClusterSingleton:
+            cluster = settings.cluster
+            return ClusterSingleton(
+                db, work, build, retry_s=cluster.retry_s, check_s=cluster.check_s
             )
+
+        rules = TriageRules(settings.triage)
+        tracker = self.tracker = StudyTracker(settings, db, audit, prioritizer=rules.prioritize)
+        queue, wake = self.queue, pool.wake if pool is not None else None
+        self.parts.append(
+            duty(ClusterWork.scheduler, lambda: StudyScheduler(db, tracker, queue, on_queued=wake))
         )
-        self.parts.append(RetentionPurger(settings, db, audit))
+        self.parts.append(duty(ClusterWork.retention, lambda: RetentionPurger(settings, db, audit)))
+        checkpoints = audit.checkpoints
+        if self.roles != frozenset(ALL_ROLES) and checkpoints is not None:
+            # several processes append to one chain: one of them checkpoints its head
+            audit.checkpoints = None
+            self.parts.append(
+                duty(ClusterWork.audit_checkpoints, lambda: HeadCheckpointer(db, checkpoints))
+            )
         if settings.audit.syslog.enabled:
             # outside ``parts``: it starts first and stops last, after the stop event
-            self.forwarder = AuditForwarder.from_settings(settings, db, audit)
+            self.forwarder = duty(
+                ClusterWork.audit_forwarding,
+                lambda: AuditForwarder.from_settings(settings, db, audit),
+            )
 
         if "api" in self.roles and settings.api.enabled:
             self._build_api()
