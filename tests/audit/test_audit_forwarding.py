@@ -12,9 +12,9 @@ from pathlib import Path
 from fastapi.testclient import TestClient
 
 from tests.api_support import build_world
+from tests.audit.test_audit_export import RFC5424
+from tests.audit.test_audit_hostile import TcpCollector
 from tests.peers import wait_for
-from tests.test_audit_export import RFC5424
-from tests.test_audit_hostile import TcpCollector
 from triagenode.audit import AuditEventId, AuditLog
 from triagenode.audit.atna import AuditSource
 from triagenode.audit.syslog import AuditForwarder, SyslogSender

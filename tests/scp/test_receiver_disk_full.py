@@ -20,7 +20,7 @@ from pydicom.uid import generate_uid
 
 from tests import factory
 from tests.receiver_fixtures import Node, echoscu
-from tests.test_receiver_failures import c_store, incoming, with_meta
+from tests.scp.test_receiver_failures import c_store, incoming, with_meta
 from triagenode.scp.status import StoreStatus
 
 # 600 KiB holds four 256x256 16-bit slices (about 131 KB each) but not a fifth.

@@ -17,8 +17,8 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
+from tests.audit.test_audit_hostile import TcpCollector
 from tests.audit_support import drop_append_only_guard
-from tests.test_audit_hostile import TcpCollector
 from triagenode.audit import AuditEventId, AuditLog
 from triagenode.audit.chain import chain_key, row_digest
 from triagenode.audit.checkpoint import CheckpointLog, CheckpointSigner

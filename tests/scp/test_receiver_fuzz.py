@@ -7,7 +7,7 @@ PDU, the association ends in a clean reject, abort, release or close, and nothin
 on disk except instances answered with success.
 
 The runs here are bounded (a few hundred examples, well under 30 s). A longer run, for
-example before a release: ``TRIAGENODE_FUZZ_EXAMPLES=20000 pytest tests/test_receiver_fuzz.py``.
+example before a release: ``TRIAGENODE_FUZZ_EXAMPLES=20000 pytest tests/scp/test_receiver_fuzz.py``.
 """
 
 from __future__ import annotations

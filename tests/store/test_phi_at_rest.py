@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
+from tests.cli.test_serve_process import send_study, start_serve, write_config
 from tests.peers import wait_for, wait_for_port
 from tests.serve_fixtures import StoreScp
-from tests.test_serve_process import send_study, start_serve, write_config
 from triagenode.store.db import Database
 from triagenode.store.models import AuditEvent, Export, Instance, Result, Study
 

@@ -87,7 +87,7 @@ def test_auto_picks_int8_onnxruntime_when_exported(loaded_demo, demo_onnx_dir, c
 def test_auto_without_artifacts_is_torch_and_says_why(loaded_demo, tmp_path, caplog, monkeypatch):
     caplog.set_level(logging.INFO, logger="triagenode.inference.backends.select")
     # A CPU without bf16: on one with it, auto builds OpenVINO bf16 from PyTorch instead
-    # (tests/test_openvino_backend.py).
+    # (tests/inference/test_openvino_backend.py).
     monkeypatch.setattr(Machine, "detect", classmethod(lambda cls: CPU_ONLY))
     encoder = create_encoder(loaded_demo, _settings(), artifacts_dir=tmp_path)
     assert isinstance(encoder, TorchImageEncoder)

@@ -96,7 +96,7 @@ def test_invalid_toml(tmp_path: Path) -> None:
 def test_example_config_is_valid_and_documents_every_section(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    example = Path(__file__).parents[1] / "triagenode.example.toml"
+    example = Path(__file__).parents[2] / "triagenode.example.toml"
     monkeypatch.chdir(tmp_path)  # its data_dir is relative
     settings = load_settings(example)
     assert settings.scp.port == 11112

@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import Table, bindparam, insert, select, text
 from sqlalchemy.exc import IntegrityError
 
-from tests.test_ingest import record
+from tests.store.test_ingest import record
 from triagenode.store.db import Database
 from triagenode.store.fast_sql import FastStatement
 from triagenode.store.ingest import StudyIngest

@@ -24,9 +24,9 @@ from lxml import etree
 from pydicom.dataset import Dataset
 
 from tests.api_support import build_world, events
+from tests.audit.test_audit_export import RFC5424
 from tests.peers import wait_for
 from tests.receiver_fixtures import Node
-from tests.test_audit_export import RFC5424
 from triagenode.audit import AuditEventId, AuditLog, Outcome
 from triagenode.audit.atna import AuditSource, schema
 from triagenode.audit.encoding import escape_controls, xml_safe

@@ -19,7 +19,7 @@ from sqlalchemy.engine import make_url
 from tests import factory
 from tests.databases import on_database
 from tests.receiver_fixtures import Node, echoscu, storescu
-from tests.test_receiver_failures import assert_still_serving, c_store, incoming, with_meta
+from tests.scp.test_receiver_failures import assert_still_serving, c_store, incoming, with_meta
 from triagenode.scp import association
 from triagenode.scp.status import StoreStatus
 

@@ -20,7 +20,7 @@ from tests.peers import free_port, wait_for
 from triagenode.api.docs import DOCS_ASSETS
 from triagenode.api.server import build_server
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class _References(HTMLParser):
