@@ -25,11 +25,10 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from sqlalchemy import create_engine, select, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import select
 
 from tests import factory
-from tests.conftest import postgres_server_url
+from tests.conftest import fresh_postgres_database
 from tests.orthanc import OrthancServer
 from tests.peers import free_port, run_tool, wait_for
 from triagenode.store.db import Database
@@ -116,17 +115,8 @@ class NodeContainer:
 @pytest.fixture(scope="module")
 def database() -> Iterator[str]:
     """A fresh database on the test PostgreSQL, reachable from the host network."""
-    server = make_url(postgres_server_url())
-    name = f"tn_container_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(server, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield server.set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with fresh_postgres_database("tn_container") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

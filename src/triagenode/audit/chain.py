@@ -32,6 +32,7 @@ __all__ = [
     "VerifyReport",
     "append",
     "canonical_details",
+    "chain_head",
     "chain_key",
     "row_digest",
     "verify",
@@ -107,20 +108,26 @@ def _lock_chain(session: Session) -> None:
         session.execute(text("UPDATE audit_events SET seq = seq WHERE 1 = 0"))
 
 
+def chain_head(session: Session) -> tuple[int, str] | None:
+    """(seq, row_hash) of the chain's last row, or None while the chain is empty."""
+    head = session.execute(
+        select(AuditEvent.seq, AuditEvent.row_hash)
+        .where(AuditEvent.seq.is_not(None))
+        .order_by(AuditEvent.seq.desc())
+        .limit(1)
+    ).first()
+    return None if head is None else (int(head.seq), str(head.row_hash))
+
+
 def append(session: Session, key: bytes, row: AuditEvent) -> AuditEvent:
     """Chain ``row`` after the current tail, in ``session``'s transaction, and flush it.
 
     The lock is held until that transaction ends, so keep audit-writing transactions short.
     """
     _lock_chain(session)
-    tail = session.execute(
-        select(AuditEvent.seq, AuditEvent.row_hash)
-        .where(AuditEvent.seq.is_not(None))
-        .order_by(AuditEvent.seq.desc())
-        .limit(1)
-    ).first()
-    row.seq = 1 if tail is None else int(tail.seq) + 1
-    row.prev_hash = GENESIS if tail is None else tail.row_hash
+    tail = chain_head(session)
+    row.seq = 1 if tail is None else tail[0] + 1
+    row.prev_hash = GENESIS if tail is None else tail[1]
     # Stamped under the lock, so time order follows chain order.
     row.at = utcnow()
     row.details = canonical_details(row.details)

@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 from sqlalchemy import select
 
+from triagenode.audit.chain import chain_head
 from triagenode.config.settings import Settings
 from triagenode.errors import ConfigError
 from triagenode.store.db import Database
@@ -250,15 +251,10 @@ class HeadCheckpointer:
     def tick(self) -> Checkpoint | None:
         """Checkpoint the head if it is newer than the last one written here."""
         with self.db.session() as session:
-            head = session.execute(
-                select(AuditEvent.seq, AuditEvent.row_hash)
-                .where(AuditEvent.seq.is_not(None))
-                .order_by(AuditEvent.seq.desc())
-                .limit(1)
-            ).first()
-        if head is None or int(head.seq) <= self._last_seq:
+            head = chain_head(session)
+        if head is None or head[0] <= self._last_seq:
             return None
-        checkpoint = self.log.write(int(head.seq), head.row_hash)
+        checkpoint = self.log.write(head[0], head[1])
         self._last_seq = checkpoint.seq
         return checkpoint
 

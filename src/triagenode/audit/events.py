@@ -18,11 +18,18 @@ import socket
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import event, select
+from sqlalchemy import event
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
-from triagenode.audit.chain import ChainProblem, VerifyReport, append, chain_key, verify
+from triagenode.audit.chain import (
+    ChainProblem,
+    VerifyReport,
+    append,
+    chain_head,
+    chain_key,
+    verify,
+)
 from triagenode.audit.checkpoint import Checkpoint, CheckpointLog, check_checkpoints
 from triagenode.audit.encoding import storable, storable_details
 from triagenode.errors import StorageError
@@ -178,15 +185,10 @@ class AuditLog:
         if self.checkpoints is None:
             return None
         with self._db.session() as session:
-            head = session.execute(
-                select(AuditEvent.seq, AuditEvent.row_hash)
-                .where(AuditEvent.seq.is_not(None))
-                .order_by(AuditEvent.seq.desc())
-                .limit(1)
-            ).first()
+            head = chain_head(session)
         if head is None:
             return None
-        return self.checkpoints.write(int(head.seq), head.row_hash)
+        return self.checkpoints.write(head[0], head[1])
 
     def _after_commit(self, session: Session, seq: int, row_hash: str) -> None:
         """Checkpoint the row once ``session`` commits; forget it if it rolls back (a
