@@ -34,7 +34,6 @@ from common import free_port
 from tests.console_support import result_json
 from tests.peers import wait_for
 
-from triagenode.api import create_app
 from triagenode.api.server import build_server
 from triagenode.api.tokens import TokenStore
 from triagenode.audit import AuditLog
@@ -42,6 +41,7 @@ from triagenode.config.settings import load_settings
 from triagenode.store import migrate
 from triagenode.store.db import Database
 from triagenode.store.models import Export, Result, Study, StudyEvent, utcnow
+from triagenode.web import create_web_app
 
 SECRET = b"console-benchmark-secret-0123456789"
 PRIORITIES = [(40, 0.05), (30, 0.15), (20, 0.7), (10, 0.1)]
@@ -181,7 +181,7 @@ def main() -> int:
     uids = fill(db, audit, args.studies)
     print(f"filled {args.studies} studies in {time.perf_counter() - started:.1f} s")
     token = TokenStore(db).create("bench-operator", "operator")
-    app = create_app(settings, db, audit)
+    app = create_web_app(settings, db, audit)
     port = free_port()
     server = build_server(app, "127.0.0.1", port)
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]

@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from sqlalchemy import select
 
 from tests.factory import PATIENT_ID
-from triagenode.api import ApiServices, create_app
+from triagenode.api import ApiServices
 from triagenode.api.tokens import TokenStore
 from triagenode.audit import AuditLog
 from triagenode.config.settings import Settings, load_settings
@@ -28,6 +28,7 @@ from triagenode.store.models import (
     StudyEvent,
     utcnow,
 )
+from triagenode.web import create_web_app
 
 SECRET = b"api-test-secret-0123456789abcdef"
 STUDY_UID = "1.2.826.0.1.3680043.8.498.77"
@@ -153,7 +154,7 @@ def build_world(
     export_id = seed(db, audit)
     store = TokenStore(db)
     tokens = {role: store.create(f"{role}-token", role) for role in ROLES}
-    app = create_app(settings, db, audit, services, **kwargs)
+    app = create_web_app(settings, db, audit, services, **kwargs)
     return ApiWorld(app, db, audit, settings, tokens, export_id)
 
 

@@ -35,8 +35,8 @@ from typing import Protocol
 import uvicorn
 
 from triagenode import __version__
-from triagenode.api.app import ApiServices, create_app
 from triagenode.api.server import build_server
+from triagenode.api.services import ApiServices
 from triagenode.audit.checkpoint import HeadCheckpointer
 from triagenode.audit.events import AuditEventId, AuditLog, Outcome
 from triagenode.audit.syslog import AuditForwarder
@@ -64,6 +64,7 @@ from triagenode.scp.receiver import DicomReceiver
 from triagenode.store import migrate
 from triagenode.store.db import Database
 from triagenode.validation.calibration_file import apply_calibration, load_calibration
+from triagenode.web import create_web_app
 
 __all__ = ["Node", "Part", "build_classifier"]
 
@@ -276,7 +277,7 @@ class Node:
             destinations_reachable=self.probe.reachable,
             destinations_probed_at=self.probe.probed_at,
         )
-        app = create_app(settings, self.db, self.audit, services)
+        app = create_web_app(settings, self.db, self.audit, services)
         server = build_server(app, settings.api.host, settings.api.port)
         server.install_signal_handlers = lambda: None  # type: ignore[attr-defined,method-assign]
         scheme = "https" if settings.api.tls_cert is not None else "http"

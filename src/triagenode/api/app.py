@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
@@ -37,6 +39,8 @@ def create_app(
     db: Database,
     audit: AuditLog,
     services: ApiServices | None = None,
+    *,
+    extensions: Sequence[Callable[[FastAPI], None]] = (),
 ) -> FastAPI:
     """Build the admin API.
 
@@ -50,6 +54,9 @@ def create_app(
         The audit log every call is recorded in.
     services
         Optional model, readiness and reachability hooks; see :class:`ApiServices`.
+    extensions
+        Installers of more routes on the same app, behind the same middleware (the operator
+        console's :func:`~triagenode.console.install_console`; see :mod:`triagenode.web`).
 
     Returns
     -------
@@ -75,9 +82,8 @@ def create_app(
     install_problem_handlers(app)
     for module in (health, studies, queue, exports, audit_routes, predict, tokens):
         app.include_router(module.router)
-    from triagenode.console import install_console  # the console builds on this package
-
-    install_console(app)
+    for extend in extensions:
+        extend(app)
     # Added innermost first: CORS (when configured) sits inside the body limit, inside the
     # audit (so a 413 is recorded too), inside the security headers (which every answer gets).
     if settings.api.cors_origins:

@@ -19,15 +19,15 @@ def register(subparsers: argparse._SubParsersAction, parent: argparse.ArgumentPa
 
 
 def _run(args: argparse.Namespace) -> int:
-    from triagenode.api import create_app
     from triagenode.api.server import build_server
     from triagenode.audit import AuditEventId, AuditLog
+    from triagenode.web import create_web_app
 
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     settings = settings_from_args(args, **({"api": overrides} if overrides else {}))
     db = open_database(settings)
     audit = AuditLog.from_settings(settings, db)
-    app = create_app(settings, db, audit)
+    app = create_web_app(settings, db, audit)
     forwarder = None
     if settings.audit.syslog.enabled:
         from triagenode.audit.syslog import AuditForwarder
