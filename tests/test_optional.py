@@ -47,7 +47,9 @@ def test_export_onnx_without_onnx_names_the_extra_and_prints_no_traceback(tmp_pa
 
 def test_require_returns_the_module_or_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     assert require("json", "none", "Parsing") is sys.modules["json"]
-    monkeypatch.setitem(sys.modules, "tritonclient", None)  # None: import raises ImportError
+    # None: import raises ImportError (the submodule too: other tests may have imported it)
+    monkeypatch.setitem(sys.modules, "tritonclient", None)
+    monkeypatch.setitem(sys.modules, "tritonclient.grpc", None)
     with pytest.raises(MissingDependency) as raised:
         require("tritonclient.grpc", "triton", "The triton backend")
     message = str(raised.value)

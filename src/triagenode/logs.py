@@ -87,10 +87,24 @@ def _indented(text: str) -> str:
     return "\n".join("    " + escape_controls(line) for line in text.splitlines())
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A stream handler writing to whatever ``sys.stderr`` is when a record comes, not the
+    one there when it was made (a test runner or a daemoniser may have replaced and closed
+    that one while threads still log)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: object) -> None:
+        pass
+
+
 def build_handler(stream: TextIO | None = None) -> logging.Handler:
     """The node's log handler: :class:`SafeFormatter` and :class:`PhiGuard` on ``stream``
-    (default stderr)."""
-    handler = logging.StreamHandler(stream or sys.stderr)
+    (default: the current stderr)."""
+    handler = logging.StreamHandler(stream) if stream is not None else _StderrHandler()
     handler.setFormatter(SafeFormatter(_FORMAT))
     handler.addFilter(PhiGuard())
     return handler
