@@ -18,9 +18,11 @@ Which parts a process builds follows its roles (``node.roles``, ``serve --role``
 ``api``
     The admin API and the operator console, and the destination probe behind ``/readyz``.
 
-Every process also runs the node's duties (study stability scanning, audit forwarding,
-retention purging). The parts talk only through the database, so processes with different
-roles may share one PostgreSQL database and one spool.
+Every process also offers to run the node's duties (finding stable studies, retention, audit
+forwarding and, for a node split by role, audit checkpoints); on PostgreSQL one process of the
+cluster at a time holds each, under an advisory lock, and another takes over when it dies
+(:mod:`triagenode.pipeline.cluster`). The parts talk only through the database, so processes
+with different roles may share one PostgreSQL database and one spool.
 """
 
 from __future__ import annotations
