@@ -262,7 +262,8 @@ def export_document(rows: Iterable[Any], source: AuditSource) -> etree._Element:
 
 def to_bytes(element: etree._Element, *, declaration: bool = True) -> bytes:
     """Serialise without pretty-printing: one message is one line (syslog needs that)."""
-    return etree.tostring(element, encoding="UTF-8", xml_declaration=declaration)
+    data: bytes = etree.tostring(element, encoding="UTF-8", xml_declaration=declaration)
+    return data
 
 
 def schema(name: str = "dicom-audit-message.rng") -> etree.RelaxNG:

@@ -60,7 +60,8 @@ def canonical_details(details: Mapping[str, Any] | None) -> dict[str, Any] | Non
     """``details`` as the database will return it (JSON round trip), or None."""
     if details is None:
         return None
-    return json.loads(json.dumps(details, sort_keys=True, default=str))
+    stored: dict[str, Any] = json.loads(json.dumps(details, sort_keys=True, default=str))
+    return stored
 
 
 def _iso(at: datetime) -> str:
@@ -211,7 +212,7 @@ def _matches(key: bytes, row: Any, seq: int) -> bool:
 def _original_seq(key: bytes, row: Any) -> int | None:
     """The position a row was hashed at, when it moved by at most the search window."""
     for distance in range(1, _SEARCH_WINDOW + 1):
-        for seq in (row.seq + distance, row.seq - distance):
+        for seq in (int(row.seq) + distance, int(row.seq) - distance):
             if seq >= 1 and _matches(key, row, seq):
                 return seq
     return None

@@ -70,7 +70,8 @@ def iter_events(
 
 
 def _xml(row: Any, source: AuditSource) -> bytes:
-    return etree.tostring(audit_message(row, source), encoding="UTF-8") + b"\n"
+    data: bytes = etree.tostring(audit_message(row, source), encoding="UTF-8")
+    return data + b"\n"
 
 
 def _syslog(row: Any, source: AuditSource) -> bytes:

@@ -89,13 +89,15 @@ class Calibration(Section):
         z = np.asarray(logits, dtype=np.float32)
         if self.method == "isotonic":
             xs, ys = zip(*self.breakpoints, strict=True)
-            return np.interp(z, xs, ys).astype(np.float32)
+            interpolated: np.ndarray = np.interp(z, xs, ys).astype(np.float32)
+            return interpolated
         if self.method == "temperature":
             z = z / np.float32(self.temperature)
         elif self.method == "platt":
             z = z * np.float32(self.slope) + np.float32(self.intercept)
         # 0.5 * (1 + tanh(z / 2)) is the logistic function without exp overflow
-        return (0.5 * (1.0 + np.tanh(0.5 * z))).astype(np.float32)
+        scores: np.ndarray = (0.5 * (1.0 + np.tanh(0.5 * z))).astype(np.float32)
+        return scores
 
     def describe(self) -> str:
         if self.method == "temperature":
@@ -179,10 +181,12 @@ class LabelSet(Section):
     def aggregate(self, scores: np.ndarray) -> np.ndarray:
         """Study scores ``(labels,)`` from image scores ``(images, labels)``."""
         if self.aggregation == "max":
-            return scores.max(axis=0)
+            study: np.ndarray = scores.max(axis=0)
+            return study
         k = min(self.top_k, scores.shape[0])
         top = np.sort(scores, axis=0)[-k:]
-        return top.mean(axis=0)
+        study = top.mean(axis=0)
+        return study
 
 
 def _word_pattern(words: list[str]) -> re.Pattern[str] | None:

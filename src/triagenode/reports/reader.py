@@ -6,6 +6,7 @@ and wants to check what it says without walking the content tree by hand.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import highdicom as hd
@@ -59,7 +60,7 @@ class SrSummary:
         raise KeyError(name)
 
 
-def _walk(item: Dataset):
+def _walk(item: Dataset) -> Iterator[Dataset]:
     for child in getattr(item, "ContentSequence", []):
         yield child
         yield from _walk(child)
