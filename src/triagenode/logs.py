@@ -92,7 +92,7 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
     one there when it was made (a test runner or a daemoniser may have replaced and closed
     that one while threads still log)."""
 
-    @property  # type: ignore[override]
+    @property
     def stream(self) -> TextIO:
         return sys.stderr
 

@@ -281,7 +281,7 @@ class Node:
         )
         app = create_web_app(settings, self.db, self.audit, services)
         server = build_server(app, settings.api.host, settings.api.port)
-        server.install_signal_handlers = lambda: None  # type: ignore[attr-defined,method-assign]
+        server.install_signal_handlers = lambda: None  # type: ignore[attr-defined]
         scheme = "https" if settings.api.tls_cert is not None else "http"
         self.parts.append(_ApiServer(server, f"{scheme}://{settings.api.host}:{settings.api.port}"))
 

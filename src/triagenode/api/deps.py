@@ -35,23 +35,27 @@ _bearer = HTTPBearer(auto_error=False, description="A token from `triagenode tok
 
 
 def _settings(request: Request) -> Settings:
-    return request.app.state.settings
+    settings: Settings = request.app.state.settings
+    return settings
 
 
 def _db(request: Request) -> Database:
-    return request.app.state.db
+    db: Database = request.app.state.db
+    return db
 
 
 def _audit(request: Request) -> AuditLog:
-    return request.app.state.audit
+    audit: AuditLog = request.app.state.audit
+    return audit
 
 
 def _services(request: Request) -> ApiServices:
-    return request.app.state.services
+    services: ApiServices = request.app.state.services
+    return services
 
 
 def _call_audit(request: Request) -> CallAudit:
-    call = request.scope.setdefault("state", {}).get("call_audit")
+    call: CallAudit | None = request.scope.setdefault("state", {}).get("call_audit")
     if call is None:  # outside the audit middleware (never in the app): record nothing
         call = CallAudit(skip=True)
     return call

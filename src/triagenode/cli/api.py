@@ -9,7 +9,9 @@ from triagenode.cli.common import open_database, settings_from_args
 __all__ = ["register"]
 
 
-def register(subparsers: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
+def register(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser], parent: argparse.ArgumentParser
+) -> None:
     parser = subparsers.add_parser(
         "api", parents=[parent], help="serve the admin API alone on api.host:api.port"
     )

@@ -35,7 +35,9 @@ def _anchor(value: str) -> tuple[int, str]:
     return int(seq), digest.lower()
 
 
-def register(subparsers: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
+def register(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser], parent: argparse.ArgumentParser
+) -> None:
     parser = subparsers.add_parser("audit", parents=[parent], help="the audit trail")
     actions = parser.add_subparsers(dest="action", required=True)
 

@@ -14,7 +14,9 @@ from triagenode.cli.optimize import add_model_choice, model_from_args
 __all__ = ["register", "run_backends_benchmark"]
 
 
-def register(subparsers: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
+def register(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser], parent: argparse.ArgumentParser
+) -> None:
     parser = subparsers.add_parser("benchmark", parents=[parent], help="measure backends")
     actions = parser.add_subparsers(dest="action", required=True)
     backends = actions.add_parser(

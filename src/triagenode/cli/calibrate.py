@@ -18,7 +18,9 @@ from triagenode.cli.common import print_table
 from triagenode.cli.evaluate import add_fit_arguments, operating_rule
 
 
-def register(subparsers: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
+def register(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser], parent: argparse.ArgumentParser
+) -> None:
     parser = subparsers.add_parser(
         "calibrate",
         parents=[parent],

@@ -7,7 +7,9 @@ import argparse
 from triagenode.cli.common import open_database, settings_from_args
 
 
-def register(subparsers: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
+def register(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser], parent: argparse.ArgumentParser
+) -> None:
     parser = subparsers.add_parser("db", parents=[parent], help="database schema")
     actions = parser.add_subparsers(dest="action", required=True)
     upgrade = actions.add_parser("upgrade", parents=[parent], help="migrate to the newest schema")

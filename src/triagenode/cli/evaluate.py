@@ -50,7 +50,9 @@ def operating_rule(args: argparse.Namespace) -> Any:
     return OperatingRule("youden")
 
 
-def register(subparsers: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
+def register(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser], parent: argparse.ArgumentParser
+) -> None:
     parser = subparsers.add_parser(
         "evaluate",
         parents=[parent],

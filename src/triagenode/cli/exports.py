@@ -26,7 +26,9 @@ COLUMNS = [
 STATES = tuple(state.value for state in ExportState)  # pending, sending, sent, dead
 
 
-def register(subparsers: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
+def register(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser], parent: argparse.ArgumentParser
+) -> None:
     parser = subparsers.add_parser(
         "exports", parents=[parent], help="list SR exports to destinations; requeue dead ones"
     )

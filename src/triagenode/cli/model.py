@@ -7,7 +7,9 @@ import json
 from pathlib import Path
 
 
-def register(subparsers: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
+def register(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser], parent: argparse.ArgumentParser
+) -> None:
     parser = subparsers.add_parser("model", parents=[parent], help="model folders")
     actions = parser.add_subparsers(dest="action", required=True)
     prepare = actions.add_parser(
@@ -66,7 +68,7 @@ def _check(args: argparse.Namespace) -> int:
         "context_length": text.get("context_length"),
         "parameters": {
             "image": _count(model.clip.visual),
-            "text": _count(model.clip.text),  # type: ignore[arg-type]
+            "text": _count(model.clip.text),
             "total": _count(model.clip),
         },
         "logit_scale": round(model.logit_scale, 4),
@@ -76,6 +78,6 @@ def _check(args: argparse.Namespace) -> int:
         return 0
     for key, value in report.items():
         if key == "parameters":
-            value = ", ".join(f"{k} {v:,}" for k, v in value.items())  # type: ignore[union-attr]
+            value = ", ".join(f"{k} {v:,}" for k, v in value.items())
         print(f"{key:18} {value}")
     return 0

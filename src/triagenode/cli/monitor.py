@@ -20,7 +20,9 @@ from triagenode.cli.common import open_database, print_json, print_table, settin
 log = logging.getLogger("triagenode.monitor")
 
 
-def register(subparsers: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
+def register(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser], parent: argparse.ArgumentParser
+) -> None:
     parser = subparsers.add_parser(
         "monitor",
         parents=[parent],

@@ -43,7 +43,9 @@ def model_from_args(args: argparse.Namespace, settings: Any) -> Any:
     return model.load_model(settings.model, cache)
 
 
-def register(subparsers: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
+def register(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser], parent: argparse.ArgumentParser
+) -> None:
     parser = subparsers.add_parser(
         "optimize", parents=[parent], help="ONNX export, INT8 quantisation, TensorRT engines"
     )

@@ -18,7 +18,9 @@ from triagenode.store.retention import RetentionPolicy
 __all__ = ["register"]
 
 
-def register(subparsers: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
+def register(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser], parent: argparse.ArgumentParser
+) -> None:
     parser = subparsers.add_parser(
         "purge",
         parents=[parent],

@@ -10,7 +10,9 @@ from triagenode.cli.common import settings_from_args
 from triagenode.config.settings import ALL_ROLES
 
 
-def register(subparsers: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
+def register(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser], parent: argparse.ArgumentParser
+) -> None:
     parser = subparsers.add_parser(
         "serve",
         parents=[parent],

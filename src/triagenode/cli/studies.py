@@ -23,7 +23,9 @@ COLUMNS = [
 ]
 
 
-def register(subparsers: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
+def register(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser], parent: argparse.ArgumentParser
+) -> None:
     parser = subparsers.add_parser(
         "studies", parents=[parent], help="list received studies; mark one complete"
     )

@@ -9,7 +9,9 @@ from triagenode.cli.common import open_database, print_table, settings_from_args
 __all__ = ["register"]
 
 
-def register(subparsers: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
+def register(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser], parent: argparse.ArgumentParser
+) -> None:
     parser = subparsers.add_parser("token", parents=[parent], help="admin API tokens")
     actions = parser.add_subparsers(dest="action", required=True)
     create = actions.add_parser("create", parents=[parent], help="create a token, shown once")

@@ -11,7 +11,9 @@ from triagenode.cli.common import print_json, print_table, settings_from_args
 from triagenode.dicom_attrs import RequestPriority
 
 
-def register(subparsers: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
+def register(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser], parent: argparse.ArgumentParser
+) -> None:
     parser = subparsers.add_parser("triage", parents=[parent], help="triage rules")
     actions = parser.add_subparsers(dest="action", required=True)
 

@@ -55,7 +55,8 @@ def active_token(db: Database, token_id: int, name: str) -> tuple[Role | None, s
 
 
 def _codec(request: Request) -> SessionCodec:
-    return request.app.state.console_sessions
+    codec: SessionCodec = request.app.state.console_sessions
+    return codec
 
 
 def _user(request: Request, call: CallAudit, role: Role) -> ConsoleUser:

@@ -133,7 +133,8 @@ def zero_shot_probabilities(
     logits = logit_scale * (image_embeds.astype(np.float64) @ text_embeds.astype(np.float64).T)
     logits -= logits.max(axis=1, keepdims=True)
     probs = np.exp(logits)
-    return probs / probs.sum(axis=1, keepdims=True)
+    normalised: np.ndarray = probs / probs.sum(axis=1, keepdims=True)
+    return normalised
 
 
 def compare_embeddings(
@@ -195,7 +196,8 @@ def _centred_agreement(ref: np.ndarray, cand: np.ndarray, text: np.ndarray) -> f
 
     def centre(x: np.ndarray, mean: np.ndarray) -> np.ndarray:
         x = x - mean
-        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        unit: np.ndarray = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        return unit
 
     mean = ref.mean(axis=0)
     labels = centre(text, text.mean(axis=0))

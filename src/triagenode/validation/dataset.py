@@ -12,8 +12,12 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from triagenode.errors import TriageNodeError
+
+if TYPE_CHECKING:
+    from triagenode.inference.select import InstanceRecord
 
 __all__ = ["LabelTable", "StudyFiles", "iter_files", "read_labels", "scan_studies"]
 
@@ -26,7 +30,7 @@ class StudyFiles:
 
     study_uid: str
     folder: str
-    records: list  # list[InstanceRecord]
+    records: list[InstanceRecord]
     triage_inputs: dict[str, str] = field(default_factory=dict)
 
 

@@ -47,7 +47,8 @@ def _jsonable(value: Any) -> Any:
 def _predictor(services: Any) -> Predictor:
     if services.predictor is None:
         raise Problem(503, "no model is loaded in this node's API", "no-predictor")
-    return services.predictor
+    predictor: Predictor = services.predictor
+    return predictor
 
 
 def _check(queries: list[str] | None, label_set: str | None) -> None:
