@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -11,7 +14,9 @@ from fastapi import FastAPI
 from sqlalchemy import select
 
 from tests.factory import PATIENT_ID
+from tests.peers import free_port, wait_for
 from triagenode.api import ApiServices
+from triagenode.api.server import build_server
 from triagenode.api.tokens import TokenStore
 from triagenode.audit import AuditLog
 from triagenode.config.settings import Settings, load_settings
@@ -178,3 +183,19 @@ def events(world: ApiWorld, **where: object) -> list[AuditEvent]:
         for column, value in where.items():
             query = query.where(getattr(AuditEvent, column) == value)
         return list(session.scalars(query))
+
+
+@contextmanager
+def serving(app: FastAPI) -> Iterator[str]:
+    """``app`` served by the node's uvicorn server on a free loopback port: "127.0.0.1:PORT"."""
+    port = free_port()
+    server = build_server(app, "127.0.0.1", port)
+    server.install_signal_handlers = lambda: None  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_for(lambda: server.started, timeout=30, what="uvicorn to start")
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

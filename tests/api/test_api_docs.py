@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import fnmatch
 import re
-import threading
 from collections.abc import Iterator
 from html.parser import HTMLParser
 from pathlib import Path
@@ -15,10 +14,8 @@ import httpx
 import pytest
 import tomllib
 
-from tests.api_support import shared_world
-from tests.peers import free_port, wait_for
+from tests.api_support import serving, shared_world
 from triagenode.api.docs import DOCS_ASSETS
-from triagenode.api.server import build_server
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -37,15 +34,8 @@ class _References(HTMLParser):
 @pytest.fixture(scope="module")
 def base(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     world = shared_world(tmp_path_factory.mktemp("docs"))
-    port = free_port()
-    server = build_server(world.app, "127.0.0.1", port)
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_for(lambda: server.started, timeout=30, what="uvicorn to start")
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serving(world.app) as address:
+        yield f"http://{address}"
 
 
 def test_docs_and_every_asset_come_from_the_node(base: str) -> None:

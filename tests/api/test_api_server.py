@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import base64
 import logging
-import threading
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
-from tests.api_support import STUDY_UID, ApiWorld, build_world
+from tests.api_support import STUDY_UID, ApiWorld, build_world, serving
 from tests.factory import BIRTH_DATE, PATIENT_ID, PATIENT_NAME
-from tests.peers import free_port, wait_for
-from triagenode.api.server import build_server
 from triagenode.store.db import Database
 
 PHI = (PATIENT_ID, PATIENT_NAME, PATIENT_NAME.replace("^", " "), BIRTH_DATE)
@@ -22,17 +19,8 @@ PHI = (PATIENT_ID, PATIENT_NAME, PATIENT_NAME.replace("^", " "), BIRTH_DATE)
 @pytest.fixture
 def served(make_settings, db: Database) -> Iterator[tuple[ApiWorld, str]]:
     world = build_world(make_settings(api={"rate_limit_per_minute": 1000}), db)
-    port = free_port()
-    server = build_server(world.app, "127.0.0.1", port)
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_for(lambda: server.started, timeout=30, what="uvicorn to start")
-    try:
-        yield world, f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with serving(world.app) as address:
+        yield world, f"http://{address}"
 
 
 def test_real_server_serves_and_records_calls(served: tuple[ApiWorld, str]) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import ssl
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,9 +16,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from tests.api_support import ApiWorld, build_world
-from tests.peers import free_port, wait_for
-from triagenode.api.server import build_server
+from tests.api_support import ApiWorld, build_world, serving
 from triagenode.errors import ConfigError
 from triagenode.store import migrate
 from triagenode.store.db import Database
@@ -87,17 +84,8 @@ def sqlite_db(tmp_path: Path) -> Iterator[Database]:
 
 
 def _serve(world: ApiWorld) -> Iterator[str]:
-    port = free_port()
-    server = build_server(world.app, "127.0.0.1", port)
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_for(lambda: server.started, timeout=30, what="uvicorn to start")
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with serving(world.app) as address:
+        yield address
 
 
 @pytest.fixture

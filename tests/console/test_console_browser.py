@@ -12,18 +12,15 @@ import logging
 import os
 import shutil
 import tempfile
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from sqlalchemy import select
 
-from tests.api_support import STUDY_UID, ApiWorld, events, shared_world
+from tests.api_support import STUDY_UID, ApiWorld, events, serving, shared_world
 from tests.console_support import NA_REASON, NOT_APPLICABLE_UID, URGENT_UID, seed_console
 from tests.factory import BIRTH_DATE, PATIENT_ID, PATIENT_NAME
-from tests.peers import free_port, wait_for
-from triagenode.api.server import build_server
 from triagenode.store.models import AuditEvent, Export, Study
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
@@ -50,17 +47,8 @@ def browser() -> Iterator[object]:
 def node(tmp_path: Path) -> Iterator[tuple[ApiWorld, str]]:
     world = shared_world(tmp_path)
     seed_console(world)
-    port = free_port()
-    server = build_server(world.app, "127.0.0.1", port)
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_for(lambda: server.started, timeout=30, what="uvicorn to start")
-    try:
-        yield world, f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with serving(world.app) as address:
+        yield world, f"http://{address}"
 
 
 def signed_in(browser, base: str, token: str):  # type: ignore[no-untyped-def]

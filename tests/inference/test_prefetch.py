@@ -43,30 +43,35 @@ def test_the_next_item_is_prepared_while_the_encoder_runs():
     assert [float(o[0][0]) for o in out] == [0.0, 1.0, 2.0, 3.0, 4.0]  # order kept
 
 
-def test_at_most_lookahead_items_wait_prepared():
-    lock = threading.Lock()
-    waiting, peak = 0, 0
+class _WaitingCounter:
+    """prepare/encode stand-ins counting the prepared images not yet encoded, and the most."""
 
-    def prepare(item: int) -> list[np.ndarray]:
-        nonlocal waiting, peak
-        with lock:
-            waiting += 1
-            peak = max(peak, waiting)
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.waiting = self.peak = 0
+
+    def prepare(self, item: int) -> list[np.ndarray]:
+        with self._lock:
+            self.waiting += 1
+            self.peak = max(self.peak, self.waiting)
         return [_image(item)]
 
-    def encode(batch: np.ndarray) -> np.ndarray:
-        nonlocal waiting
-        with lock:
-            waiting -= len(batch)
+    def encode(self, batch: np.ndarray) -> np.ndarray:
+        with self._lock:
+            self.waiting -= len(batch)
         return batch.reshape(len(batch), -1)
 
+
+def test_at_most_lookahead_items_wait_prepared():
+    counter = _WaitingCounter()
+    prepare, encode = counter.prepare, counter.encode
     prefetcher = StudyPrefetcher(workers=2, lookahead=3)
     try:
         out = prefetcher.run(list(range(20)), prepare, encode, max_batch=2)
     finally:
         prefetcher.close()
-    assert len(out) == 20 and waiting == 0
-    assert 1 <= peak <= 3
+    assert len(out) == 20 and counter.waiting == 0
+    assert 1 <= counter.peak <= 3
 
 
 def test_a_failing_image_fails_alone():
@@ -118,22 +123,8 @@ def test_study_embeddings_match_the_serial_path(tmp_path: Path):
 
 
 def test_concurrent_studies_share_the_bound_and_all_finish():
-    lock = threading.Lock()
-    waiting, peak = 0, 0
-
-    def prepare(item: int) -> list[np.ndarray]:
-        nonlocal waiting, peak
-        with lock:
-            waiting += 1
-            peak = max(peak, waiting)
-        return [_image(item)]
-
-    def encode(batch: np.ndarray) -> np.ndarray:
-        nonlocal waiting
-        with lock:
-            waiting -= len(batch)
-        return batch.reshape(len(batch), -1)
-
+    counter = _WaitingCounter()
+    prepare, encode = counter.prepare, counter.encode
     prefetcher = StudyPrefetcher(workers=2, lookahead=3)
     outs: dict[int, list] = {}
 
@@ -149,9 +140,9 @@ def test_concurrent_studies_share_the_bound_and_all_finish():
     finally:
         prefetcher.close()
     assert not any(thread.is_alive() for thread in threads)  # no deadlock on the shared bound
-    assert sorted(outs) == [0, 1, 2] and waiting == 0
+    assert sorted(outs) == [0, 1, 2] and counter.waiting == 0
     assert all([float(o[0][0]) for o in out] == list(range(30)) for out in outs.values())
-    assert 1 <= peak <= 3
+    assert 1 <= counter.peak <= 3
 
 
 # The classifier: the overlapped path gives what the serial one gives ----------------------
