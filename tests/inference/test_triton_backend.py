@@ -9,7 +9,9 @@ priority) always run.
 
 from __future__ import annotations
 
+import socket
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -206,6 +208,21 @@ def test_an_unreachable_server_is_a_clear_error_naming_the_url() -> None:
     message = str(caught.value)
     assert message.startswith(f"Triton server {url}, model '{MODEL}': the liveness check")
     assert "(is the server running?)" in message
+
+
+def test_a_server_that_accepts_and_never_answers_is_given_up_after_the_timeout() -> None:
+    """A peer that takes the connection and then says nothing (hung server, half-open
+    proxy): start-up ends in a clear error after ``timeout_s``, not a hang."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # the kernel accepts; nobody ever reads or writes
+        url = f"127.0.0.1:{silent.getsockname()[1]}"
+        started = time.monotonic()
+        with pytest.raises(ModelLoadError) as caught:
+            select_backend(_settings(url, timeout_s=2), None, demo_model())
+        waited = time.monotonic() - started
+    assert str(caught.value).startswith(f"Triton server {url}, model '{MODEL}'")
+    assert waited < 30, waited
 
 
 def test_stat_overtakes_requests_queued_before_it_on_the_server(triton_server) -> None:
